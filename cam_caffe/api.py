@@ -1,0 +1,107 @@
+"""The Python API: load a CAM net once, then get predictions and CAMs per image.
+
+    from cam_caffe import CAMNet
+    net = CAMNet("prototxt/deploy_googlenetCAM.prototxt", "weights.caffemodel")
+    result = net.predict([net.load("img1.jpg")])[0]
+    result.top(5)                       # [(class id, label, probability), …]
+    result.cam(968, result.image_size)  # raw CAM of class 968 at the image's size
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .backends import Backend, create_backend, resolve
+from .cam import class_activation_maps, upsample
+from .camspec import CamSpec, find_cam_layers
+from .errors import CamError, ModelError
+from .image import DEFAULT_MAX_PIXELS, load_image
+from .labels import class_name, read_labels
+from .netdef import check_weights, load_netdef, read_caffemodel
+from .preprocess import Preprocessor, parse_mean
+
+
+@dataclass
+class Prediction:
+    """One image's result: probabilities and raw CAMs at feature resolution."""
+
+    probs: np.ndarray             # (C,) float32
+    classes: list[int]            # the classes whose CAMs were computed, in order
+    cams: np.ndarray              # (len(classes), h, w) float32, raw Σ_k w_ck F_k
+    image_size: tuple[int, int]   # (H, W) of the original image
+    labels: list[str] | None = None
+
+    def top(self, k: int = 5) -> list[tuple[int, str, float]]:
+        """The k most probable classes as (id, label, probability)."""
+        order = np.argsort(-self.probs, kind="stable")[:k]
+        return [(int(i), class_name(self.labels, int(i)), float(self.probs[i])) for i in order]
+
+    def cam(self, class_id: int, size: tuple[int, int] | None = None) -> np.ndarray:
+        """The raw CAM of ``class_id``, bilinearly upsampled to ``size`` (H, W) if given."""
+        try:
+            raw = self.cams[self.classes.index(class_id)]
+        except ValueError:
+            raise CamError(f"no CAM computed for class {class_id}") from None
+        return raw if size is None else upsample(raw, size)
+
+
+class CAMNet:
+    """A Caffe CAM network loaded into one backend."""
+
+    def __init__(self, prototxt: str | Path, weights: str | Path, *, backend: str = "auto",
+                 gpu: int | None = None, mean: str | None = None, scale: float | None = None,
+                 input_size: tuple[int, int] | None = None, labels: str | Path | None = None,
+                 feature_blob: str | None = None, fc_layer: str | None = None,
+                 allow_python_layers: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 verbose: bool = False) -> None:
+        self.netdef = load_netdef(prototxt, input_size=input_size,
+                                  allow_python_layers=allow_python_layers)
+        weights = Path(weights)
+        if not weights.is_file():
+            raise ModelError(f"{weights}: weights file not found")
+        check_weights(self.netdef, read_caffemodel(weights), weights)
+        self.spec: CamSpec = find_cam_layers(self.netdef, feature_blob, fc_layer)
+        self.labels = read_labels(labels) if labels else None
+        if self.labels and len(self.labels) != self.spec.num_classes:
+            raise ModelError(f"{labels}: has {len(self.labels)} labels, "
+                             f"the net has {self.spec.num_classes} classes")
+        _, channels, height, width = self.netdef.input_shape
+        transform = self.netdef.transform
+        if mean is None and transform and transform.mean_values:
+            mean = ",".join(str(v) for v in transform.mean_values)
+        elif mean is None and transform and transform.mean_file:
+            mean = transform.mean_file
+        if scale is None:
+            scale = transform.scale if transform else 1.0
+        self.preprocess = Preprocessor((height, width), parse_mean(mean, channels), scale,
+                                       channels)
+        self.max_pixels = max_pixels
+        self.backend_name = resolve(backend)
+        self.backend: Backend = create_backend(self.backend_name, self.netdef, weights,
+                                               self.spec, gpu=gpu, verbose=verbose)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """The net's (H, W)."""
+        return self.preprocess.size
+
+    def load(self, path: str | Path) -> np.ndarray:
+        """Read an image file as BGR uint8, within this net's pixel limit."""
+        return load_image(path, self.max_pixels)
+
+    def predict(self, images: Sequence[np.ndarray], classes: Sequence[int] | None = None,
+                top_k: int = 1) -> list[Prediction]:
+        """Forward a batch of BGR images; CAMs of ``classes``, else of each image's top-k."""
+        if not images:
+            return []
+        out = self.backend.forward(self.preprocess(list(images)))
+        if classes is not None:
+            chosen = np.tile(np.asarray(classes, int), (len(images), 1))
+        else:
+            chosen = np.argsort(-out.probs, axis=1, kind="stable")[:, :max(1, top_k)]
+        cams = class_activation_maps(out.features, self.backend.cam_weights, chosen)
+        return [Prediction(out.probs[i], [int(c) for c in chosen[i]], cams[i],
+                           images[i].shape[:2], self.labels) for i in range(len(images))]

@@ -1,0 +1,82 @@
+"""Backends run the net. Each one, for a preprocessed batch, returns the class
+probabilities and the CAM feature maps (what Caffe's feature blob holds), and
+exposes the CAM weights (C × K).
+
+- ``caffe``: pycaffe, CPU or CUDA (``--gpu``).
+- ``opencv``: OpenCV's DNN module (``cv2.dnn.readNetFromCaffe``), pip-only.
+- ``auto``: pycaffe when it can be imported, else OpenCV.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from ..camspec import CamSpec
+from ..errors import BackendError
+from ..netdef import NetDef
+
+BACKENDS = ("auto", "opencv", "caffe")
+
+
+@dataclass
+class Forward:
+    """One batch's outputs."""
+
+    probs: np.ndarray      # (N, C) float32, rows sum to 1
+    features: np.ndarray   # (N, K, h, w) float32
+
+
+class Backend(Protocol):
+    """The narrow interface every backend implements."""
+
+    name: str
+    cam_weights: np.ndarray   # (C, K) float32
+
+    def forward(self, batch: np.ndarray) -> Forward:
+        """Run a (N, C, H, W) float32 batch."""
+
+
+def pycaffe_available() -> bool:
+    """Whether ``import caffe`` can find a module (checked without importing it)."""
+    return importlib.util.find_spec("caffe") is not None
+
+
+def resolve(name: str) -> str:
+    """The concrete backend ``name`` stands for."""
+    if name == "auto":
+        return "caffe" if pycaffe_available() else "opencv"
+    if name not in BACKENDS:
+        raise BackendError(f"--backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def create_backend(name: str, netdef: NetDef, weights: Path, spec: CamSpec,
+                   gpu: int | None = None, verbose: bool = False) -> Backend:
+    """Load the net into backend ``name`` (``auto`` resolved here)."""
+    name = resolve(name)
+    if name == "caffe":
+        from .caffe import CaffeBackend
+        return CaffeBackend(netdef, weights, spec, gpu=gpu, verbose=verbose)
+    from .opencv import OpenCVBackend
+    return OpenCVBackend(netdef, weights, spec, gpu=gpu)
+
+
+def identity_or(weights: np.ndarray | None, spec: CamSpec) -> np.ndarray:
+    """CAM weights as (C, K) float32; identity for nets without an FC layer."""
+    if weights is None:
+        return np.eye(spec.num_classes, dtype=np.float32)
+    weights = np.asarray(weights, np.float32).reshape(weights.shape[0], -1)
+    if weights.shape == (spec.channels, spec.num_classes) != (spec.num_classes, spec.channels):
+        weights = weights.T                # InnerProduct with transpose: true
+    return np.ascontiguousarray(weights)
+
+
+def scores_to_probs(scores: np.ndarray, spec: CamSpec) -> np.ndarray:
+    """(N, C) probabilities from the score blob (softmax applied if the net has none)."""
+    from ..cam import softmax
+    scores = np.asarray(scores, np.float32).reshape(scores.shape[0], -1)
+    return scores.copy() if spec.softmax else softmax(scores)

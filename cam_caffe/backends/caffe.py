@@ -1,0 +1,126 @@
+"""pycaffe backend: ``caffe.Net`` on CPU, or on a CUDA device with ``gpu``.
+
+Caffe aborts the whole process (glog CHECK) on many bad inputs. So the net
+is first loaded, and run once, in a child process (``python -m
+cam_caffe.backends.caffe``); if that child dies, the user gets Caffe's own
+reason as a one-line error instead of a core dump.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..camspec import CamSpec
+from ..errors import BackendError, ModelError
+from ..netdef import NetDef
+from . import Forward, identity_or, scores_to_probs
+
+PROBE_TIMEOUT_S = 600
+
+
+def import_caffe(verbose: bool = False):
+    """Import pycaffe; its glog output is silenced unless ``verbose``."""
+    if not verbose:
+        os.environ.setdefault("GLOG_minloglevel", "2")
+    try:
+        import caffe
+    except ImportError as e:
+        raise BackendError(f"pycaffe is not installed ({e}); run scripts/install_pycaffe.sh "
+                           "or use --backend opencv") from None
+    return caffe
+
+
+def set_device(caffe, gpu: int | None) -> None:
+    """CPU mode, or GPU mode on device ``gpu``."""
+    if gpu is None:
+        caffe.set_mode_cpu()
+    else:
+        caffe.set_mode_gpu()
+        caffe.set_device(gpu)
+
+
+class CaffeBackend:
+    name = "caffe"
+
+    def __init__(self, netdef: NetDef, weights: Path, spec: CamSpec,
+                 gpu: int | None = None, verbose: bool = False) -> None:
+        self.spec = spec
+        self.input = netdef.input_name
+        caffe = import_caffe(verbose)
+        with tempfile.TemporaryDirectory(prefix="cam-caffe-") as tmp:
+            prototxt = Path(tmp) / "deploy.prototxt"
+            prototxt.write_text(netdef.prototxt())
+            probe(prototxt, Path(weights), gpu, verbose)
+            set_device(caffe, gpu)
+            self.net = caffe.Net(str(prototxt), caffe.TEST, weights=str(weights))
+        fc = self.net.params[spec.fc_layer][0].data if spec.fc_layer else None
+        self.cam_weights = identity_or(fc, spec)
+
+    def forward(self, batch: np.ndarray) -> Forward:
+        blob = self.net.blobs[self.input]
+        if blob.data.shape != batch.shape:
+            blob.reshape(*batch.shape)
+            self.net.reshape()
+        blob.data[...] = batch
+        self.net.forward()
+        scores = self.net.blobs[self.spec.score_blob].data
+        features = self.net.blobs[self.spec.feature_blob].data
+        return Forward(scores_to_probs(scores, self.spec), np.array(features, np.float32))
+
+
+def probe(prototxt: Path, weights: Path, gpu: int | None, verbose: bool) -> None:
+    """Load and run the net once in a child process; turn its crash into an error."""
+    command = [sys.executable, "-m", __name__, str(prototxt), str(weights),
+               "" if gpu is None else str(gpu)]
+    env = dict(os.environ, GLOG_minloglevel="0" if verbose else "1")
+    try:
+        child = subprocess.run(command, capture_output=True, text=True, env=env,
+                               timeout=PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise BackendError(f"{weights}: pycaffe did not load the net in {PROBE_TIMEOUT_S} s") from None
+    if verbose and child.stderr:
+        sys.stderr.write(child.stderr)
+    if child.returncode != 0:
+        reason = caffe_failure(child.stderr)
+        error = BackendError if gpu is not None and _is_gpu_failure(reason) else ModelError
+        raise error(f"{weights}: pycaffe cannot run this net: {reason}")
+
+
+def caffe_failure(stderr: str) -> str:
+    """The one line of a dead Caffe child's stderr that says why it died."""
+    lines = [l.strip() for l in stderr.splitlines() if l.strip()]
+    for line in reversed(lines):
+        fatal = re.match(r"^F\d{4} [\d:.]+\s+\d+ \S+\] (.*)$", line)   # glog FATAL line
+        if fatal:
+            return fatal.group(1)
+    for line in reversed(lines):
+        if line.startswith("cam-caffe-probe: "):
+            return line.removeprefix("cam-caffe-probe: ")
+    return lines[-1] if lines else "the process died without a message"
+
+
+def _is_gpu_failure(reason: str) -> bool:
+    return any(s in reason for s in ("CPU-only", "CUDA", "cuda", "device", "GPU"))
+
+
+def _probe_main(prototxt: str, weights: str, gpu: str) -> None:
+    """Child side of ``probe``: exits non-zero (or dies) if Caffe cannot run the net."""
+    caffe = import_caffe(verbose=False)
+    device = int(gpu) if gpu else None
+    try:
+        set_device(caffe, device)
+        net = caffe.Net(prototxt, caffe.TEST, weights=weights)
+        net.forward()
+    except Exception as e:      # pycaffe raises plain exceptions for some errors
+        print(f"cam-caffe-probe: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    _probe_main(*sys.argv[1:4])

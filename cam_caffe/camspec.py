@@ -1,0 +1,129 @@
+"""Find the layers a Class Activation Map needs: feature blob → global average pool → FC.
+
+CAM needs the blob that enters a global average pooling (its value after any
+in-place layers, as Caffe's blob holds it), and the InnerProduct that maps the
+pooled vector to class scores: CAM_c = Σ_k w_ck · F_k. A net whose pooled
+feature goes straight into a Softmax (NIN, SqueezeNet) has one feature channel
+per class, so its weights are the identity.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import ModelError
+from .netdef import NetDef
+
+# Layers that may sit between the pooling and the FC without changing the vector.
+PASS_THROUGH = {"Dropout", "Flatten", "Reshape", "Split"}
+
+
+@dataclass(frozen=True)
+class CamSpec:
+    """Where a backend finds the CAM's inputs, by Caffe blob and by producing layer."""
+
+    feature_blob: str       # Caffe blob F (N, K, h, w)
+    feature_layer: str      # last layer writing it (OpenCV names outputs by layer)
+    fc_layer: str | None    # InnerProduct holding W (C, K); None: identity weights
+    score_blob: str         # probabilities (Softmax output) or raw scores
+    score_layer: str
+    softmax: bool           # True when score_blob already holds probabilities
+    num_classes: int
+    channels: int           # K
+    feature_size: tuple[int, int]   # (h, w)
+
+
+def _is_global_average(netdef: NetDef, layer) -> bool:
+    p = layer.pooling_param
+    if layer.type != "Pooling" or p.pool != p.AVE:
+        return False
+    if p.global_pooling:
+        return True
+    shape = netdef.shapes.get(layer.bottom[0])
+    top = netdef.shapes.get(layer.top[0])
+    return (shape is not None and top is not None and top[2:] == (1, 1)
+            and not p.pad and not p.pad_h and not p.pad_w
+            and (p.kernel_size or p.kernel_h) == shape[2]
+            and (p.kernel_size or p.kernel_w) == shape[3])
+
+
+def _follow(netdef: NetDef, blob: str):
+    """The first non-pass-through layer reading ``blob``, skipping pass-through layers."""
+    while True:
+        readers = netdef.consumers(blob)
+        if len(readers) != 1:
+            return readers[0] if readers else None
+        if readers[0].type not in PASS_THROUGH:
+            return readers[0]
+        blob = readers[0].top[0]
+
+
+def _score_output(netdef: NetDef, blob: str) -> tuple[str, str, bool]:
+    """The Softmax reading ``blob`` if there is one, else ``blob`` itself."""
+    reader = _follow(netdef, blob)
+    if reader is not None and reader.type == "Softmax":
+        return reader.top[0], netdef.producers[reader.top[0]], True
+    return blob, netdef.producers[blob], False
+
+
+def find_cam_layers(netdef: NetDef, feature_blob: str | None = None,
+                    fc_layer: str | None = None) -> CamSpec:
+    """Locate the CAM structure of ``netdef``; the arguments override discovery.
+
+    Raises ModelError, saying what was looked for, when the net has none.
+    """
+    candidates = []
+    for pool in netdef.net.layer:
+        if not _is_global_average(netdef, pool):
+            continue
+        if feature_blob and pool.bottom[0] != feature_blob:
+            continue
+        after = _follow(netdef, pool.top[0])
+        if after is not None and after.type == "InnerProduct" and fc_layer in (None, after.name):
+            candidates.append((pool, after))
+        elif after is not None and after.type == "Softmax" and fc_layer is None:
+            candidates.append((pool, None))
+    if fc_layer and not candidates:
+        return _explicit(netdef, feature_blob, fc_layer)
+    if not candidates:
+        what = f"blob '{feature_blob}'" if feature_blob else "a feature blob"
+        raise ModelError(
+            f"{netdef.path}: no CAM structure found: expected {what} → global average pooling "
+            "(AVE over the whole map, or global_pooling) → InnerProduct (→ Softmax); "
+            "name the layers with --feature-blob and --fc-layer")
+    pool, fc = candidates[-1]            # the one nearest the output
+    feature = pool.bottom[0]
+    shape = netdef.shapes[feature]
+    if fc is None:
+        channels = shape[1] if shape else 0
+        score_blob, score_layer, softmax = _score_output(netdef, pool.top[0])
+        return CamSpec(feature, netdef.producers[feature], None, score_blob, score_layer,
+                       softmax, channels, channels, tuple(shape[2:]) if shape else (0, 0))
+    return _spec(netdef, feature, fc)
+
+
+def _spec(netdef: NetDef, feature: str, fc) -> CamSpec:
+    shape = netdef.shapes.get(feature)
+    if shape is None or len(shape) != 4:
+        raise ModelError(f"{netdef.path}: cannot tell the shape of feature blob '{feature}'")
+    fan_in = netdef.shapes.get(fc.bottom[0])
+    if fan_in is not None and fan_in[1] != shape[1]:
+        raise ModelError(f"{netdef.path}: FC layer '{fc.name}' reads {fan_in[1]} values, "
+                         f"but feature blob '{feature}' has {shape[1]} channels")
+    score_blob, score_layer, softmax = _score_output(netdef, fc.top[0])
+    return CamSpec(feature, netdef.producers[feature], fc.name, score_blob, score_layer,
+                   softmax, fc.inner_product_param.num_output, shape[1], tuple(shape[2:]))
+
+
+def _explicit(netdef: NetDef, feature_blob: str | None, fc_layer: str) -> CamSpec:
+    """--feature-blob/--fc-layer given for a net discovery cannot read."""
+    try:
+        fc = netdef.layer(fc_layer)
+    except KeyError:
+        raise ModelError(f"{netdef.path}: no layer named '{fc_layer}'") from None
+    if fc.type != "InnerProduct":
+        raise ModelError(f"{netdef.path}: layer '{fc_layer}' is a {fc.type}, not an InnerProduct")
+    if not feature_blob:
+        raise ModelError(f"{netdef.path}: give --feature-blob with --fc-layer for this net")
+    if feature_blob not in netdef.shapes:
+        raise ModelError(f"{netdef.path}: no blob named '{feature_blob}'")
+    return _spec(netdef, feature_blob, fc)

@@ -1,0 +1,46 @@
+"""One exception type for every problem a user can fix, with its exit code."""
+from __future__ import annotations
+
+# Exit codes of the `cam-caffe` command (documented in README.md).
+EXIT_OK = 0
+EXIT_SOME_FAILED = 1   # a batch ran, but some images could not be processed
+EXIT_USAGE = 2         # bad command-line arguments
+EXIT_MODEL = 3         # the model files cannot be used
+EXIT_INPUT = 4         # no usable input image at all
+EXIT_OUTPUT = 5        # an output could not be written
+EXIT_BACKEND = 6       # the backend failed (missing library, GPU, crash)
+
+
+class CamError(Exception):
+    """An error with a one-line message meant for the user."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class ModelError(CamError):
+    """A prototxt, caffemodel, mean or label file that cannot be used."""
+
+    exit_code = EXIT_MODEL
+
+
+class ImageError(CamError):
+    """An image that cannot be read."""
+
+    exit_code = EXIT_INPUT
+
+
+class OutputError(CamError):
+    """An output file that cannot be written."""
+
+    exit_code = EXIT_OUTPUT
+
+
+class BackendError(CamError):
+    """A backend that is missing or failed."""
+
+    exit_code = EXIT_BACKEND

@@ -1,0 +1,68 @@
+"""Load an image file as an 8-bit BGR array, the way Caffe nets expect colour.
+
+EXIF orientation is applied; grey, palette, CMYK and 16-bit images become
+8-bit BGR; transparent pixels are composited over white. The pixel count is
+checked from the header before decoding, so a decompression bomb is refused.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError
+
+DEFAULT_MAX_PIXELS = 100_000_000   # 100 megapixels; --max-pixels changes it
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+                    ".ppm", ".pgm", ".pbm", ".jfif"}
+
+
+def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read ``path`` into an (H, W, 3) uint8 BGR array; ImageError names file and problem."""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                width, height = im.size
+                if width * height > max_pixels:
+                    raise ImageError(f"{path}: {width}x{height} pixels is over the limit of "
+                                     f"{max_pixels} (raise it with --max-pixels)")
+                im = ImageOps.exif_transpose(im)
+                return _to_bgr8(im)
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a directory, not an image") from None
+    except PermissionError:
+        raise ImageError(f"{path}: permission denied") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image (unknown or unsupported format)") from None
+    except Image.DecompressionBombError:
+        raise ImageError(f"{path}: image is too large to decode safely") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError(f"{path}: cannot decode image: {e}") from None
+
+
+def _to_bgr8(im: Image.Image) -> np.ndarray:
+    if im.width < 1 or im.height < 1:
+        raise ImageError("image has no pixels")
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        grey = np.asarray(im, dtype=np.float64)
+        if im.mode.startswith("I;16") or grey.max(initial=0) > 255:
+            grey = grey / 257.0                    # 16-bit range → 8-bit
+        elif im.mode == "F" and grey.max(initial=0) <= 1.0:
+            grey = grey * 255.0
+        grey = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
+            im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, rgba)
+    rgb = np.asarray(im.convert("RGB"))
+    return np.ascontiguousarray(rgb[:, :, ::-1])

@@ -1,0 +1,27 @@
+"""Caffe's protobuf messages, built from the vendored ``caffe.proto``.
+
+The classes live in a private descriptor pool, so they never clash with the
+``caffe_pb2`` module of an installed pycaffe in the same process.
+``caffe.desc`` is generated from ``caffe.proto`` by ``scripts/gen_proto.sh``.
+"""
+from __future__ import annotations
+
+import pkgutil
+
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+_pool = descriptor_pool.DescriptorPool()
+for _file in descriptor_pb2.FileDescriptorSet.FromString(
+        pkgutil.get_data(__name__, "caffe.desc")).file:
+    _pool.Add(_file)
+
+
+def _message(name: str) -> type:
+    return message_factory.GetMessageClass(_pool.FindMessageTypeByName("caffe." + name))
+
+
+NetParameter = _message("NetParameter")
+LayerParameter = _message("LayerParameter")
+V1LayerParameter = _message("V1LayerParameter")
+BlobProto = _message("BlobProto")
+BlobShape = _message("BlobShape")

@@ -1,0 +1,67 @@
+"""Write caffemodels without Caffe: random weights for any net, or weights given by hand.
+
+Used by the tests, the benchmarks and the example scripts to make real model
+files when trained weights are not available (the official GoogLeNet-CAM
+caffemodel cannot be downloaded everywhere).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from . import proto
+from .errors import ModelError
+from .netdef import NetDef, param_shapes
+from .output import write_bytes
+
+
+def blob(array: np.ndarray) -> "proto.BlobProto":
+    """A BlobProto holding ``array`` (float32) with its shape."""
+    array = np.asarray(array, np.float32)
+    b = proto.BlobProto()
+    b.shape.dim.extend(array.shape)
+    b.data.extend(array.ravel().tolist())
+    return b
+
+
+def random_weights(netdef: NetDef, seed: int = 0) -> dict[str, list[np.ndarray]]:
+    """He-initialised weights for every learnable layer (BatchNorm/Scale as identity)."""
+    rng = np.random.default_rng(seed)
+    weights: dict[str, list[np.ndarray]] = {}
+    for layer in netdef.net.layer:
+        shapes = param_shapes(netdef, layer)
+        if shapes is None:
+            if layer.type in ("Convolution", "Deconvolution", "InnerProduct", "BatchNorm",
+                              "Scale", "Bias", "PReLU"):
+                raise ModelError(f"cannot tell the weight shapes of layer '{layer.name}'")
+            continue
+        if layer.type == "BatchNorm":
+            c = shapes[0]
+            weights[layer.name] = [np.zeros(c), np.ones(c), np.ones(1)]
+        elif layer.type == "Scale":
+            weights[layer.name] = [np.ones(shapes[0])] + [np.zeros(s) for s in shapes[1:]]
+        elif layer.type in ("Bias",):
+            weights[layer.name] = [np.zeros(shapes[0])]
+        elif layer.type == "PReLU":
+            weights[layer.name] = [np.full(shapes[0], 0.25)]
+        else:
+            w = shapes[0]
+            fan_in = math.prod(w[1:]) if layer.type != "InnerProduct" else w[-1]
+            main = rng.normal(0.0, math.sqrt(2.0 / fan_in), w)
+            weights[layer.name] = [main] + [np.zeros(s) for s in shapes[1:]]
+    return weights
+
+
+def save_caffemodel(netdef: NetDef, weights: dict[str, list[np.ndarray]],
+                    path: str | Path) -> None:
+    """Write ``weights`` (layer name → blobs) as a binary caffemodel for ``netdef``."""
+    net = proto.NetParameter(name=netdef.net.name)
+    for layer in netdef.net.layer:
+        stored = net.layer.add(name=layer.name, type=layer.type)
+        stored.bottom.extend(layer.bottom)
+        stored.top.extend(layer.top)
+        for array in weights.get(layer.name, []):
+            stored.blobs.append(blob(array))
+    write_bytes(path, net.SerializeToString())
