@@ -163,10 +163,19 @@ def run(argv: list[str]) -> int:
     return EXIT_OK
 
 
+# Subcommands: the first argument names a module whose ``main(argv) -> int`` runs it.
+SUBCOMMANDS = {"models": "cam_caffe.models", "evaluate": "cam_caffe.evaluate",
+               "export": "cam_caffe.export"}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one-line errors and documented exit codes, never a traceback."""
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        return run(sys.argv[1:] if argv is None else argv)
+        if argv and argv[0] in SUBCOMMANDS:
+            import importlib
+            return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
+        return run(argv)
     except CamError as e:
         print(f"cam-caffe: error: {e}", file=sys.stderr)
         return e.exit_code
