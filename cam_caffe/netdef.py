@@ -201,7 +201,7 @@ def _is_repeated(fd) -> bool:
 
 def _rule_matches(rule, level: int = 0, stages: frozenset[str] = frozenset()) -> bool:
     """Caffe's StateMeetsRule for phase TEST."""
-    if rule.HasField("phase") and rule.phase != proto.NetParameter().state.TEST:
+    if rule.HasField("phase") and rule.phase != proto.TEST:
         return False
     if rule.HasField("min_level") and level < rule.min_level:
         return False

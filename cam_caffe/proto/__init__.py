@@ -25,3 +25,4 @@ LayerParameter = _message("LayerParameter")
 V1LayerParameter = _message("V1LayerParameter")
 BlobProto = _message("BlobProto")
 BlobShape = _message("BlobShape")
+TEST = _pool.FindEnumTypeByName("caffe.Phase").values_by_name["TEST"].number

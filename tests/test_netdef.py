@@ -1,0 +1,190 @@
+"""Reading and normalising prototxt files, and finding the CAM layers."""
+import numpy as np
+import pytest
+
+from cam_caffe import CAMNet
+from cam_caffe.camspec import find_cam_layers
+from cam_caffe.errors import ModelError
+from cam_caffe.netdef import check_weights, load_netdef, read_caffemodel
+from cam_caffe.synthetic import random_weights, save_caffemodel
+from conftest import ROOT, shared
+from nets import write_random_net
+
+V1_NET = """
+name: "V1Net"
+input: "data"
+input_dim: 1 input_dim: 3 input_dim: 20 input_dim: 20
+layers { name: "conv1" type: CONVOLUTION bottom: "data" top: "conv1"
+         convolution_param { num_output: 8 kernel_size: 3 pad: 1 } }
+layers { name: "relu1" type: RELU bottom: "conv1" top: "conv1" }
+layers { name: "pool1" type: POOLING bottom: "conv1" top: "pool1"
+         pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
+layers { name: "conv2" type: CONVOLUTION bottom: "pool1" top: "conv2"
+         convolution_param { num_output: 6 kernel_size: 3 pad: 1 group: 2 } }
+layers { name: "relu2" type: RELU bottom: "conv2" top: "conv2" }
+layers { name: "gap" type: POOLING bottom: "conv2" top: "gap"
+         pooling_param { pool: AVE kernel_size: 10 stride: 10 } }
+layers { name: "fc" type: INNER_PRODUCT bottom: "gap" top: "fc"
+         inner_product_param { num_output: 4 } }
+layers { name: "prob" type: SOFTMAX bottom: "fc" top: "prob" }
+"""
+
+NIN_NET = """
+name: "NINLike"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 16 dim: 16 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 5 kernel_size: 3 stride: 2 } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "pool" type: "Pooling" bottom: "conv" top: "pool"
+        pooling_param { pool: AVE global_pooling: true } }
+layer { name: "loss" type: "Softmax" bottom: "pool" top: "loss" }
+"""
+
+VGG_LIKE = """
+name: "VGGLike"
+layer { name: "data" type: "Data" top: "data" top: "label"
+        include { phase: TRAIN } transform_param { crop_size: 24 mirror: true } }
+layer { name: "data" type: "Data" top: "data" top: "label"
+        include { phase: TEST } transform_param { crop_size: 24 scale: 0.5 mean_value: 10 mean_value: 20 mean_value: 30 } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 7 kernel_size: 3 pad: 1 } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "gap" type: "Pooling" bottom: "conv" top: "gap"
+        pooling_param { pool: AVE kernel_size: 24 stride: 24 } }
+layer { name: "drop" type: "Dropout" bottom: "gap" top: "gap" dropout_param { dropout_ratio: 0.5 } }
+layer { name: "flat" type: "Flatten" bottom: "gap" top: "flat" }
+layer { name: "fc" type: "InnerProduct" bottom: "flat" top: "fc" inner_product_param { num_output: 3 } }
+layer { name: "acc" type: "Accuracy" bottom: "fc" bottom: "label" top: "acc" include { phase: TEST } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }
+"""
+
+NO_CAM = """
+name: "Plain"
+input: "data"
+input_shape { dim: 1 dim: 3 dim: 8 dim: 8 }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 4 kernel_size: 3 } }
+layer { name: "pool" type: "Pooling" bottom: "conv" top: "pool"
+        pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "fc" type: "InnerProduct" bottom: "pool" top: "fc" inner_product_param { num_output: 3 } }
+"""
+
+
+def write(tmp_path, text, name="net"):
+    path = tmp_path / f"{name}.prototxt"
+    path.write_text(text)
+    return path
+
+
+def test_v1_syntax_is_upgraded(tmp_path):
+    netdef = load_netdef(write(tmp_path, V1_NET))
+    assert [l.type for l in netdef.net.layer] == [
+        "Input", "Convolution", "ReLU", "Pooling", "Convolution", "ReLU", "Pooling",
+        "InnerProduct", "Softmax"]
+    assert netdef.net.layer[4].convolution_param.group == 2
+    assert netdef.shapes["pool1"] == (1, 8, 10, 10)      # Caffe's ceil: (20-3)/2 → 9.5 → 10
+    spec = find_cam_layers(netdef)
+    assert (spec.feature_blob, spec.feature_layer, spec.fc_layer) == ("conv2", "relu2", "fc")
+    assert spec.num_classes == 4 and spec.channels == 6 and spec.feature_size == (10, 10)
+
+
+def test_v1_net_runs_end_to_end(tmp_path):
+    prototxt, model = write_random_net(tmp_path, V1_NET, "v1")
+    net = CAMNet(prototxt, model, backend="opencv")
+    result = net.predict([np.full((30, 40, 3), 128, np.uint8)], top_k=4)[0]
+    assert result.cams.shape == (4, 10, 10)
+    np.testing.assert_allclose(result.probs.sum(), 1, rtol=1e-5)
+
+
+def test_train_test_prototxt_becomes_deploy(tmp_path):
+    netdef = load_netdef(write(tmp_path, VGG_LIKE))
+    types = [l.type for l in netdef.net.layer]
+    assert types == ["Input", "Convolution", "ReLU", "Pooling", "Dropout", "Flatten",
+                     "InnerProduct", "Softmax"]
+    assert netdef.input_shape == (1, 3, 24, 24)
+    assert netdef.transform.scale == 0.5
+    assert netdef.transform.mean_values == [10, 20, 30]
+    spec = find_cam_layers(netdef)
+    assert spec.fc_layer == "fc" and spec.softmax and spec.score_blob == "prob"
+
+
+def test_identity_weights_for_nin_like_nets(tmp_path):
+    prototxt, model = write_random_net(tmp_path, NIN_NET, "nin")
+    spec = find_cam_layers(load_netdef(prototxt))
+    assert spec.fc_layer is None and spec.num_classes == 5 and spec.score_blob == "loss"
+    net = CAMNet(prototxt, model, backend="opencv")
+    np.testing.assert_array_equal(net.backend.cam_weights, np.eye(5, dtype=np.float32))
+    image = np.random.default_rng(0).integers(0, 255, (16, 16, 3), np.uint8)
+    result = net.predict([image], classes=[3])[0]
+    # With identity weights, the CAM of class 3 is feature channel 3 itself.
+    features = net.backend.forward(net.preprocess([image])).features
+    np.testing.assert_allclose(result.cams[0], features[0, 3], rtol=1e-6)
+
+
+def test_net_without_cam_structure_is_refused(tmp_path):
+    with pytest.raises(ModelError, match="no CAM structure found"):
+        find_cam_layers(load_netdef(write(tmp_path, NO_CAM)))
+
+
+def test_overrides_name_the_layers(tmp_path):
+    netdef = load_netdef(write(tmp_path, V1_NET))
+    spec = find_cam_layers(netdef, feature_blob="conv2", fc_layer="fc")
+    assert spec.feature_blob == "conv2"
+    with pytest.raises(ModelError, match="no layer named 'nope'"):
+        find_cam_layers(load_netdef(write(tmp_path, NO_CAM, "x")), "conv", "nope")
+    with pytest.raises(ModelError, match="no CAM structure"):
+        find_cam_layers(netdef, feature_blob="conv1")
+
+
+def test_python_layers_are_refused_by_default(tmp_path):
+    text = NO_CAM + 'layer { name: "py" type: "Python" bottom: "fc" top: "py" }\n'
+    with pytest.raises(ModelError, match="Python layer"):
+        load_netdef(write(tmp_path, text))
+    netdef = load_netdef(write(tmp_path, text), allow_python_layers=True)
+    assert netdef.net.layer[-1].type == "Python"
+
+
+def test_weights_of_another_net_are_refused(tmp_path):
+    prototxt, _ = write_random_net(tmp_path, V1_NET, "a")
+    other = NIN_NET.replace("num_output: 5", "num_output: 8")
+    other_proto, other_model = write_random_net(tmp_path, other, "b")
+    netdef = load_netdef(prototxt)
+    with pytest.raises(ModelError, match="no layer of the prototxt"):
+        check_weights(netdef, read_caffemodel(other_model), other_model)
+    # Same layer name, other shape: named precisely.
+    renamed = tmp_path / "renamed.caffemodel"
+    weights = random_weights(netdef)
+    weights["conv1"][0] = np.zeros((8, 3, 5, 5))
+    save_caffemodel(netdef, weights, renamed)
+    with pytest.raises(ModelError, match=r"layer 'conv1' blob 0 has shape \[8, 3, 5, 5\]"):
+        check_weights(netdef, read_caffemodel(renamed), renamed)
+
+
+def test_cifar_train_test_prototxt_needs_and_takes_an_input_size():
+    prototxt = shared("cifar10_resnet20", "test_ResNet_20.prototxt")
+    with pytest.raises(ModelError, match="--input-size"):
+        load_netdef(prototxt)
+    netdef = load_netdef(prototxt, input_size=(32, 32))
+    assert netdef.transform.scale == pytest.approx(1 / 256)
+    np.testing.assert_allclose(netdef.transform.mean_values, [125.3, 122.9, 113.8], rtol=1e-6)
+    spec = find_cam_layers(netdef)
+    assert spec.fc_layer == "fc1" and spec.feature_size == (8, 8) and spec.channels == 64
+    weights = shared("cifar10_resnet20", "cifar10_ResNet_20_iter_53500.caffemodel")
+    check_weights(netdef, read_caffemodel(weights), weights)
+
+
+def test_googlenet_cam_structure():
+    netdef = load_netdef(ROOT / "prototxt" / "deploy_googlenetCAM.prototxt")
+    spec = find_cam_layers(netdef)
+    assert (spec.feature_blob, spec.feature_layer, spec.fc_layer, spec.score_blob) == (
+        "CAM_conv", "CAM_relu", "CAM_fc", "prob")
+    assert (spec.num_classes, spec.channels, spec.feature_size) == (1000, 1024, (14, 14))
+    official = load_netdef(shared("googlenet_cam", "deploy_googlenetCAM.prototxt"))
+    assert official.input_shape == (1, 3, 224, 224)
+    assert find_cam_layers(official) == spec
+
+
+def test_fixed_pool_gives_the_input_size(tmp_path):
+    text = VGG_LIKE.replace("crop_size: 24 scale", "scale").replace("crop_size: 24 mirror", "mirror")
+    netdef = load_netdef(write(tmp_path, text))
+    assert netdef.input_shape == (1, 3, 24, 24)          # kernel 24 × total stride 1

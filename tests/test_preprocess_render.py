@@ -1,0 +1,126 @@
+"""Preprocessing, image loading and rendering against independent NumPy references."""
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from cam_caffe import proto
+from cam_caffe.errors import ImageError, ModelError
+from cam_caffe.image import load_image
+from cam_caffe.preprocess import Preprocessor, parse_mean
+from cam_caffe.render import colormap_lut, heatmap, normalize, overlay_paper, overlay_seed
+from conftest import shared
+
+
+def test_preprocess_is_bgr_resize_minus_mean_times_scale():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (50, 70, 3), np.uint8)
+    pre = Preprocessor((20, 30), parse_mean("104,117,123"), scale=0.5)
+    batch = pre([image, image])
+    assert batch.shape == (2, 3, 20, 30) and batch.dtype == np.float32
+    resized = cv2.resize(image, (30, 20), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+    expected = (resized - np.array([104, 117, 123], np.float32)) * 0.5
+    np.testing.assert_allclose(batch[1], expected.transpose(2, 0, 1), rtol=1e-6)
+
+
+def test_mean_from_npy_and_binaryproto(tmp_path):
+    mean_image = np.random.default_rng(1).uniform(90, 130, (3, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "m.npy", mean_image)
+    blob = proto.BlobProto()
+    blob.shape.dim.extend([1, 3, 8, 8])
+    blob.data.extend(mean_image.ravel().tolist())
+    (tmp_path / "m.binaryproto").write_bytes(blob.SerializeToString())
+    for name in ("m.npy", "m.binaryproto"):
+        mean = parse_mean(tmp_path / name)
+        np.testing.assert_allclose(mean, mean_image, rtol=1e-6)
+        same = Preprocessor((8, 8), mean)
+        np.testing.assert_allclose(same.mean, mean_image)
+        other = Preprocessor((4, 4), mean)     # another size: the channel means
+        np.testing.assert_allclose(other.mean.ravel(), mean_image.mean(axis=(1, 2)), rtol=1e-5)
+
+
+def test_imagenet_mean_file_channel_means():
+    mean = parse_mean(shared("imagenet", "ilsvrc_2012_mean.npy"))
+    assert mean.shape == (3, 256, 256)
+    np.testing.assert_allclose(mean.mean(axis=(1, 2)), [104.0, 116.7, 122.7], atol=0.1)
+
+
+@pytest.mark.parametrize("spec,message", [("1,2", "gives 2 values"), ("x.txt", "expected numbers"),
+                                          ("missing.npy", "not found")])
+def test_bad_mean(spec, message):
+    with pytest.raises(ModelError, match=message):
+        parse_mean(spec)
+
+
+def test_normalize_and_constant_map():
+    np.testing.assert_allclose(normalize(np.array([[2.0, 4.0], [6.0, 4.0]])),
+                               [[0, 0.5], [1, 0.5]])
+    flat = np.zeros((5, 5), np.float32)
+    with np.errstate(all="raise"):
+        assert not normalize(flat).any()
+        image = np.full((5, 5, 3), 100, np.uint8)
+        out = overlay_paper(image, flat)
+    assert np.isfinite(out).all()
+    # Constant map: heatmap is the colormap's first colour everywhere.
+    assert (out == np.rint(0.2 * 100 + 0.7 * colormap_lut("jet")[0])).all()
+
+
+def test_paper_overlay_formula():
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, (6, 9, 3), np.uint8)
+    cam = rng.normal(size=(6, 9)).astype(np.float32)
+    import matplotlib
+    norm = (cam - cam.min()) / (cam.max() - cam.min())
+    jet = matplotlib.colormaps["jet"](np.rint(norm * 255).astype(int) / 255.0)[..., :3][..., ::-1]
+    expected = np.clip(np.rint(0.2 * image + 0.7 * np.rint(jet * 255)), 0, 255)
+    np.testing.assert_allclose(overlay_paper(image, cam), expected, atol=1)   # float32 rounding
+    assert heatmap(cam, "viridis").shape == (6, 9, 3)
+
+
+def test_seed_overlay_is_matplotlib_alpha_blend():
+    image = np.full((32, 32, 3), 200, np.uint8)
+    cam = np.zeros((32, 32), np.float32)
+    cam[8:24, 8:24] = 1.0
+    out = overlay_seed(image, cam).astype(float)
+    assert out.shape == (32, 32, 3)
+    # alpha 0.5 over the image: 0.5·200 + 0.5·jet(x), jet(1) = dark red, jet(0) = dark blue (BGR).
+    np.testing.assert_allclose(out[16, 16], 0.5 * 200 + 0.5 * np.array([0, 0, 127.5]), atol=3)
+    np.testing.assert_allclose(out[1, 1], 0.5 * 200 + 0.5 * np.array([127.5, 0, 0]), atol=3)
+
+
+def write_png(path, array, mode=None):
+    Image.fromarray(array, mode).save(path) if mode else Image.fromarray(array).save(path)
+    return path
+
+
+def test_image_conversions(tmp_path):
+    grey = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    out = load_image(write_png(tmp_path / "g.png", grey))
+    assert out.shape == (3, 4, 3) and (out[..., 0] == grey).all() and (out[..., 2] == grey).all()
+    deep = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000)
+    Image.fromarray(deep).save(tmp_path / "d.png")
+    out = load_image(tmp_path / "d.png")
+    np.testing.assert_array_equal(out[..., 1], np.rint(deep / 257).astype(np.uint8))
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[0, 0] = (255, 0, 0, 255)          # opaque red
+    rgba[1, 1] = (0, 0, 255, 0)            # transparent blue → white
+    out = load_image(write_png(tmp_path / "a.png", rgba))
+    assert tuple(out[0, 0]) == (0, 0, 255) and tuple(out[1, 1]) == (255, 255, 255)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    array = np.zeros((10, 20, 3), np.uint8)
+    array[:, :10] = 255                                 # left half white
+    im = Image.fromarray(array)
+    exif = Image.Exif()
+    exif[0x0112] = 6                                     # rotate 90° clockwise to view
+    im.save(tmp_path / "r.jpg", exif=exif, quality=95)
+    out = load_image(tmp_path / "r.jpg")
+    assert out.shape == (20, 10, 3)
+    assert out[:10].mean() > 200 and out[10:].mean() < 50   # white half is now on top
+
+
+def test_pixel_limit(tmp_path):
+    write_png(tmp_path / "big.png", np.zeros((100, 100, 3), np.uint8))
+    with pytest.raises(ImageError, match="over the limit of 5000"):
+        load_image(tmp_path / "big.png", max_pixels=5000)
