@@ -22,6 +22,7 @@ from .image import DEFAULT_MAX_PIXELS, load_image
 from .labels import class_name, read_labels
 from .netdef import check_weights, load_netdef, read_caffemodel
 from .preprocess import Preprocessor, parse_mean
+from .tencrop import merge_ten_crops, ten_crops
 
 
 @dataclass
@@ -59,7 +60,7 @@ class CAMNet:
                  verbose: bool = False) -> None:
         self.netdef = load_netdef(prototxt, input_size=input_size,
                                   allow_python_layers=allow_python_layers)
-        weights = Path(weights)
+        weights = self.weights = Path(weights)
         if not weights.is_file():
             raise ModelError(f"{weights}: weights file not found")
         check_weights(self.netdef, read_caffemodel(weights), weights)
@@ -93,15 +94,45 @@ class CAMNet:
         return load_image(path, self.max_pixels)
 
     def predict(self, images: Sequence[np.ndarray], classes: Sequence[int] | None = None,
-                top_k: int = 1) -> list[Prediction]:
-        """Forward a batch of BGR images; CAMs of ``classes``, else of each image's top-k."""
+                top_k: int = 1, ten_crop: bool = False) -> list[Prediction]:
+        """Forward a batch of BGR images; CAMs of ``classes``, else of each image's top-k.
+
+        With ``ten_crop``, the official test-time procedure: probabilities
+        averaged over ten crops and the CAMs merged back into one map at the
+        resize size (256 for a 224 net), instead of one feature-size map.
+        """
         if not images:
             return []
+        if ten_crop:
+            return self._predict_ten_crop(images, classes, top_k)
         out = self.backend.forward(self.preprocess(list(images)))
-        if classes is not None:
-            chosen = np.tile(np.asarray(classes, int), (len(images), 1))
-        else:
-            chosen = np.argsort(-out.probs, axis=1, kind="stable")[:, :max(1, top_k)]
+        chosen = self._choose(out.probs, classes, top_k)
         cams = class_activation_maps(out.features, self.backend.cam_weights, chosen)
         return [Prediction(out.probs[i], [int(c) for c in chosen[i]], cams[i],
                            images[i].shape[:2], self.labels) for i in range(len(images))]
+
+    def _choose(self, probs: np.ndarray, classes: Sequence[int] | None, top_k: int) -> np.ndarray:
+        if classes is not None:
+            return np.tile(np.asarray(classes, int), (len(probs), 1))
+        return np.argsort(-probs, axis=1, kind="stable")[:, :max(1, top_k)]
+
+    def _predict_ten_crop(self, images: Sequence[np.ndarray], classes: Sequence[int] | None,
+                          top_k: int) -> list[Prediction]:
+        height, width = self.input_size
+        if height != width:
+            raise CamError(f"--ten-crop needs a square net input, this one is {height}x{width}")
+        resize = round(height * 256 / 224)
+        crops = [crop for image in images for crop in ten_crops(image, resize, height)]
+        out = self.backend.forward(self.preprocess(crops))
+        probs = out.probs.reshape(len(images), 10, -1).mean(axis=1)
+        chosen = self._choose(probs, classes, top_k)
+        cams = class_activation_maps(out.features, self.backend.cam_weights,
+                                     np.repeat(chosen, 10, axis=0))
+        results = []
+        for i, image in enumerate(images):
+            per_crop = cams[10 * i:10 * i + 10]                     # (10, M, h, w)
+            merged = np.stack([merge_ten_crops(per_crop[:, m], resize, height)
+                               for m in range(chosen.shape[1])])
+            results.append(Prediction(probs[i], [int(c) for c in chosen[i]], merged,
+                                      image.shape[:2], self.labels))
+        return results

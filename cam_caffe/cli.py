@@ -2,21 +2,27 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 
 from . import __version__
 from .api import CAMNet, Prediction
 from .backends import BACKENDS
-from .errors import EXIT_OK, EXIT_USAGE, CamError, ModelError
+from .batch import SAVE_KINDS, Options, print_record, process, render_overlay, run_batch
+from .boxes import Box
+from .errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, CamError, ModelError
 from .image import DEFAULT_MAX_PIXELS
+from .inputs import Input, collect, in_shard, parse_shard
 from .labels import class_name, resolve_class
 from .output import write_image
-from .render import DEFAULT_ALPHA, STYLES, overlay_paper, overlay_seed, seed_figure
+from .render import DEFAULT_ALPHA, STYLES
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PROTOTXT = PROJECT_ROOT / "prototxt" / "deploy_googlenetCAM.prototxt"
 DEFAULT_WEIGHTS = PROJECT_ROOT / "models" / "imagenet_googlenetCAM_train_iter_120000.caffemodel"
+DEFAULT_BATCH = 16
 WEIGHTS_URL = ("http://cnnlocalization.csail.mit.edu/demoCAM/models/"
                "imagenet_googlenetCAM_train_iter_120000.caffemodel")
 
@@ -49,15 +55,42 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def parse_shard_arg(text: str) -> tuple[int, int]:
+    try:
+        return parse_shard(text)
+    except CamError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def parse_save(text: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in SAVE_KINDS]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {','.join(SAVE_KINDS)}")
+    return kinds
+
+
+def parse_levels(text: str) -> tuple[int, ...]:
+    try:
+        levels = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        levels = ()
+    if not levels or not all(0 <= v < 255 for v in levels):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 0-254 levels like 20,100,110")
+    return levels
+
+
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(
         prog="cam-caffe",
         description="Class Activation Maps for Caffe models (Zhou et al., CVPR 2016).")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image file(s)")
+    p.add_argument("images", nargs="+", metavar="INPUT",
+                   help="image files, directories (recursive), globs, @list.txt, or - (stdin)")
     p.add_argument("--class", dest="classes", action="append", metavar="N",
-                   help="class id or label name to map (repeatable); default: the top-1 class")
-    p.add_argument("--top-k", type=_positive_int, default=5, metavar="K",
-                   help="print the K most probable classes (default 5)")
+                   help="class ids or label names to map (comma-separated or repeated); "
+                        "default: the top-k classes")
+    p.add_argument("--top-k", type=_positive_int, default=1, metavar="K",
+                   help="report the K most probable classes and map them (default 1)")
     model = p.add_argument_group("model")
     model.add_argument("--prototxt", type=Path, default=DEFAULT_PROTOTXT, metavar="P",
                        help="deploy or train/test prototxt (V1 or V2 syntax)")
@@ -82,9 +115,35 @@ def build_parser() -> ArgumentParser:
     run.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
                      metavar="N", help=f"refuse larger images (default {DEFAULT_MAX_PIXELS})")
     run.add_argument("--verbose", action="store_true", help="show the backend's log")
+    run.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH, metavar="B",
+                     help=f"images per forward pass (default {DEFAULT_BATCH})")
+    run.add_argument("--ten-crop", action="store_true",
+                     help="official test-time ten-crop: averaged probabilities, merged CAM")
+    run.add_argument("--shard", type=parse_shard_arg, metavar="I/N",
+                     help="process only shard I of N (0 <= I < N), for job arrays")
+    run.add_argument("--skip-existing", action="store_true",
+                     help="skip images whose outputs all exist (resume a run)")
     out = p.add_argument_group("output")
     out.add_argument("-o", "--output", type=Path, metavar="OUT",
-                     help="write the overlay image (png, jpg, …); one input image only")
+                     help="write the first map's overlay to OUT (png, jpg, …); one image only")
+    out.add_argument("--output-dir", type=Path, metavar="DIR",
+                     help="write outputs here, mirroring the inputs' relative paths")
+    out.add_argument("--save", type=parse_save, default=("overlay",), metavar="KINDS",
+                     help="with --output-dir: comma list of overlay,heatmap,npy,json "
+                          "(default overlay)")
+    out.add_argument("--format", dest="image_format", choices=("png", "jpg"), default="png",
+                     help="image format of --output-dir files (default png)")
+    out.add_argument("--montage", action="store_true",
+                     help="with --output-dir: the image and its overlays side by side")
+    out.add_argument("--boxes", choices=("paper", "dt"),
+                     help="localization boxes: paper (largest region >= threshold·max) or dt "
+                          "(the official multi-threshold generator)")
+    out.add_argument("--box-threshold", type=float, default=0.2, metavar="T",
+                     help="--boxes paper: fraction of the max (default 0.2)")
+    out.add_argument("--dt-thresholds", type=parse_levels, default=(20, 100, 110),
+                     metavar="L,L,L", help="--boxes dt: 0-255 levels (default 20,100,110)")
+    out.add_argument("--jsonl", action="store_true", help="print one JSON line per image")
+    out.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     out.add_argument("--show", action="store_true", help="show the overlay in a window")
     out.add_argument("--style", choices=STYLES, default="paper",
                      help="paper: official repo look at image size (default); "
@@ -108,24 +167,6 @@ def load_net(args: argparse.Namespace) -> CAMNet:
                   verbose=args.verbose)
 
 
-def render(net: CAMNet, image, result: Prediction, class_id: int, style: str,
-           colormap: str, alpha: float | None):
-    """The overlay of one class's CAM in ``style``."""
-    alpha = DEFAULT_ALPHA[style] if alpha is None else alpha
-    if style == "seed":
-        import cv2
-        h, w = net.input_size
-        small = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
-        return overlay_seed(small, result.cam(class_id, (h, w)), colormap, alpha)
-    return overlay_paper(image, result.cam(class_id, result.image_size), colormap, alpha)
-
-
-def print_top(path: str, result: Prediction, k: int) -> None:
-    print(path)
-    for class_id, label, prob in result.top(k):
-        print(f"  {class_id:5d}  {prob:.4f}  {label}")
-
-
 def show(net: CAMNet, image, result: Prediction, class_id: int, colormap: str,
          alpha: float | None) -> None:
     """The original script's window: the image with the CAM over it."""
@@ -143,23 +184,63 @@ def show(net: CAMNet, image, result: Prediction, class_id: int, colormap: str,
     plt.show()
 
 
+def options_from(args: argparse.Namespace, net: CAMNet) -> Options:
+    classes = None
+    if args.classes:
+        specs = [c for group in args.classes for c in group.split(",") if c.strip()]
+        classes = [resolve_class(c, net.labels, net.spec.num_classes) for c in specs]
+    return Options(output_dir=args.output_dir, save=args.save, image_format=args.image_format,
+                   classes=classes, top_k=args.top_k, style=args.style,
+                   colormap=args.colormap, alpha=args.alpha, boxes=args.boxes,
+                   box_threshold=args.box_threshold, dt_thresholds=args.dt_thresholds,
+                   ten_crop=args.ten_crop, montage=args.montage,
+                   skip_existing=args.skip_existing, batch_size=args.batch_size,
+                   jsonl=args.jsonl, quiet=args.quiet)
+
+
+def single(net: CAMNet, item: Input, options: Options, args: argparse.Namespace) -> None:
+    """-o and --show: one image, its first map."""
+    image = net.load(item.path)
+    result = net.predict([image], options.classes, options.top_k, options.ten_crop)[0]
+    record = process(net, item, image, result, options)
+    if options.jsonl:
+        print(json.dumps(record))
+    elif not options.quiet:
+        print_record(record, sys.stdout)
+    class_id = result.classes[0]
+    if args.output:
+        boxes = [Box(*b) for b in record["maps"][0]["boxes"]]
+        cam_full = result.cam(class_id, result.image_size)
+        write_image(args.output, render_overlay(net, image, cam_full, boxes, options))
+    if args.show:
+        show(net, image, result, class_id, args.colormap, args.alpha)
+
+
 def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    if args.output and len(args.images) > 1:
-        raise CamError("-o takes one input image; several images need one output each")
+    if args.output and args.output_dir:
+        raise CamError("give either -o (one image) or --output-dir (many), not both")
+    if (args.montage or args.save != ("overlay",)) and not args.output_dir:
+        raise CamError("--save and --montage need --output-dir")
+    inputs = collect(args.images, args.output_dir)
+    if args.shard:
+        inputs = [item for item in inputs if in_shard(item, args.shard)]
+    if not inputs:
+        raise CamError("no input images found", EXIT_INPUT)
+    if (args.output or args.show) and len(inputs) > 1:
+        raise CamError(f"-o and --show take one image, got {len(inputs)}; use --output-dir")
     net = load_net(args)
-    classes = ([resolve_class(c, net.labels, net.spec.num_classes) for c in args.classes]
-               if args.classes else None)
-    for path in args.images:
-        image = net.load(path)
-        result = net.predict([image], classes=classes, top_k=1)[0]
-        print_top(path, result, args.top_k)
-        class_id = result.classes[0]
-        if args.output:
-            write_image(args.output, render(net, image, result, class_id, args.style,
-                                            args.colormap, args.alpha))
-        if args.show:
-            show(net, image, result, class_id, args.colormap, args.alpha)
+    options = options_from(args, net)
+    if args.output or args.show:
+        single(net, inputs[0], options, args)
+        return EXIT_OK
+    report = run_batch(net, inputs, options)
+    for _, reason in report.failed:
+        print(f"cam-caffe: error: {reason}", file=sys.stderr)
+    if report.failed:
+        print(f"cam-caffe: {len(report.failed)} of {len(inputs)} images failed, "
+              f"{report.done} done, {report.skipped} skipped", file=sys.stderr)
+        return EXIT_INPUT if report.done == 0 and report.skipped == 0 else EXIT_SOME_FAILED
     return EXIT_OK
 
 
@@ -182,6 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cam-caffe: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug: still one line, unless asked for the traceback
+        if os.environ.get("CAM_CAFFE_DEBUG"):
+            raise
+        print(f"cam-caffe: internal error: {type(e).__name__}: {e} "
+              "(set CAM_CAFFE_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ EXIT_MODEL = 3         # the model files cannot be used
 EXIT_INPUT = 4         # no usable input image at all
 EXIT_OUTPUT = 5        # an output could not be written
 EXIT_BACKEND = 6       # the backend failed (missing library, GPU, crash)
+EXIT_INTERNAL = 70     # a bug in cam-caffe (CAM_CAFFE_DEBUG=1 shows the traceback)
 
 
 class CamError(Exception):

@@ -4,6 +4,7 @@ exposes the CAM weights (C × K).
 
 - ``caffe``: pycaffe, CPU or CUDA (``--gpu``).
 - ``opencv``: OpenCV's DNN module (``cv2.dnn.readNetFromCaffe``), pip-only.
+- ``onnxruntime``: the net converted to ONNX, run by ONNX Runtime (CPU or CUDA).
 - ``auto``: pycaffe when it can be imported, else OpenCV.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ..camspec import CamSpec
 from ..errors import BackendError
 from ..netdef import NetDef
 
-BACKENDS = ("auto", "opencv", "caffe")
+BACKENDS = ("auto", "opencv", "caffe", "onnxruntime")
 
 
 @dataclass
@@ -61,6 +62,9 @@ def create_backend(name: str, netdef: NetDef, weights: Path, spec: CamSpec,
     if name == "caffe":
         from .caffe import CaffeBackend
         return CaffeBackend(netdef, weights, spec, gpu=gpu, verbose=verbose)
+    if name == "onnxruntime":
+        from .onnxruntime import OnnxRuntimeBackend
+        return OnnxRuntimeBackend(netdef, weights, spec, gpu=gpu)
     from .opencv import OpenCVBackend
     return OpenCVBackend(netdef, weights, spec, gpu=gpu)
 

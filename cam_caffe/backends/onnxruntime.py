@@ -1,0 +1,118 @@
+"""ONNX Runtime backend: the Caffe net converted to ONNX (``cam_caffe.onnx_export``).
+
+The conversion runs once per model: the ONNX file is cached under
+``${XDG_CACHE_HOME:-~/.cache}/cam-caffe/onnx/``, named by the SHA-256 of the
+normalised prototxt, the caffemodel bytes, the converter version and the
+blobs it outputs. A cache that cannot be written is skipped, not an error.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..camspec import CamSpec
+from ..errors import BackendError, ModelError, OutputError
+from ..netdef import NetDef, read_bytes
+from ..output import write_bytes
+from . import Forward, identity_or, scores_to_probs
+
+
+def import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise BackendError(f"onnxruntime is not installed ({e}); run: "
+                           "pip install 'cam-caffe[onnx]', or use --backend opencv") from None
+    return onnxruntime
+
+
+def cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/cam-caffe/onnx``, ``~/.cache`` when the variable is unset or empty."""
+    base = os.environ.get("XDG_CACHE_HOME") or ""
+    root = Path(base) if os.path.isabs(base) else Path.home() / ".cache"
+    return root / "cam-caffe" / "onnx"
+
+
+def cache_key(prototxt: str, caffemodel: bytes, outputs: list[str]) -> str:
+    """SHA-256 of what the ONNX file depends on (length-prefixed, so unambiguous)."""
+    from ..onnx_export import CONVERTER_VERSION
+    digest = hashlib.sha256()
+    for part in (prototxt.encode(), caffemodel, CONVERTER_VERSION.encode(),
+                 "\0".join(outputs).encode()):
+        digest.update(len(part).to_bytes(8, "little"))
+        digest.update(part)
+    return digest.hexdigest()
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, netdef: NetDef, weights: Path, spec: CamSpec,
+                 gpu: int | None = None) -> None:
+        ort = import_onnxruntime()
+        self.spec = spec
+        self.input = netdef.input_name
+        self.outputs = [spec.score_blob, spec.feature_blob]
+        caffemodel = read_bytes(Path(weights), "caffemodel")
+        self.model_path = cache_dir() / (
+            cache_key(netdef.prototxt(), caffemodel, self.outputs) + ".onnx")
+
+        providers: list = ["CPUExecutionProvider"]
+        if gpu is not None:
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise BackendError(f"--gpu {gpu}: this onnxruntime has no CUDA support "
+                                   "(install onnxruntime-gpu instead of onnxruntime)")
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": gpu}))
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = os.cpu_count() or 1
+        options.log_severity_level = 3
+
+        from ..netdef import read_caffemodel
+        from ..onnx_export import convert, layer_blobs, stored_layers
+        parsed = None
+        self.session = None
+        if self.model_path.is_file():
+            try:
+                self.session = ort.InferenceSession(str(self.model_path), options,
+                                                    providers=providers)
+            except Exception:          # a corrupt or foreign cache file: convert again
+                self.session = None
+        if self.session is None:
+            parsed = read_caffemodel(weights)
+            data = convert(netdef, parsed, spec).SerializeToString()
+            try:
+                write_bytes(self.model_path, data)
+            except OutputError:
+                pass                   # read-only home, full disk: run from memory
+            try:
+                self.session = ort.InferenceSession(data, options, providers=providers)
+            except Exception as e:
+                error = ModelError if gpu is None else BackendError
+                raise error(f"{weights}: onnxruntime cannot load the converted net: "
+                            f"{_first_line(e)}") from None
+        if gpu is not None and "CUDAExecutionProvider" not in self.session.get_providers():
+            raise BackendError(f"--gpu {gpu}: onnxruntime could not start CUDA on device {gpu} "
+                               "(missing CUDA/cuDNN libraries?)")
+
+        fc = None
+        if spec.fc_layer:
+            parsed = parsed or read_caffemodel(weights)
+            fc = layer_blobs(netdef, stored_layers(parsed), netdef.layer(spec.fc_layer))[0]
+        self.cam_weights = identity_or(fc, spec)
+
+    def forward(self, batch: np.ndarray) -> Forward:
+        try:
+            scores, features = self.session.run(
+                self.outputs, {self.input: np.ascontiguousarray(batch, np.float32)})
+        except Exception as e:
+            raise BackendError(f"onnxruntime forward failed: {_first_line(e)}") from None
+        return Forward(scores_to_probs(scores, self.spec), np.asarray(features, np.float32))
+
+
+def _first_line(error: Exception) -> str:
+    lines = [l.strip() for l in str(error).splitlines() if l.strip()]
+    return lines[-1] if lines else type(error).__name__

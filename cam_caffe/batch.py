@@ -1,0 +1,265 @@
+"""Run a CAM net over many images: batches, prefetching, outputs, and a failure report.
+
+Per image it writes, under the output directory and mirroring the inputs'
+relative paths (``stem`` = the image's relative path without extension):
+
+- ``stem.cam.png`` the overlay (``stem.cam-R.png`` for the R-th of several maps),
+- ``stem.heatmap.png`` the coloured map (same numbering),
+- ``stem.cam.npy`` the raw maps (M, h, w) and ``stem.cam-full.npy`` at image size,
+- ``stem.json`` the predictions, maps and boxes, ``stem.montage.png`` with --montage.
+
+One bad image never stops the batch: it is reported at the end.
+"""
+from __future__ import annotations
+
+import io
+import json
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import cv2
+import numpy as np
+
+from .api import CAMNet, Prediction
+from .boxes import Box, draw_boxes, dt_boxes_from_cam, paper_box
+from .errors import CamError
+from .inputs import Input
+from .labels import class_name
+from .output import write_bytes, write_image
+from .render import DEFAULT_ALPHA, heatmap, overlay_paper, overlay_seed
+
+SAVE_KINDS = ("overlay", "heatmap", "npy", "json")
+
+
+@dataclass
+class Options:
+    """What to compute and write for each image."""
+
+    output_dir: Path | None = None
+    save: tuple[str, ...] = ("overlay",)
+    image_format: str = "png"
+    classes: list[int] | None = None
+    top_k: int = 1                  # maps for the top K classes (when no classes given)
+    print_k: int = 5                # predictions printed / listed in JSON
+    style: str = "paper"
+    colormap: str = "jet"
+    alpha: float | None = None
+    boxes: str | None = None        # "paper" or "dt"
+    box_threshold: float = 0.2
+    dt_thresholds: tuple[int, ...] = (20, 100, 110)
+    ten_crop: bool = False
+    montage: bool = False
+    skip_existing: bool = False
+    batch_size: int = 16
+    jsonl: bool = False
+    quiet: bool = False
+
+
+@dataclass
+class Report:
+    """The batch's outcome."""
+
+    done: int = 0
+    skipped: int = 0
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def output_paths(item: Input, options: Options, maps: int) -> dict[str, Path]:
+    """Every file ``item`` gets, by kind (``overlay-2`` for the second map…)."""
+    base = options.output_dir / item.stem
+    ext = options.image_format
+
+    def numbered(kind: str, suffix: str) -> dict[str, Path]:
+        if maps == 1:
+            return {kind: base.with_name(f"{base.name}.{suffix}.{ext}")}
+        return {f"{kind}-{r}": base.with_name(f"{base.name}.{suffix}-{r}.{ext}")
+                for r in range(1, maps + 1)}
+
+    paths: dict[str, Path] = {}
+    if "overlay" in options.save:
+        paths.update(numbered("overlay", "cam"))
+    if "heatmap" in options.save:
+        paths.update(numbered("heatmap", "heatmap"))
+    if "npy" in options.save:
+        paths["npy"] = base.with_name(f"{base.name}.cam.npy")
+        paths["npy-full"] = base.with_name(f"{base.name}.cam-full.npy")
+    if "json" in options.save:
+        paths["json"] = base.with_name(f"{base.name}.json")
+    if options.montage:
+        paths["montage"] = base.with_name(f"{base.name}.montage.{ext}")
+    return paths
+
+
+def find_boxes(cam_full: np.ndarray, options: Options) -> list[Box]:
+    """Boxes of one class's map at the image's size, by the chosen method."""
+    if options.boxes == "paper":
+        box = paper_box(cam_full, options.box_threshold)
+        return [box] if box else []
+    if options.boxes == "dt":
+        return dt_boxes_from_cam(cam_full, options.dt_thresholds)
+    return []
+
+
+def render_overlay(net: CAMNet, image: np.ndarray, cam_full: np.ndarray, boxes: list[Box],
+                   options: Options) -> np.ndarray:
+    """The overlay of one map in the chosen style, with its boxes drawn."""
+    alpha = DEFAULT_ALPHA[options.style] if options.alpha is None else options.alpha
+    if options.style == "seed":
+        h, w = net.input_size
+        small = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+        cam_small = cv2.resize(cam_full, (w, h), interpolation=cv2.INTER_LINEAR)
+        sy, sx = h / image.shape[0], w / image.shape[1]
+        scaled = [Box(round(b.x * sx), round(b.y * sy), round(b.w * sx), round(b.h * sy))
+                  for b in boxes]
+        return draw_boxes(overlay_seed(small, cam_small, options.colormap, alpha), scaled)
+    return draw_boxes(overlay_paper(image, cam_full, options.colormap, alpha), boxes)
+
+
+def montage(image: np.ndarray, overlays: list[np.ndarray], captions: list[str],
+            height: int = 224) -> np.ndarray:
+    """The image and its overlays side by side, each captioned (like the demo's result.jpg)."""
+    def tile(picture: np.ndarray, caption: str) -> np.ndarray:
+        width = max(1, round(picture.shape[1] * height / picture.shape[0]))
+        body = cv2.resize(picture, (width, height), interpolation=cv2.INTER_AREA)
+        strip = np.full((28, width, 3), 255, np.uint8)
+        cv2.putText(strip, caption[:max(4, width // 8)], (4, 19), cv2.FONT_HERSHEY_SIMPLEX,
+                    0.45, (0, 0, 0), 1, cv2.LINE_AA)
+        return np.vstack([strip, body])
+    tiles = [tile(image, "input")] + [tile(o, c) for o, c in zip(overlays, captions)]
+    gap = np.full((tiles[0].shape[0], 4, 3), 255, np.uint8)
+    return np.hstack([part for t in tiles for part in (t, gap)][:-1])
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array, np.float32))
+    return buffer.getvalue()
+
+
+def process(net: CAMNet, item: Input, image: np.ndarray, result: Prediction,
+            options: Options) -> dict:
+    """Boxes, renders and files for one image; returns its JSON record."""
+    size = result.image_size
+    maps = []
+    for class_id in result.classes:
+        cam_full = result.cam(class_id, size)
+        maps.append((class_id, cam_full, find_boxes(cam_full, options)))
+    record = {
+        "image": str(item.path),
+        "size": {"width": size[1], "height": size[0]},
+        "model": {"prototxt": str(net.netdef.path), "weights": str(net.weights)},
+        "backend": net.backend_name,
+        "ten_crop": options.ten_crop,
+        "top_k": [{"class": c, "label": label, "prob": round(p, 6)}
+                  for c, label, p in result.top(options.print_k)],
+        "maps": [{"class": c, "label": class_name(net.labels, c),
+                  "prob": round(float(result.probs[c]), 6),
+                  "boxes": [[b.x, b.y, b.w, b.h] for b in boxes]} for c, _, boxes in maps],
+    }
+    if options.output_dir is None:
+        return record
+    paths = output_paths(item, options, len(maps))
+    overlays = [render_overlay(net, image, cam_full, boxes, options)
+                for _, cam_full, boxes in maps] if ("overlay" in options.save
+                                                    or options.montage) else []
+    for rank, (_, cam_full, _) in enumerate(maps, 1):
+        suffix = "" if len(maps) == 1 else f"-{rank}"
+        if "overlay" in options.save:
+            write_image(paths["overlay" + suffix], overlays[rank - 1])
+        if "heatmap" in options.save:
+            write_image(paths["heatmap" + suffix], heatmap(cam_full, options.colormap))
+    if "npy" in options.save:
+        write_bytes(paths["npy"], npy_bytes(result.cams))
+        write_bytes(paths["npy-full"], npy_bytes(np.stack([m for _, m, _ in maps])))
+    if options.montage:
+        captions = [f"{m['label']} {m['prob']:.3f}" for m in record["maps"]]
+        write_image(paths["montage"], montage(image, overlays, captions))
+    record["files"] = {kind: str(path) for kind, path in paths.items()}
+    if "json" in options.save:
+        write_bytes(paths["json"], (json.dumps(record, indent=2) + "\n").encode())
+    return record
+
+
+class Progress:
+    """A one-line progress bar on stderr, shown only on a terminal."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled, self.start = total, enabled, time.monotonic()
+
+    def update(self, count: int) -> None:
+        if not self.enabled or not self.total:
+            return
+        rate = count / max(time.monotonic() - self.start, 1e-9)
+        filled = round(30 * count / self.total)
+        sys.stderr.write(f"\r[{'#' * filled}{' ' * (30 - filled)}] {count}/{self.total} "
+                         f"{rate:.1f} img/s")
+        if count == self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def print_record(record: dict, out: TextIO) -> None:
+    print(record["image"], file=out)
+    for entry in record["top_k"]:
+        print(f"  {entry['class']:5d}  {entry['prob']:.4f}  {entry['label']}", file=out)
+    for entry in record["maps"]:
+        for box in entry["boxes"]:
+            print(f"  box {entry['class']}: x={box[0]} y={box[1]} w={box[2]} h={box[3]}",
+                  file=out)
+
+
+def run_batch(net: CAMNet, inputs: list[Input], options: Options,
+              out: TextIO | None = None) -> Report:
+    """Process ``inputs`` in batches; decoding of the next batch overlaps this one's forward."""
+    out = out or sys.stdout
+    report = Report()
+    protected = {item.path.resolve() for item in inputs}
+    maps = len(options.classes) if options.classes else options.top_k
+    todo = []
+    for item in inputs:
+        if options.output_dir is not None:
+            paths = output_paths(item, options, maps).values()
+            if any(p.resolve() in protected for p in paths):
+                report.failed.append((item.path, "an output would overwrite an input image"))
+                continue
+            if options.skip_existing and paths and all(p.exists() for p in paths):
+                report.skipped += 1
+                continue
+        todo.append(item)
+    chunks = [todo[i:i + options.batch_size] for i in range(0, len(todo), options.batch_size)]
+    progress = Progress(len(todo), sys.stderr.isatty() and not options.quiet)
+    handled = 0
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        def submit(chunk: list[Input]) -> list[tuple[Input, Future]]:
+            return [(item, pool.submit(net.load, item.path)) for item in chunk]
+
+        upcoming = submit(chunks[0]) if chunks else []
+        for k in range(len(chunks)):
+            current = upcoming
+            upcoming = submit(chunks[k + 1]) if k + 1 < len(chunks) else []
+            loaded = []
+            for item, future in current:
+                try:
+                    loaded.append((item, future.result()))
+                except CamError as e:
+                    report.failed.append((item.path, str(e)))
+            results = net.predict([image for _, image in loaded], options.classes,
+                                  options.top_k, options.ten_crop)
+            for (item, image), result in zip(loaded, results):
+                try:
+                    record = process(net, item, image, result, options)
+                except CamError as e:
+                    report.failed.append((item.path, str(e)))
+                    continue
+                report.done += 1
+                if options.jsonl:
+                    print(json.dumps(record), file=out, flush=True)
+                elif not options.quiet:
+                    print_record(record, out)
+            handled += len(current)
+            progress.update(handled)
+    return report

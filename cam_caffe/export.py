@@ -1,0 +1,57 @@
+"""``cam-caffe export``: write a Caffe CAM net as an ONNX model.
+
+    cam-caffe export --prototxt deploy.prototxt --weights net.caffemodel -o net.onnx
+
+The ONNX model takes a (N, C, H, W) float batch, preprocessed as for Caffe,
+and outputs the score blob (probabilities, or raw scores for a net without
+Softmax) and the CAM feature blob, named like the Caffe blobs. Its metadata
+(``cam_caffe.*`` keys) names them and the FC layer whose weights make the CAM.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .camspec import find_cam_layers
+from .cli import ArgumentParser, _size
+from .errors import EXIT_OK, ModelError
+from .netdef import check_weights, load_netdef, read_caffemodel
+from .onnx_export import OPSET, convert
+from .output import write_bytes
+
+PROTOBUF_LIMIT = 2 ** 31 - 1     # one ONNX file holds at most 2 GiB
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="cam-caffe export",
+                       description="Convert a Caffe CAM net (prototxt + caffemodel) to ONNX.")
+    p.add_argument("--prototxt", type=Path, required=True, metavar="P",
+                   help="deploy or train/test prototxt (V1 or V2 syntax)")
+    p.add_argument("--weights", type=Path, required=True, metavar="W", help="caffemodel file")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT",
+                   help="the .onnx file to write")
+    p.add_argument("--input-size", type=_size, metavar="HxW",
+                   help="input size for nets that do not declare one (the ONNX model's H×W)")
+    p.add_argument("--feature-blob", metavar="NAME", help="CAM feature blob (override)")
+    p.add_argument("--fc-layer", metavar="NAME", help="CAM InnerProduct layer (override)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    netdef = load_netdef(args.prototxt, input_size=args.input_size)
+    weights = read_caffemodel(args.weights)
+    check_weights(netdef, weights, args.weights)
+    spec = find_cam_layers(netdef, args.feature_blob, args.fc_layer)
+    model = convert(netdef, weights, spec)
+    size = model.ByteSize()
+    if size > PROTOBUF_LIMIT:
+        raise ModelError(f"{args.weights}: the ONNX model would be {size / 2**30:.1f} GiB; "
+                         "one ONNX file holds at most 2 GiB")
+    write_bytes(args.output, model.SerializeToString())
+    _, c, h, w = netdef.input_shape
+    k, (fh, fw) = spec.channels, spec.feature_size
+    scores = "probabilities" if spec.softmax else "scores, no softmax"
+    print(f"{args.output}: opset {OPSET}, {len(model.graph.node)} nodes, {size / 2**20:.1f} MiB; "
+          f"input '{netdef.input_name}' Nx{c}x{h}x{w} → '{spec.score_blob}' "
+          f"Nx{spec.num_classes} ({scores}), '{spec.feature_blob}' Nx{k}x{fh}x{fw}")
+    return EXIT_OK
