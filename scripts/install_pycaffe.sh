@@ -1,0 +1,457 @@
+#!/usr/bin/env bash
+# Build pycaffe (Caffe's Python module, CPU only) from the `brocolli-caffe`
+# sdist on PyPI and install it into a Python environment as a small wheel
+# named `pycaffe`.
+#
+# Usage: scripts/install_pycaffe.sh [--python PATH] [--jobs N] [--verbose]
+#
+#   --python PATH  target interpreter (default: <project root>/.venv/bin/python;
+#                  that venv is created with `python3 -m venv` if missing)
+#   --jobs N       parallel make jobs (default: $JOBS, else nproc)
+#   --verbose      stream the CMake/make output instead of logging it
+#
+# Works on Debian 12 / Ubuntu with apt (as root, or via sudo) and PyPI.
+# The build dependencies listed in APT_PACKAGES are installed with apt only
+# when one of them is missing. The built wheel is cached in
+#   ${XDG_CACHE_HOME:-$HOME/.cache}/cam-caffe/pycaffe/<key>/
+# where <key> hashes the source version, patches/pycaffe/*.patch, the build
+# section of this script (incl. BUILD_VERSION), the Python version/ABI and
+# the NumPy major version; a second run with the same key only reinstalls
+# the cached wheel.
+#
+# At runtime _caffe.so needs these shared libraries (Debian 12 packages;
+# the -dev packages pull them in): libboost-python1.74.0,
+# libboost-filesystem1.74.0, libboost-thread1.74.0, libgoogle-glog0v6
+# (+ libgflags2.2, libunwind8), libprotobuf32, libhdf5-103-1, libhdf5-hl-100,
+# libopenblas0 (libopenblas0-pthread). It is linked with --as-needed, so
+# boost-system/-regex are not needed.
+set -Eeuo pipefail
+
+STEP="startup"
+step() { STEP="$1"; echo "==> $1"; }
+die() {
+  echo "install_pycaffe: error: $*" >&2
+  echo "install_pycaffe: FAILED at step: $STEP" >&2
+  exit 1
+}
+MAIN_PID=$$
+# (errtrace also runs this in subshells; only the main shell reports)
+trap 'rc=$?; [ "$BASHPID" != "$MAIN_PID" ] || echo "install_pycaffe: FAILED at step: $STEP" >&2; exit $rc' ERR
+
+T_START=$(date +%s)
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+SCRIPT="$ROOT/scripts/install_pycaffe.sh"
+PATCH_DIR="$ROOT/patches/pycaffe"
+
+PY=""
+JOBS="${JOBS:-}"
+VERBOSE=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --python) [ $# -ge 2 ] || die "--python needs a path"; PY="$2"; shift 2 ;;
+    --python=*) PY="${1#*=}"; shift ;;
+    --jobs|-j) [ $# -ge 2 ] || die "--jobs needs a number"; JOBS="$2"; shift 2 ;;
+    --jobs=*) JOBS="${1#*=}"; shift ;;
+    --verbose|-v) VERBOSE=1; shift ;;
+    -h|--help) sed -n '2,/^set -Eeuo/{/^set -Eeuo/d;s/^# \{0,1\}//;p}' "$SCRIPT"; exit 0 ;;
+    *) die "unknown argument: $1 (see --help)" ;;
+  esac
+done
+[ -n "$JOBS" ] || JOBS="$(nproc 2>/dev/null || echo 2)"
+case "$JOBS" in ''|*[!0-9]*|0) die "--jobs must be a positive integer, got '$JOBS'" ;; esac
+
+CACHE_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/cam-caffe/pycaffe"
+
+# ----------------------------------------------------------------------------
+step "select python"
+if [ -z "$PY" ]; then
+  PY="$ROOT/.venv/bin/python"
+  if [ ! -x "$PY" ]; then
+    echo "    creating $ROOT/.venv"
+    command -v python3 >/dev/null || die "python3 not found (needed to create $ROOT/.venv)"
+    python3 -m venv "$ROOT/.venv"
+  fi
+fi
+[ -x "$PY" ] || die "python not found or not executable: $PY"
+# key=value lines describing the target interpreter
+PYINFO="$("$PY" - <<'EOF'
+import os, shlex, sys, sysconfig
+def out(k, v): print("%s=%s" % (k, shlex.quote(str(v))))
+v = sys.version_info
+print("PY_MM=%d.%d" % (v[0], v[1]))
+out("PY_MAJ", v[0])
+out("PY_MIN", v[1])
+out("PY_IMPL", sys.implementation.name)
+out("PY_CACHE_TAG", sys.implementation.cache_tag)
+out("PY_INCLUDE", sysconfig.get_paths()["include"])
+ld = sysconfig.get_config_var("LDLIBRARY") or ""
+libdir = sysconfig.get_config_var("LIBDIR") or ""
+p = os.path.join(libdir, ld)
+out("PY_LIBRARY", (p if ld and os.path.exists(p) else ""))
+out("PY_PLATFORM", sysconfig.get_platform())
+out("PY_MULTIARCH", (sysconfig.get_config_var("MULTIARCH") or ""))
+EOF
+)"
+eval "$PYINFO"
+[ "$PY_IMPL" = cpython ] || die "only CPython is supported (got $PY_IMPL)"
+[ "$PY_MAJ" = 3 ] || die "Python 3 required (got $PY_MM)"
+echo "    $PY (Python $PY_MM, $PY_PLATFORM)"
+
+# ----------------------------------------------------------------------------
+step "python packages (numpy>=2, protobuf, six)"
+py_deps_ok() {
+  "$PY" - <<'EOF' 2>/dev/null
+import importlib.metadata as md, sys
+try:
+    np_major = int(md.version("numpy").split(".")[0])
+    md.version("protobuf"); md.version("six")
+except md.PackageNotFoundError:
+    sys.exit(1)
+sys.exit(0 if np_major >= 2 else 1)
+EOF
+}
+if py_deps_ok; then
+  echo "    already installed"
+else
+  "$PY" -m pip install --disable-pip-version-check "numpy>=2" protobuf six
+fi
+NUMPY_MAJOR="$("$PY" -c 'import numpy; print(numpy.__version__.split(".")[0])')"
+NUMPY_INCLUDE="$("$PY" -c 'import numpy; print(numpy.get_include())')"
+
+# ----------------------------------------------------------------------------
+# Everything between the BUILD BEGIN/END markers is hashed into the cache key:
+# editing it (or bumping BUILD_VERSION) forces a rebuild.
+# --- BUILD BEGIN ---
+BUILD_VERSION="1"
+SRC_NAME="brocolli-caffe"
+SRC_VERSION="9.0.2"
+SRC_SHA256="c6410cc60bdd6db685d441b66be7df05410f8850ac88d6b75d48ef9b2315c08a"
+WHEEL_NAME="pycaffe"
+WHEEL_VERSION="1.0.0+brocolli${SRC_VERSION}"
+APT_PACKAGES=(
+  cmake g++ make patch
+  libboost-python-dev libboost-system-dev libboost-filesystem-dev
+  libboost-thread-dev libboost-regex-dev
+  libprotobuf-dev protobuf-compiler
+  libgoogle-glog-dev libgflags-dev libhdf5-dev libopenblas-dev
+)
+CMAKE_FIXED_ARGS=(
+  -DCMAKE_BUILD_TYPE=Release
+  -DCMAKE_SKIP_RPATH=ON
+  -DCPU_ONLY=ON
+  -DUSE_CUDNN=OFF
+  -DBUILD_python=ON
+  -DBUILD_docs=OFF
+  -DBUILD_matlab=OFF
+  -DUSE_OPENCV=OFF
+  -DUSE_LMDB=OFF
+  -DUSE_LEVELDB=OFF
+  -DBLAS=Open
+)
+# Files in the sdist that are stale generated output (protoc 3.x era) or
+# compiled for another Python; the stale caffe.pb.h shadows the fresh one.
+STALE_FILES=(
+  include/caffe/proto/caffe.pb.h
+  src/caffe/proto/caffe.pb.cc
+  python/caffe/proto/caffe_pb2.py
+  python/caffe/__pycache__
+)
+
+# Builds the wheel into $KEY_DIR and sets WHEEL.
+build_wheel() {
+  # --------------------------------------------------------------------------
+  step "check toolchain"
+  [ -n "$MULTIARCH" ] || die "cannot determine the multiarch triplet (gcc -print-multiarch)"
+  LIBDIR="/usr/lib/$MULTIARCH"
+  BOOST_PYTHON_LIBNAME="boost_python${PY_MAJ}${PY_MIN}"
+  if [ ! -e "$LIBDIR/lib$BOOST_PYTHON_LIBNAME.so" ]; then
+    have="$(cd "$LIBDIR" 2>/dev/null && ls libboost_python3*.so 2>/dev/null | tr '\n' ' ' || true)"
+    die "$LIBDIR/lib$BOOST_PYTHON_LIBNAME.so not found: this distro's boost-python is built for another Python (found: ${have:-none}); use --python with a matching Python version"
+  fi
+  HDF5_INC="/usr/include/hdf5/serial"
+  HDF5_LIB="$LIBDIR/hdf5/serial"
+  [ -f "$HDF5_INC/hdf5.h" ] || die "$HDF5_INC/hdf5.h not found (libhdf5-dev)"
+  [ -d "$HDF5_LIB" ] || die "$HDF5_LIB not found (libhdf5-dev)"
+  command -v protoc >/dev/null || die "protoc not found (protobuf-compiler)"
+  echo "    multiarch=$MULTIARCH boost-python=$BOOST_PYTHON_LIBNAME $(protoc --version)"
+
+  # --------------------------------------------------------------------------
+  step "fetch source $SRC_NAME==$SRC_VERSION"
+  SRC_DIR_CACHE="$CACHE_ROOT/src"
+  TARBALL="$SRC_DIR_CACHE/$SRC_NAME-$SRC_VERSION.tar.gz"
+  mkdir -p "$SRC_DIR_CACHE"
+  if [ -f "$TARBALL" ] && echo "$SRC_SHA256  $TARBALL" | sha256sum -c --quiet - 2>/dev/null; then
+    echo "    cached: $TARBALL"
+  else
+    DL_DIR="$(mktemp -d "$SRC_DIR_CACHE/dl.XXXXXX")"
+    "$PY" -m pip download --disable-pip-version-check --no-deps \
+      --no-binary :all: -d "$DL_DIR" "$SRC_NAME==$SRC_VERSION"
+    echo "$SRC_SHA256  $DL_DIR/$SRC_NAME-$SRC_VERSION.tar.gz" | sha256sum -c --quiet - \
+      || die "sha256 mismatch for the downloaded $SRC_NAME-$SRC_VERSION.tar.gz"
+    mv -f "$DL_DIR/$SRC_NAME-$SRC_VERSION.tar.gz" "$TARBALL"
+    rm -rf "$DL_DIR"
+  fi
+
+  # --------------------------------------------------------------------------
+  step "unpack and patch"
+  WORK="$(mktemp -d "$CACHE_ROOT/build.XXXXXX")"
+  cleanup_work() { rm -rf "$WORK"; }
+  trap cleanup_work EXIT
+  LOG="$WORK/build.log"
+  run_logged() {
+    if [ "$VERBOSE" = 1 ]; then
+      "$@" 2>&1 | tee -a "$LOG"
+    else
+      "$@" >>"$LOG" 2>&1 || {
+        rc=$?
+        echo "---- last lines of the build log ----" >&2
+        tail -n 40 "$LOG" >&2
+        cp -f "$LOG" "$CACHE_ROOT/last-failed-build.log" || true
+        echo "---- full log: $CACHE_ROOT/last-failed-build.log" >&2
+        return $rc
+      }
+    fi
+  }
+  tar -xzf "$TARBALL" -C "$WORK"
+  SRC="$WORK/$SRC_NAME-$SRC_VERSION"
+  [ -f "$SRC/CMakeLists.txt" ] || die "unexpected sdist layout"
+  for p in "$PATCH_DIR"/*.patch; do
+    [ -e "$p" ] || continue
+    echo "    $(basename "$p")"
+    patch -p1 -s -N --batch -d "$SRC" < "$p"
+  done
+  for f in "${STALE_FILES[@]}"; do rm -rf "${SRC:?}/$f"; done
+
+  # --------------------------------------------------------------------------
+  step "cmake configure"
+  BUILD="$WORK/build"
+  mkdir -p "$BUILD"
+  # Notes: this fork's CMake ignores PYTHON_LIBRARIES (an extension module
+  # must not link libpython) and BLAS (it links -lopenblas); they are passed
+  # for explicitness. ANACONDA_HOME points at nothing so that no conda tree
+  # (its default is /root/miniconda3) leaks into the include/link paths.
+  run_logged cmake -S "$SRC" -B "$BUILD" \
+    "${CMAKE_FIXED_ARGS[@]}" \
+    -DANACONDA_HOME="$WORK/no-conda" \
+    -DPYTHON_VERSION="python$PY_MM" \
+    -Dpython_version="$PY_MAJ" \
+    -DPYTHON_EXECUTABLE="$PY" \
+    -DPYTHON_INCLUDE_DIRS="$PY_INCLUDE" \
+    -DPYTHON_LIBRARIES="$PY_LIBRARY" \
+    -DNUMPY_INCLUDE_DIR="$NUMPY_INCLUDE" \
+    -DBOOST_PYTHON_LIBNAME="$BOOST_PYTHON_LIBNAME" \
+    -DCMAKE_CXX_FLAGS="-DWITH_PYTHON_LAYER -I$HDF5_INC" \
+    -DCMAKE_SHARED_LINKER_FLAGS="-L$HDF5_LIB -Wl,--as-needed"
+
+  # --------------------------------------------------------------------------
+  step "make pycaffe (-j$JOBS; a few minutes)"
+  T_MAKE=$(date +%s)
+  run_logged make -C "$BUILD" -j"$JOBS" pycaffe
+  echo "    compiled in $(( $(date +%s) - T_MAKE ))s"
+
+  # --------------------------------------------------------------------------
+  step "build wheel"
+  STAGE="$WORK/stage"
+  mkdir -p "$STAGE"
+  SO="$BUILD/lib/_caffe.so"
+  PB2="$BUILD/include/caffe/proto/caffe_pb2.py"
+  [ -f "$SO" ] || die "$SO was not built"
+  [ -f "$PB2" ] || die "$PB2 was not generated"
+  # The caffe package: upstream's python/caffe minus tests, C++ source, the
+  # build's symlink and stale bytecode; plus the fresh _caffe.so and proto.
+  mkdir -p "$STAGE/caffe"
+  (cd "$SRC/python/caffe" && tar -cf - \
+      --exclude=test --exclude=__pycache__ --exclude='*.pyc' \
+      --exclude='*.cpp' --exclude='_caffe*.so' --exclude=proto .) \
+    | tar -xf - -C "$STAGE/caffe"
+  mkdir -p "$STAGE/caffe/proto"
+  : > "$STAGE/caffe/proto/__init__.py"
+  cp "$PB2" "$STAGE/caffe/proto/caffe_pb2.py"
+  cp "$SO" "$STAGE/caffe/_caffe.so"
+  strip --strip-unneeded "$STAGE/caffe/_caffe.so" 2>/dev/null || true
+  cp "$SRC/LICENSE" "$STAGE/LICENSE"
+  OUT="$WORK/out"
+  mkdir -p "$OUT"
+  WHEEL_FILE="$(
+    "$PY" - "$STAGE" "$OUT" "$WHEEL_NAME" "$WHEEL_VERSION" "$SRC_NAME" "$SRC_VERSION" <<'EOF'
+# Writes a binary wheel (PEP 427) of the staged `caffe` package, by hand:
+# setuptools would tag a package-data-only project as pure "py3-none-any".
+import base64, hashlib, os, sys, sysconfig, zipfile
+stage, out, name, version, src_name, src_version = sys.argv[1:7]
+v = sys.version_info
+py_tag = "cp%d%d" % (v[0], v[1])
+abi_tag = py_tag + getattr(sys, "abiflags", "")
+plat_tag = sysconfig.get_platform().replace("-", "_").replace(".", "_")
+tag = "%s-%s-%s" % (py_tag, abi_tag, plat_tag)
+dist_info = "%s-%s.dist-info" % (name, version)
+whl = os.path.join(out, "%s-%s-%s.whl" % (name, version, tag))
+metadata = "\n".join([
+    "Metadata-Version: 2.1",
+    "Name: %s" % name,
+    "Version: %s" % version,
+    "Summary: Caffe's Python module (pycaffe, CPU only), built from the %s==%s sdist" % (src_name, src_version),
+    "License: BSD-2-Clause",
+    "Requires-Python: ==%d.%d.*" % (v[0], v[1]),
+    "Requires-Dist: numpy>=1.26",
+    "Requires-Dist: protobuf>=3.20",
+    "Requires-Dist: six",
+    "Provides-Extra: io",
+    'Requires-Dist: scikit-image; extra == "io"',
+    'Requires-Dist: scipy; extra == "io"',
+    "", "",
+])
+wheel_meta = "Wheel-Version: 1.0\nGenerator: cam-caffe install_pycaffe.sh\nRoot-Is-Purelib: false\nTag: %s\n\n" % tag
+records = []
+def digest(data):
+    h = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    return "sha256=" + h
+def zinfo(arcname, mode):
+    zi = zipfile.ZipInfo(arcname, date_time=(1980, 1, 1, 0, 0, 0))
+    zi.compress_type = zipfile.ZIP_DEFLATED
+    zi.external_attr = (mode & 0xFFFF) << 16
+    return zi
+with zipfile.ZipFile(whl, "w") as zf:
+    def add(arcname, data, mode=0o644):
+        zf.writestr(zinfo(arcname, mode), data)
+        records.append("%s,%s,%d" % (arcname, digest(data), len(data)))
+    files = []
+    for d, dirs, fs in os.walk(os.path.join(stage, "caffe")):
+        dirs.sort()
+        for f in sorted(fs):
+            files.append(os.path.join(d, f))
+    for path in files:
+        arc = os.path.relpath(path, stage).replace(os.sep, "/")
+        with open(path, "rb") as fh:
+            data = fh.read()
+        add(arc, data, 0o755 if arc.endswith(".so") else 0o644)
+    with open(os.path.join(stage, "LICENSE"), "rb") as fh:
+        add(dist_info + "/LICENSE", fh.read())
+    add(dist_info + "/METADATA", metadata.encode())
+    add(dist_info + "/WHEEL", wheel_meta.encode())
+    add(dist_info + "/top_level.txt", b"caffe\n")
+    records.append(dist_info + "/RECORD,,")
+    zf.writestr(zinfo(dist_info + "/RECORD", 0o644), "\n".join(records) + "\n")
+print(whl)
+EOF
+  )"
+  [ -f "$WHEEL_FILE" ] || die "wheel was not written"
+
+  # Publish atomically: rename within the cache filesystem.
+  mkdir -p "$KEY_DIR"
+  cp -f "$LOG" "$KEY_DIR/build.log" 2>/dev/null || true
+  mv -f "$WHEEL_FILE" "$KEY_DIR/.$(basename "$WHEEL_FILE").part"
+  mv -f "$KEY_DIR/.$(basename "$WHEEL_FILE").part" "$KEY_DIR/$(basename "$WHEEL_FILE")"
+  WHEEL="$KEY_DIR/$(basename "$WHEEL_FILE")"
+  echo "    $WHEEL ($(du -h "$WHEEL" | cut -f1))"
+  cleanup_work
+  trap - EXIT
+}
+# --- BUILD END ---
+
+# ----------------------------------------------------------------------------
+step "cache key"
+KEY="$(
+  {
+    echo "source=$SRC_NAME==$SRC_VERSION sha256=$SRC_SHA256"
+    echo "python=$PY_MM tag=$PY_CACHE_TAG platform=$PY_PLATFORM"
+    echo "numpy_major=$NUMPY_MAJOR"
+    echo "--- script build section"
+    sed -n '/^# --- BUILD BEGIN ---$/,/^# --- BUILD END ---$/p' "$SCRIPT"
+    for p in "$PATCH_DIR"/*.patch; do
+      [ -e "$p" ] || continue
+      echo "--- patch $(basename "$p")"
+      cat "$p"
+    done
+  } | sha256sum | cut -c1-16
+)"
+KEY_DIR="$CACHE_ROOT/$KEY"
+echo "    $KEY_DIR"
+mkdir -p "$CACHE_ROOT"
+
+# One build at a time per cache (a second run waits here).
+if command -v flock >/dev/null; then
+  exec 9>"$CACHE_ROOT/.lock"
+  flock 9
+fi
+
+find_cached_wheel() {
+  local w
+  for w in "$KEY_DIR/$WHEEL_NAME-"*.whl; do
+    [ -f "$w" ] && { echo "$w"; return 0; }
+  done
+  return 0
+}
+WHEEL="$(find_cached_wheel)"
+
+# ----------------------------------------------------------------------------
+step "apt build dependencies"
+MULTIARCH="$(gcc -print-multiarch 2>/dev/null || true)"
+[ -n "$MULTIARCH" ] || MULTIARCH="$(dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || true)"
+[ -n "$MULTIARCH" ] || MULTIARCH="$PY_MULTIARCH"
+NEED_PKGS=("${APT_PACKAGES[@]}")
+if [ ! -f "$PY_INCLUDE/Python.h" ]; then
+  # A distro python without headers (a venv over /usr/bin/python3.X).
+  NEED_PKGS+=("python$PY_MM-dev")
+fi
+MISSING=()
+for p in "${NEED_PKGS[@]}"; do
+  st="$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)"
+  [ "$st" = installed ] || MISSING+=("$p")
+done
+if [ ${#MISSING[@]} -eq 0 ]; then
+  echo "    all ${#NEED_PKGS[@]} packages installed, skipping apt"
+else
+  echo "    missing: ${MISSING[*]}"
+  command -v apt-get >/dev/null || die "apt-get not found; install these packages by hand: ${MISSING[*]}"
+  SUDO=()
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null || die "not root and no sudo; install: ${MISSING[*]}"
+    SUDO=(sudo)
+  fi
+  "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
+  "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -q --no-install-recommends "${MISSING[@]}"
+fi
+[ -f "$PY_INCLUDE/Python.h" ] || die "Python.h not found in $PY_INCLUDE"
+
+if [ -n "$WHEEL" ]; then
+  echo "==> cached wheel found, skipping the build: $WHEEL"
+else
+  build_wheel
+fi
+
+# ----------------------------------------------------------------------------
+step "install wheel"
+"$PY" -m pip install --disable-pip-version-check --no-index --no-deps \
+  --force-reinstall -q "$WHEEL"
+
+# ----------------------------------------------------------------------------
+step "verify import"
+CHECK_DIR="$(mktemp -d)"
+trap 'rm -rf "$CHECK_DIR"' EXIT
+(cd "$CHECK_DIR" && env -u PYTHONPATH -u LD_LIBRARY_PATH "$PY" -c \
+  "import caffe; caffe.set_mode_cpu(); print(caffe.__file__)")
+
+step "smoke test (1-layer net forward)"
+cat > "$CHECK_DIR/smoke.prototxt" <<'EOF'
+name: "smoke"
+layer { name: "data" type: "Input" top: "data"
+        input_param { shape { dim: 1 dim: 3 dim: 4 dim: 4 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 2 kernel_size: 3
+                            weight_filler { type: "constant" value: 1 } } }
+EOF
+(cd "$CHECK_DIR" && env -u PYTHONPATH -u LD_LIBRARY_PATH GLOG_minloglevel=2 "$PY" - <<'EOF'
+import numpy as np
+import caffe
+caffe.set_mode_cpu()
+net = caffe.Net("smoke.prototxt", caffe.TEST)
+net.blobs["data"].data[...] = 1.0
+out = net.forward()["conv"]
+assert out.shape == (1, 2, 2, 2), out.shape
+assert np.allclose(out, 27.0), out   # 3x3x3 ones * weight 1, bias 0
+print("OK")
+EOF
+)
+
+echo "==> done in $(( $(date +%s) - T_START ))s: $WHEEL_NAME $WHEEL_VERSION -> $PY"
