@@ -14,6 +14,7 @@ setup(
         "pillow>=10",
         "protobuf>=4.22,<8",
     ],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
+    extras_require={"test": ["pytest>=7", "hypothesis>=6"],
+                    "onnx": ["onnx>=1.16", "onnxruntime>=1.18"]},
     entry_points={"console_scripts": ["cam-caffe=cam_caffe.cli:main"]},
 )

@@ -96,9 +96,9 @@ def caffe_failure(stderr: str) -> str:
     """The one line of a dead Caffe child's stderr that says why it died."""
     lines = [l.strip() for l in stderr.splitlines() if l.strip()]
     for line in reversed(lines):
-        fatal = re.match(r"^F\d{4} [\d:.]+\s+\d+ \S+\] (.*)$", line)   # glog FATAL line
+        fatal = re.match(r"^F\d{4,8} [\d:.]+\s+\d+ \S+\] (.*)$", line)   # glog FATAL line
         if fatal:
-            return fatal.group(1)
+            return fatal.group(1).split(" (known types:")[0]
     for line in reversed(lines):
         if line.startswith("cam-caffe-probe: "):
             return line.removeprefix("cam-caffe-probe: ")
