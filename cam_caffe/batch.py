@@ -26,7 +26,7 @@ import numpy as np
 
 from .api import CAMNet, Prediction
 from .boxes import Box, draw_boxes, dt_boxes_from_cam, paper_box
-from .errors import CamError
+from .errors import EXIT_OK, EXIT_SOME_FAILED, CamError, OutputError
 from .inputs import Input
 from .labels import class_name
 from .output import write_bytes, write_image
@@ -65,7 +65,16 @@ class Report:
 
     done: int = 0
     skipped: int = 0
-    failed: list[tuple[Path, str]] = field(default_factory=list)
+    failed: list[tuple[Path, CamError]] = field(default_factory=list)
+
+    def exit_code(self) -> int:
+        """0; the shared code of the failures when nothing was done; else 1 (some failed)."""
+        if not self.failed:
+            return EXIT_OK
+        codes = {error.exit_code for _, error in self.failed}
+        if self.done == 0 and self.skipped == 0 and len(codes) == 1:
+            return codes.pop()
+        return EXIT_SOME_FAILED
 
 
 def output_paths(item: Input, options: Options, maps: int) -> dict[str, Path]:
@@ -224,7 +233,8 @@ def run_batch(net: CAMNet, inputs: list[Input], options: Options,
         if options.output_dir is not None:
             paths = output_paths(item, options, maps).values()
             if any(p.resolve() in protected for p in paths):
-                report.failed.append((item.path, "an output would overwrite an input image"))
+                report.failed.append((item.path, OutputError(
+                    f"{item.path}: an output would overwrite an input image")))
                 continue
             if options.skip_existing and paths and all(p.exists() for p in paths):
                 report.skipped += 1
@@ -246,14 +256,14 @@ def run_batch(net: CAMNet, inputs: list[Input], options: Options,
                 try:
                     loaded.append((item, future.result()))
                 except CamError as e:
-                    report.failed.append((item.path, str(e)))
+                    report.failed.append((item.path, e))
             results = net.predict([image for _, image in loaded], options.classes,
                                   options.top_k, options.ten_crop)
             for (item, image), result in zip(loaded, results):
                 try:
                     record = process(net, item, image, result, options)
                 except CamError as e:
-                    report.failed.append((item.path, str(e)))
+                    report.failed.append((item.path, e))
                     continue
                 report.done += 1
                 if options.jsonl:

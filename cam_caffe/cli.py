@@ -12,7 +12,7 @@ from .api import CAMNet, Prediction
 from .backends import BACKENDS
 from .batch import SAVE_KINDS, Options, print_record, process, render_overlay, run_batch
 from .boxes import Box
-from .errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, CamError, ModelError
+from .errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, CamError, ModelError
 from .image import DEFAULT_MAX_PIXELS
 from .inputs import Input, collect, in_shard, parse_shard
 from .labels import class_name, resolve_class
@@ -235,13 +235,12 @@ def run(argv: list[str]) -> int:
         single(net, inputs[0], options, args)
         return EXIT_OK
     report = run_batch(net, inputs, options)
-    for _, reason in report.failed:
-        print(f"cam-caffe: error: {reason}", file=sys.stderr)
+    for _, error in report.failed:
+        print(f"cam-caffe: error: {error}", file=sys.stderr)
     if report.failed:
         print(f"cam-caffe: {len(report.failed)} of {len(inputs)} images failed, "
               f"{report.done} done, {report.skipped} skipped", file=sys.stderr)
-        return EXIT_INPUT if report.done == 0 and report.skipped == 0 else EXIT_SOME_FAILED
-    return EXIT_OK
+    return report.exit_code()
 
 
 # Subcommands: the first argument names a module whose ``main(argv) -> int`` runs it.

@@ -6,6 +6,7 @@ layer that writes it (with Caffe's in-place ReLU: ``CAM_relu``, not ``CAM_conv``
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import cv2
@@ -28,7 +29,7 @@ class OpenCVBackend:
         try:
             self.net = cv2.dnn.readNetFromCaffe(text, model)
         except cv2.error as e:
-            raise ModelError(f"{weights}: OpenCV cannot load the net: {_first_line(e)}") from None
+            raise ModelError(f"{weights}: OpenCV cannot load the net: {_reason(e)}") from None
         if gpu is not None:
             if cv2.cuda.getCudaEnabledDeviceCount() <= gpu:
                 raise BackendError(f"--gpu {gpu}: this OpenCV has no CUDA device {gpu} "
@@ -38,6 +39,11 @@ class OpenCVBackend:
             self.net.setPreferableTarget(cv2.dnn.DNN_TARGET_CUDA)
         cv2.setNumThreads(os.cpu_count() or 1)
         self.outputs = [spec.score_layer, spec.feature_layer]
+        try:               # OpenCV creates layers lazily: fail now, not on the first image
+            self.net.setInput(np.zeros(netdef.input_shape, np.float32))
+            self.net.forward(self.outputs)
+        except cv2.error as e:
+            raise ModelError(f"{netdef.path}: OpenCV cannot run the net: {_reason(e)}") from None
         fc = self.net.getParam(spec.fc_layer, 0) if spec.fc_layer else None
         self.cam_weights = identity_or(fc, spec)
 
@@ -46,10 +52,12 @@ class OpenCVBackend:
         try:
             scores, features = self.net.forward(self.outputs)
         except cv2.error as e:
-            raise BackendError(f"OpenCV forward failed: {_first_line(e)}") from None
+            raise BackendError(f"OpenCV forward failed: {_reason(e)}") from None
         return Forward(scores_to_probs(scores, self.spec), np.array(features, np.float32))
 
 
-def _first_line(error: Exception) -> str:
-    lines = [l.strip() for l in str(error).splitlines() if l.strip()]
-    return lines[-1] if lines else type(error).__name__
+def _reason(error: Exception) -> str:
+    """OpenCV's message without its source location: "Can't create layer …"."""
+    text = " ".join(l.strip() for l in str(error).splitlines() if l.strip())
+    match = re.search(r"error: \(-?\d+:[^)]*\) (.*?)(?: in function '[^']*')?$", text)
+    return match.group(1) if match else text or type(error).__name__
