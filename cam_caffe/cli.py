@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import __version__
+from . import __version__, models
 from .api import CAMNet, Prediction
 from .backends import BACKENDS
 from .batch import SAVE_KINDS, Options, print_record, process, render_overlay, run_batch
@@ -16,6 +16,7 @@ from .errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, CamError, Mo
 from .image import DEFAULT_MAX_PIXELS
 from .inputs import Input, collect, in_shard, parse_shard
 from .labels import class_name, resolve_class
+from .models import DEFAULT_MODEL, Model
 from .output import write_image
 from .render import DEFAULT_ALPHA, STYLES
 
@@ -92,10 +93,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--top-k", type=_positive_int, default=1, metavar="K",
                    help="report the K most probable classes and map them (default 1)")
     model = p.add_argument_group("model")
-    model.add_argument("--prototxt", type=Path, default=DEFAULT_PROTOTXT, metavar="P",
+    model.add_argument("--model", metavar="NAME",
+                       help=f"a registered model (cam-caffe models list; default {DEFAULT_MODEL})")
+    model.add_argument("--prototxt", type=Path, metavar="P",
                        help="deploy or train/test prototxt (V1 or V2 syntax)")
-    model.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, metavar="W",
-                       help="caffemodel file")
+    model.add_argument("--weights", type=Path, metavar="W", help="caffemodel file")
     model.add_argument("--labels", type=Path, metavar="FILE",
                        help="class labels, one a line (synset_words.txt style)")
     model.add_argument("--mean", metavar="M",
@@ -155,14 +157,38 @@ def build_parser() -> ArgumentParser:
     return p
 
 
+def model_files(args: argparse.Namespace) -> tuple[Path, Path, Path | None, Model | None]:
+    """(prototxt, weights, labels, registry entry) the arguments name."""
+    if args.prototxt or args.weights:
+        if args.model:
+            raise CamError("give either --model or --prototxt/--weights, not both")
+        if not (args.prototxt and args.weights):
+            raise CamError("--prototxt and --weights go together")
+        return args.prototxt, args.weights, None, None
+    name = args.model or DEFAULT_MODEL
+    entry = models.get(name)
+    if name == DEFAULT_MODEL and DEFAULT_WEIGHTS.is_file():   # the original script's layout
+        return DEFAULT_PROTOTXT, DEFAULT_WEIGHTS, None, entry
+    if name == DEFAULT_MODEL and not models.is_downloaded(name):
+        raise ModelError(f"the GoogLeNet-CAM weights are not there: run 'cam-caffe models "
+                         f"download {name}', or get {WEIGHTS_URL} into models/, or pass "
+                         "--model demo, or --prototxt and --weights")
+    prototxt, weights, labels = models.model_path(name)
+    return prototxt, weights, labels, entry
+
+
 def load_net(args: argparse.Namespace) -> CAMNet:
-    """Build the CAMNet the arguments describe."""
-    if args.weights == DEFAULT_WEIGHTS and not DEFAULT_WEIGHTS.is_file():
-        raise ModelError(f"{DEFAULT_WEIGHTS}: the GoogLeNet-CAM weights are not there; download "
-                         f"them from {WEIGHTS_URL} into models/, or pass --prototxt and --weights")
-    return CAMNet(args.prototxt, args.weights, backend=args.backend, gpu=args.gpu,
-                  mean=args.mean, scale=args.scale, input_size=args.input_size,
-                  labels=args.labels, feature_blob=args.feature_blob, fc_layer=args.fc_layer,
+    """Build the CAMNet the arguments describe; a registry entry gives the defaults."""
+    prototxt, weights, labels, entry = model_files(args)
+    mean, scale, size = args.mean, args.scale, args.input_size
+    if entry is not None and entry.mean is not None:   # else the prototxt's own transform
+        mean = mean if mean is not None else entry.mean_arg
+        scale = scale if scale is not None else entry.scale
+    if entry is not None:
+        size = size or entry.input_size
+    return CAMNet(prototxt, weights, backend=args.backend, gpu=args.gpu, mean=mean,
+                  scale=scale, input_size=size, labels=args.labels or labels,
+                  feature_blob=args.feature_blob, fc_layer=args.fc_layer,
                   allow_python_layers=args.allow_python_layers, max_pixels=args.max_pixels,
                   verbose=args.verbose)
 
