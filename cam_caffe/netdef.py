@@ -451,7 +451,9 @@ def blob_shape(blob) -> Shape:
     """A BlobProto's shape; legacy 4-D num/channels/height/width when no shape is set."""
     if blob.HasField("shape"):
         return tuple(blob.shape.dim)
-    return (blob.num, blob.channels, blob.height, blob.width)
+    if any(blob.HasField(f) for f in ("num", "channels", "height", "width")):
+        return (blob.num, blob.channels, blob.height, blob.width)
+    return ()            # a 0-axis (scalar) blob, e.g. a channel-shared PReLU slope
 
 
 def param_shapes(netdef: NetDef, layer) -> list[Shape] | None:
@@ -474,15 +476,18 @@ def param_shapes(netdef: NetDef, layer) -> list[Shape] | None:
         return [weights, (p.num_output,)] if p.bias_term else [weights]
     if t == "BatchNorm":
         return [(bottom[1],), (bottom[1],), (1,)]
-    if t in ("Scale", "Bias") and len(layer.bottom) == 1:
+    if t in ("Scale", "Bias"):
         p = layer.scale_param if t == "Scale" else layer.bias_param
+        if len(layer.bottom) == 2:         # factors from the second bottom: no learned factor
+            factor = netdef.shapes.get(layer.bottom[1])
+            return [factor] if t == "Scale" and p.bias_term and factor else []
         axis = p.axis % len(bottom)
         shape = bottom[axis:] if p.num_axes == -1 else bottom[axis:axis + p.num_axes]
         if t == "Scale" and p.bias_term:
             return [shape, shape]
         return [shape]
     if t == "PReLU":
-        return [(1,)] if layer.prelu_param.channel_shared else [(bottom[1],)]
+        return [()] if layer.prelu_param.channel_shared else [(bottom[1],)]
     return None
 
 
@@ -490,7 +495,7 @@ def _same_shape(a: Shape, b: Shape) -> bool:
     """Equal up to leading 1s, as Caffe accepts legacy 4-D blob shapes."""
     def strip(s: Shape) -> Shape:
         s = tuple(s)
-        while len(s) > 1 and s[0] == 1:
+        while s and s[0] == 1:
             s = s[1:]
         return s
     return strip(a) == strip(b)

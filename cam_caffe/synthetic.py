@@ -37,13 +37,15 @@ def random_weights(netdef: NetDef, seed: int = 0) -> dict[str, list[np.ndarray]]
                               "Scale", "Bias", "PReLU"):
                 raise ModelError(f"cannot tell the weight shapes of layer '{layer.name}'")
             continue
+        if not shapes:                     # e.g. a Scale whose factors are its second bottom
+            continue
         if layer.type == "BatchNorm":
             c = shapes[0]
             weights[layer.name] = [np.zeros(c), np.ones(c), np.ones(1)]
-        elif layer.type == "Scale":
+        elif layer.type == "Scale" and len(layer.bottom) == 1:
             weights[layer.name] = [np.ones(shapes[0])] + [np.zeros(s) for s in shapes[1:]]
-        elif layer.type in ("Bias",):
-            weights[layer.name] = [np.zeros(shapes[0])]
+        elif layer.type in ("Scale", "Bias"):  # biases only
+            weights[layer.name] = [np.zeros(s) for s in shapes]
         elif layer.type == "PReLU":
             weights[layer.name] = [np.full(shapes[0], 0.25)]
         else:

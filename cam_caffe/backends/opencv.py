@@ -11,10 +11,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from google.protobuf import text_format
 
+from .. import proto
 from ..camspec import CamSpec
 from ..errors import BackendError, ModelError
-from ..netdef import NetDef, read_bytes
+from ..netdef import NetDef, blob_shape, read_bytes, read_caffemodel
+from ..synthetic import blob as blob_of
 from . import Forward, identity_or, scores_to_probs
 
 
@@ -24,8 +27,9 @@ class OpenCVBackend:
     def __init__(self, netdef: NetDef, weights: Path, spec: CamSpec,
                  gpu: int | None = None) -> None:
         self.spec = spec
-        model = np.frombuffer(read_bytes(Path(weights), "caffemodel"), np.uint8)
-        text = np.frombuffer(netdef.prototxt().encode(), np.uint8)
+        prototxt, caffemodel = _for_opencv(netdef, Path(weights))
+        text = np.frombuffer(prototxt.encode(), np.uint8)
+        model = np.frombuffer(caffemodel, np.uint8)
         try:
             self.net = cv2.dnn.readNetFromCaffe(text, model)
         except cv2.error as e:
@@ -54,6 +58,38 @@ class OpenCVBackend:
         except cv2.error as e:
             raise BackendError(f"OpenCV forward failed: {_reason(e)}") from None
         return Forward(scores_to_probs(scores, self.spec), np.array(features, np.float32))
+
+
+def _for_opencv(netdef: NetDef, weights: Path) -> tuple[str, bytes]:
+    """Prototxt text and caffemodel bytes, around two things OpenCV 4.x gets wrong.
+
+    OpenCV ignores InnerProduct's ``transpose``: such weights are stored
+    transposed back, with ``transpose: false``. It also ignores LRN's ``k``
+    across channels (uses 1): refused rather than computed wrongly.
+    """
+    data = read_bytes(weights, "caffemodel")
+    for layer in netdef.net.layer:
+        if layer.type == "LRN" and layer.lrn_param.k != 1.0 \
+                and layer.lrn_param.norm_region == layer.lrn_param.ACROSS_CHANNELS:
+            raise ModelError(f"{netdef.path}: layer '{layer.name}': OpenCV's LRN ignores "
+                             f"k={layer.lrn_param.k:g}; use --backend caffe or onnxruntime")
+    transposed = {l.name for l in netdef.net.layer
+                  if l.type == "InnerProduct" and l.inner_product_param.transpose}
+    if not transposed:
+        return netdef.prototxt(), data
+    net = proto.NetParameter()
+    net.CopyFrom(netdef.net)
+    for layer in net.layer:
+        if layer.name in transposed:
+            layer.inner_product_param.transpose = False
+    stored = read_caffemodel(weights)
+    for layer in stored.layer:
+        if layer.name in transposed and layer.blobs:
+            blob = layer.blobs[0]
+            fan_in, outputs = blob_shape(blob)[-2:]          # stored as (K, C)
+            matrix = np.array(blob.data, np.float32).reshape(fan_in, outputs).T
+            blob.CopyFrom(blob_of(matrix))
+    return text_format.MessageToString(net), stored.SerializeToString()
 
 
 def _reason(error: Exception) -> str:
