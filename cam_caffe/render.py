@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-import matplotlib
 import numpy as np
 
 from .errors import CamError
@@ -22,6 +21,7 @@ DEFAULT_ALPHA = {"paper": 0.7, "seed": 0.5}
 @lru_cache(maxsize=16)
 def colormap_lut(name: str) -> np.ndarray:
     """A 256×3 uint8 BGR lookup table for a matplotlib colormap name."""
+    import matplotlib                      # imported only when a map is coloured
     try:
         cmap = matplotlib.colormaps[name]
     except KeyError:

@@ -1,14 +1,36 @@
 #!/usr/bin/env bash
-# Build pycaffe (Caffe's Python module, CPU only) from the `brocolli-caffe`
-# sdist on PyPI and install it into a Python environment as a small wheel
-# named `pycaffe`.
+# Build pycaffe (Caffe's Python module, CPU only by default) from the
+# `brocolli-caffe` sdist on PyPI and install it into a Python environment as
+# a small wheel named `pycaffe`.
 #
 # Usage: scripts/install_pycaffe.sh [--python PATH] [--jobs N] [--verbose]
+#                                   [--cuda [--cuda-arch "90 120"]] [--wheel-only]
 #
 #   --python PATH  target interpreter (default: <project root>/.venv/bin/python;
 #                  that venv is created with `python3 -m venv` if missing)
 #   --jobs N       parallel make jobs (default: $JOBS, else nproc)
 #   --verbose      stream the CMake/make output instead of logging it
+#   --cuda         build the CUDA variant instead (see below)
+#   --cuda-arch A  GPU architectures to compile for, e.g. "90" or "90 120"
+#                  (sm_XY; implies --cuda; default: 90 plus the compute
+#                  capability of every GPU that nvidia-smi shows). Machine
+#                  code (SASS) for each, plus PTX of the highest one, which
+#                  newer GPUs JIT-compile at first use.
+#   --cuda-home D  the CUDA toolkit (default: $CUDA_HOME, else /usr/local/cuda)
+#   --wheel-only   build (or find in the cache) the wheel, print its path as
+#                  a last line `WHEEL_PATH=...`, and install nothing
+#
+# CUDA variant (--cuda): needs the CUDA 13 toolkit's nvcc (no GPU needed to
+# build). The same source plus patches/pycaffe-cuda/*.patch; cuBLAS and
+# cuRAND headers/libraries come from the PyPI wheels pinned in the CUDA
+# section below (downloaded once, unpacked into the cache under cuda-libs/).
+# cuDNN is not used (see docs/GPU.md). The wheel is `pycaffe` with the local
+# version +brocolli<ver>.cuda13.sm<arch>..., cached under its own key. It
+# replaces a CPU pycaffe in the target environment. At runtime _caffe.so also
+# needs libcudart.so.13, libcublas.so.13 (+ libcublasLt.so.13) and
+# libcurand.so.10: on a GPU host from the CUDA toolkit (/usr/local/cuda/lib64),
+# or from <cache>/cuda-libs/*/lib via LD_LIBRARY_PATH (the script prints it);
+# and a GPU driver to use GPU mode. The build takes 7-16 min on 2 cores (sm_90).
 #
 # Works on Debian 12 / Ubuntu with apt (as root, or via sudo) and PyPI.
 # The build dependencies listed in APT_PACKAGES are installed with apt only
@@ -46,6 +68,10 @@ PATCH_DIR="$ROOT/patches/pycaffe"
 PY=""
 JOBS="${JOBS:-}"
 VERBOSE=0
+CUDA=0
+CUDA_ARCH_ARG=""
+CUDA_HOME_ARG=""
+WHEEL_ONLY=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --python) [ $# -ge 2 ] || die "--python needs a path"; PY="$2"; shift 2 ;;
@@ -53,6 +79,12 @@ while [ $# -gt 0 ]; do
     --jobs|-j) [ $# -ge 2 ] || die "--jobs needs a number"; JOBS="$2"; shift 2 ;;
     --jobs=*) JOBS="${1#*=}"; shift ;;
     --verbose|-v) VERBOSE=1; shift ;;
+    --cuda) CUDA=1; shift ;;
+    --cuda-arch) [ $# -ge 2 ] || die "--cuda-arch needs a list, e.g. \"90 120\""; CUDA=1; CUDA_ARCH_ARG="$2"; shift 2 ;;
+    --cuda-arch=*) CUDA=1; CUDA_ARCH_ARG="${1#*=}"; shift ;;
+    --cuda-home) [ $# -ge 2 ] || die "--cuda-home needs a directory"; CUDA=1; CUDA_HOME_ARG="$2"; shift 2 ;;
+    --cuda-home=*) CUDA=1; CUDA_HOME_ARG="${1#*=}"; shift ;;
+    --wheel-only) WHEEL_ONLY=1; shift ;;
     -h|--help) sed -n '2,/^set -Eeuo/{/^set -Eeuo/d;s/^# \{0,1\}//;p}' "$SCRIPT"; exit 0 ;;
     *) die "unknown argument: $1 (see --help)" ;;
   esac
@@ -349,21 +381,210 @@ EOF
 # --- BUILD END ---
 
 # ----------------------------------------------------------------------------
+# The CUDA variant (--cuda). Everything between the CUDA BUILD BEGIN/END
+# markers, plus patches/pycaffe-cuda/*.patch, the nvcc version and the GPU
+# architectures, is hashed into the CUDA wheel's cache key (on top of what
+# the CPU key hashes). The CPU build section above is reused unchanged: the
+# CUDA variant only overrides its settings (patch list, CMake arguments,
+# wheel version) before calling build_wheel.
+# --- CUDA BUILD BEGIN ---
+CUDA_BUILD_VERSION="1"
+CUDA_MAJOR_SUPPORTED="13"
+# cuBLAS/cuRAND for CUDA 13.0 (the toolkit here has nvcc and cudart only).
+# The wheels put everything under nvidia/cu13/{include,lib}.
+CUDA_PY_WHEELS=(nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35)
+CUDA_LIB_FILES=(libcublas.so.13 libcublasLt.so.13 libcurand.so.10)
+CUDA_MIN_ARCH=75   # CUDA 13 dropped Maxwell, Pascal and Volta
+
+# Downloads the cuBLAS/cuRAND wheels once and unpacks their headers and
+# libraries into $CUDA_LIBS_DIR/{include,lib} (with the unversioned .so
+# names the linker wants). Sets CUDA_LIBS_DIR.
+cuda_fetch_libs() {
+  local name dl tmp
+  name="$(printf '%s_' "${CUDA_PY_WHEELS[@]}" | tr -c 'A-Za-z0-9._\n-' '-')"
+  CUDA_LIBS_DIR="$CACHE_ROOT/cuda-libs/${name%_}"
+  if [ -f "$CUDA_LIBS_DIR/.complete" ]; then
+    echo "    cached: $CUDA_LIBS_DIR"
+    return 0
+  fi
+  dl="$(mktemp -d "$CACHE_ROOT/cuda-libs.dl.XXXXXX")"
+  echo "    pip download ${CUDA_PY_WHEELS[*]} (~480 MB, once)"
+  "$PY" -m pip download --disable-pip-version-check --no-deps --only-binary :all: \
+    -q -d "$dl" "${CUDA_PY_WHEELS[@]}"
+  tmp="$dl/unpacked"
+  "$PY" - "$dl" "$tmp" "${CUDA_LIB_FILES[@]}" <<'EOF'
+# Unpack nvidia/cu*/include/** and the named libraries of every wheel in
+# argv[1] into argv[2]/{include,lib,licenses}.
+import glob, os, re, shutil, sys, zipfile
+src, dst, libs = sys.argv[1], sys.argv[2], set(sys.argv[3:])
+found = set()
+for whl in sorted(glob.glob(os.path.join(src, "*.whl"))):
+    with zipfile.ZipFile(whl) as zf:
+        for name in zf.namelist():
+            m = re.match(r"nvidia/cu\d+/(include|lib)/(.+)$", name)
+            if m and (m.group(1) == "include" or m.group(2) in libs):
+                out = os.path.join(dst, m.group(1), m.group(2))
+            elif re.search(r"\.dist-info/licenses?/", name) or name.endswith("/License.txt"):
+                out = os.path.join(dst, "licenses", os.path.basename(whl).split("-")[0] + "-License.txt")
+            else:
+                continue
+            if name.endswith("/"):
+                continue
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            with zf.open(name) as fi, open(out, "wb") as fo:
+                shutil.copyfileobj(fi, fo)
+            if m and m.group(1) == "lib":
+                os.chmod(out, 0o755)
+                found.add(m.group(2))
+missing = libs - found
+if missing:
+    sys.exit("missing in the wheels: %s" % " ".join(sorted(missing)))
+for lib in sorted(found):               # libcublas.so -> libcublas.so.13
+    os.symlink(lib, os.path.join(dst, "lib", lib.split(".so")[0] + ".so"))
+EOF
+  [ -f "$tmp/include/cublas_v2.h" ] && [ -f "$tmp/include/curand.h" ] \
+    || die "the cuBLAS/cuRAND wheels have no cublas_v2.h / curand.h"
+  : > "$tmp/.complete"
+  rm -rf "$CUDA_LIBS_DIR"
+  mkdir -p "$(dirname "$CUDA_LIBS_DIR")"
+  mv "$tmp" "$CUDA_LIBS_DIR"
+  rm -rf "$dl"
+  echo "    $CUDA_LIBS_DIR ($(du -sh "$CUDA_LIBS_DIR" | cut -f1))"
+}
+
+# Turns build_wheel into the CUDA build: CPU patches then CUDA patches, CUDA
+# on in CMake (later -D options override the CPU ones), the wheel's version.
+cuda_setup_build() {
+  local p
+  CUDA_MERGED_PATCHES="$CACHE_ROOT/cuda-patches"
+  rm -rf "$CUDA_MERGED_PATCHES"
+  mkdir -p "$CUDA_MERGED_PATCHES"
+  for p in "$PATCH_DIR"/*.patch; do
+    [ -e "$p" ] && cp "$p" "$CUDA_MERGED_PATCHES/cpu-$(basename "$p")"
+  done
+  for p in "$CUDA_PATCH_DIR"/*.patch; do
+    [ -e "$p" ] && cp "$p" "$CUDA_MERGED_PATCHES/cuda-$(basename "$p")"
+  done
+  PATCH_DIR="$CUDA_MERGED_PATCHES"
+  CMAKE_FIXED_ARGS+=(
+    -DCPU_ONLY=OFF
+    -DUSE_CUDNN=OFF
+    -DCUDA_TOOLKIT_ROOT_DIR="$CUDA_HOME"
+    -DCUDA_NVCC_EXECUTABLE="$CUDA_HOME/bin/nvcc"
+    -DCUDA_ARCH_NAME=Manual
+    -DCUDA_ARCH_BIN="$CUDA_ARCH_BIN"
+    -DCUDA_ARCH_PTX="$CUDA_ARCH_PTX"
+    -DCMAKE_INCLUDE_PATH="$CUDA_LIBS_DIR/include"
+    -DCMAKE_LIBRARY_PATH="$CUDA_LIBS_DIR/lib"
+  )
+}
+
+# The wheel's version and summary say what it was built for.
+cuda_wheel_version() {
+  local a tag="cuda$CUDA_MAJOR"
+  for a in $CUDA_ARCH_BIN; do tag="$tag.sm$a"; done
+  echo "${WHEEL_VERSION}.$tag"
+}
+cuda_fix_wheel_summary() {
+  "$PY" - "$1" "Caffe's Python module (pycaffe) with CUDA $CUDA_VERSION (sm_${CUDA_ARCH_BIN// /, sm_}; PTX compute_$CUDA_ARCH_PTX; no cuDNN), built from the $SRC_NAME==$SRC_VERSION sdist" <<'EOF'
+# Rewrite the Summary line of the wheel's METADATA (and its RECORD entry).
+import base64, hashlib, os, sys, zipfile
+path, summary = sys.argv[1], sys.argv[2]
+tmp = path + ".part"
+with zipfile.ZipFile(path) as zin, zipfile.ZipFile(tmp, "w") as zout:
+    items = [(zi, zin.read(zi.filename)) for zi in zin.infolist()]
+    meta_name = next(zi.filename for zi, _ in items if zi.filename.endswith(".dist-info/METADATA"))
+    meta = next(data for zi, data in items if zi.filename == meta_name).decode()
+    meta = "\n".join("Summary: " + summary if line.startswith("Summary: ") else line
+                     for line in meta.split("\n")).encode()
+    digest = "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(meta).digest()).rstrip(b"=").decode()
+    for zi, data in items:
+        if zi.filename == meta_name:
+            data = meta
+        elif zi.filename.endswith(".dist-info/RECORD"):
+            data = "\n".join("%s,%s,%d" % (meta_name, digest, len(meta))
+                             if line.startswith(meta_name + ",") else line
+                             for line in data.decode().split("\n")).encode()
+        zout.writestr(zi, data)
+os.replace(tmp, path)
+EOF
+}
+# --- CUDA BUILD END ---
+
+CUDA_PATCH_DIR="$ROOT/patches/pycaffe-cuda"
+
+# ----------------------------------------------------------------------------
+if [ "$CUDA" = 1 ]; then
+  step "CUDA toolkit"
+  CUDA_HOME="${CUDA_HOME_ARG:-${CUDA_HOME:-/usr/local/cuda}}"
+  NVCC="$CUDA_HOME/bin/nvcc"
+  [ -x "$NVCC" ] || die "$NVCC not found: install the CUDA $CUDA_MAJOR_SUPPORTED toolkit (nvcc) or give --cuda-home"
+  NVCC_RELEASE="$("$NVCC" --version | sed -n 's/.*release \([0-9][0-9.]*\), V\([0-9.]*\).*/\1 \2/p')"
+  CUDA_VERSION="${NVCC_RELEASE%% *}"         # 13.0
+  NVCC_FULL_VERSION="${NVCC_RELEASE##* }"    # 13.0.88
+  CUDA_MAJOR="${CUDA_VERSION%%.*}"
+  [ -n "$CUDA_VERSION" ] || die "cannot read the CUDA version from '$NVCC --version'"
+  [ "$CUDA_MAJOR" = "$CUDA_MAJOR_SUPPORTED" ] \
+    || die "CUDA $CUDA_VERSION found; this script pins cuBLAS/cuRAND for CUDA $CUDA_MAJOR_SUPPORTED (edit CUDA_PY_WHEELS to port it)"
+  [ -f "$CUDA_HOME/include/cuda_runtime.h" ] || die "$CUDA_HOME/include/cuda_runtime.h not found"
+  ls "$CUDA_HOME"/lib64/libcudart.so* >/dev/null 2>&1 || die "$CUDA_HOME/lib64/libcudart.so not found"
+
+  # GPU architectures: the given list, else sm_90 plus the visible GPUs'.
+  if [ -n "$CUDA_ARCH_ARG" ]; then
+    ARCHS="$CUDA_ARCH_ARG"
+  else
+    ARCHS="90"
+    if command -v nvidia-smi >/dev/null; then
+      GPU_CAPS="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null || true)"
+      [ -z "$GPU_CAPS" ] || echo "    visible GPU compute capabilities: $(echo $GPU_CAPS)"
+      ARCHS="$ARCHS $GPU_CAPS"
+    fi
+  fi
+  CUDA_ARCH_BIN=""
+  for a in $(echo "$ARCHS" | tr ',;' '  '); do
+    a="${a#sm_}"; a="${a#compute_}"; a="${a//./}"
+    case "$a" in ''|*[!0-9]*) die "bad GPU architecture '$a' in '$ARCHS' (want e.g. 90 or 12.0)" ;; esac
+    [ "$a" -ge "$CUDA_MIN_ARCH" ] || die "sm_$a is not supported by CUDA $CUDA_MAJOR (sm_$CUDA_MIN_ARCH or newer)"
+    CUDA_ARCH_BIN="$CUDA_ARCH_BIN $a"
+  done
+  CUDA_ARCH_BIN="$(echo $CUDA_ARCH_BIN | tr ' ' '\n' | sort -n -u | tr '\n' ' ' | sed 's/ $//')"
+  [ -n "$CUDA_ARCH_BIN" ] || die "no GPU architecture given"
+  CUDA_ARCH_PTX="${CUDA_ARCH_BIN##* }"
+  echo "    $NVCC: CUDA $NVCC_FULL_VERSION; SASS for sm_${CUDA_ARCH_BIN// /, sm_}, PTX for compute_$CUDA_ARCH_PTX"
+  WHEEL_VERSION="$(cuda_wheel_version)"
+fi
+
+# ----------------------------------------------------------------------------
 step "cache key"
+# (the CPU key's input is kept byte for byte: the cached CPU wheels stay valid)
+cpu_key_input() {
+  echo "source=$SRC_NAME==$SRC_VERSION sha256=$SRC_SHA256"
+  echo "python=$PY_MM tag=$PY_CACHE_TAG platform=$PY_PLATFORM"
+  echo "numpy_major=$NUMPY_MAJOR"
+  echo "--- script build section"
+  sed -n '/^# --- BUILD BEGIN ---$/,/^# --- BUILD END ---$/p' "$SCRIPT"
+  for p in "$PATCH_DIR"/*.patch; do
+    [ -e "$p" ] || continue
+    echo "--- patch $(basename "$p")"
+    cat "$p"
+  done
+}
+cuda_key_input() {
+  echo "--- cuda nvcc=$NVCC_FULL_VERSION arch_bin=$CUDA_ARCH_BIN arch_ptx=$CUDA_ARCH_PTX"
+  sed -n '/^# --- CUDA BUILD BEGIN ---$/,/^# --- CUDA BUILD END ---$/p' "$SCRIPT"
+  for p in "$CUDA_PATCH_DIR"/*.patch; do
+    [ -e "$p" ] || continue
+    echo "--- cuda patch $(basename "$p")"
+    cat "$p"
+  done
+}
 KEY="$(
   {
-    echo "source=$SRC_NAME==$SRC_VERSION sha256=$SRC_SHA256"
-    echo "python=$PY_MM tag=$PY_CACHE_TAG platform=$PY_PLATFORM"
-    echo "numpy_major=$NUMPY_MAJOR"
-    echo "--- script build section"
-    sed -n '/^# --- BUILD BEGIN ---$/,/^# --- BUILD END ---$/p' "$SCRIPT"
-    for p in "$PATCH_DIR"/*.patch; do
-      [ -e "$p" ] || continue
-      echo "--- patch $(basename "$p")"
-      cat "$p"
-    done
+    cpu_key_input
+    if [ "$CUDA" = 1 ]; then cuda_key_input; fi
   } | sha256sum | cut -c1-16
 )"
+if [ "$CUDA" = 1 ]; then KEY="cuda-$KEY"; fi
 KEY_DIR="$CACHE_ROOT/$KEY"
 echo "    $KEY_DIR"
 mkdir -p "$CACHE_ROOT"
@@ -414,10 +635,27 @@ else
 fi
 [ -f "$PY_INCLUDE/Python.h" ] || die "Python.h not found in $PY_INCLUDE"
 
+if [ "$CUDA" = 1 ]; then
+  step "cuBLAS/cuRAND (PyPI wheels)"
+  rm -rf "$CACHE_ROOT"/cuda-libs.dl.*     # left by a failed download (we hold the lock)
+  cuda_fetch_libs
+fi
+
 if [ -n "$WHEEL" ]; then
   echo "==> cached wheel found, skipping the build: $WHEEL"
+elif [ "$CUDA" = 1 ]; then
+  cuda_setup_build
+  build_wheel
+  rm -rf "$CUDA_MERGED_PATCHES"
+  cuda_fix_wheel_summary "$WHEEL"
 else
   build_wheel
+fi
+
+if [ "$WHEEL_ONLY" = 1 ]; then
+  echo "==> done in $(( $(date +%s) - T_START ))s (not installed)"
+  echo "WHEEL_PATH=$WHEEL"
+  exit 0
 fi
 
 # ----------------------------------------------------------------------------
@@ -425,11 +663,27 @@ step "install wheel"
 "$PY" -m pip install --disable-pip-version-check --no-index --no-deps \
   --force-reinstall -q "$WHEEL"
 
+# The checks run without PYTHONPATH and the caller's LD_LIBRARY_PATH; the
+# CUDA variant gets the directories of its CUDA libraries instead.
+CHECK_ENV=(env -u PYTHONPATH -u LD_LIBRARY_PATH)
+if [ "$CUDA" = 1 ]; then
+  CUDA_RUNTIME_PATH="$CUDA_LIBS_DIR/lib:$CUDA_HOME/lib64"
+  CHECK_ENV=(env -u PYTHONPATH LD_LIBRARY_PATH="$CUDA_RUNTIME_PATH")
+  step "shared libraries (ldd)"
+  SO_PATH="$("$PY" -c 'import importlib.util, os; print(os.path.join(os.path.dirname(importlib.util.find_spec("caffe").origin), "_caffe.so"))')"
+  LDD_OUT="$("${CHECK_ENV[@]}" ldd "$SO_PATH")"
+  if echo "$LDD_OUT" | grep -q "not found"; then
+    echo "$LDD_OUT" >&2
+    die "$SO_PATH: unresolved shared libraries"
+  fi
+  echo "$LDD_OUT" | grep -E "libcudart|libcublas|libcurand" | sed 's/^\s*/    /'
+fi
+
 # ----------------------------------------------------------------------------
 step "verify import"
 CHECK_DIR="$(mktemp -d)"
 trap 'rm -rf "$CHECK_DIR"' EXIT
-(cd "$CHECK_DIR" && env -u PYTHONPATH -u LD_LIBRARY_PATH "$PY" -c \
+(cd "$CHECK_DIR" && "${CHECK_ENV[@]}" "$PY" -c \
   "import caffe; caffe.set_mode_cpu(); print(caffe.__file__)")
 
 step "smoke test (1-layer net forward)"
@@ -441,10 +695,15 @@ layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
         convolution_param { num_output: 2 kernel_size: 3
                             weight_filler { type: "constant" value: 1 } } }
 EOF
-(cd "$CHECK_DIR" && env -u PYTHONPATH -u LD_LIBRARY_PATH GLOG_minloglevel=2 "$PY" - <<'EOF'
+cat > "$CHECK_DIR/smoke.py" <<'EOF'
+import sys
 import numpy as np
 import caffe
-caffe.set_mode_cpu()
+if sys.argv[1:] == ["gpu"]:
+    caffe.set_mode_gpu()
+    caffe.set_device(0)
+else:
+    caffe.set_mode_cpu()
 net = caffe.Net("smoke.prototxt", caffe.TEST)
 net.blobs["data"].data[...] = 1.0
 out = net.forward()["conv"]
@@ -452,6 +711,18 @@ assert out.shape == (1, 2, 2, 2), out.shape
 assert np.allclose(out, 27.0), out   # 3x3x3 ones * weight 1, bias 0
 print("OK")
 EOF
-)
+(cd "$CHECK_DIR" && "${CHECK_ENV[@]}" GLOG_minloglevel=2 "$PY" smoke.py cpu)
+
+if [ "$CUDA" = 1 ]; then
+  if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+    step "smoke test on GPU 0"
+    (cd "$CHECK_DIR" && "${CHECK_ENV[@]}" GLOG_minloglevel=2 "$PY" smoke.py gpu)
+  else
+    echo "==> no GPU visible (nvidia-smi): GPU mode not tested"
+  fi
+  echo "==> CUDA build: at runtime _caffe.so needs libcudart.so.13, libcublas.so.13,"
+  echo "    libcublasLt.so.13 and libcurand.so.10, e.g. from the CUDA 13 toolkit, or:"
+  echo "    export LD_LIBRARY_PATH=$CUDA_RUNTIME_PATH\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
+fi
 
 echo "==> done in $(( $(date +%s) - T_START ))s: $WHEEL_NAME $WHEEL_VERSION -> $PY"
