@@ -43,8 +43,7 @@ class Options:
     save: tuple[str, ...] = ("overlay",)
     image_format: str = "png"
     classes: list[int] | None = None
-    top_k: int = 1                  # maps for the top K classes (when no classes given)
-    print_k: int = 5                # predictions printed / listed in JSON
+    top_k: int = 1                  # classes reported, and mapped when no classes are given
     style: str = "paper"
     colormap: str = "jet"
     alpha: float | None = None
@@ -164,7 +163,7 @@ def process(net: CAMNet, item: Input, image: np.ndarray, result: Prediction,
         "backend": net.backend_name,
         "ten_crop": options.ten_crop,
         "top_k": [{"class": c, "label": label, "prob": round(p, 6)}
-                  for c, label, p in result.top(options.print_k)],
+                  for c, label, p in result.top(options.top_k)],
         "maps": [{"class": c, "label": class_name(net.labels, c),
                   "prob": round(float(result.probs[c]), 6),
                   "boxes": [[b.x, b.y, b.w, b.h] for b in boxes]} for c, _, boxes in maps],
