@@ -58,7 +58,7 @@ def test_cli_writes_overlay_png(square_net, tmp_path, capsys):
     out = tmp_path / "out" / "overlay.png"
     code = main([str(image_path), "--class", "square", "--prototxt", str(prototxt),
                  "--weights", str(model), "--labels", str(labels), "--mean", "0",
-                 "--scale", str(1 / 255), "--backend", "opencv", "-o", str(out)])
+                 "--scale", str(1 / 255), "--backend", "opencv", "--top-k", "2", "-o", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "background" in printed and "square" in printed

@@ -66,7 +66,7 @@ def test_cifar_cli(tmp_path, capsys):
     labels.write_text("\n".join("airplane automobile bird cat deer dog frog horse ship truck".split()))
     code = main([str(image), "--prototxt", str(shared("cifar10_resnet20", "test_ResNet_20.prototxt")),
                  "--weights", str(shared("cifar10_resnet20", "cifar10_ResNet_20_iter_53500.caffemodel")),
-                 "--input-size", "32", "--labels", str(labels), "--backend", "opencv",
+                 "--input-size", "32", "--labels", str(labels), "--backend", "opencv", "--top-k", "5",
                  "-o", str(tmp_path / "o.png")])
     assert code == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 6
