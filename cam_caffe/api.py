@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .backends import Backend, create_backend, resolve
+from .backends import Backend, create_backend
 from .cam import class_activation_maps, upsample
 from .camspec import CamSpec, find_cam_layers
 from .errors import CamError, ModelError
@@ -80,9 +80,9 @@ class CAMNet:
         self.preprocess = Preprocessor((height, width), parse_mean(mean, channels), scale,
                                        channels)
         self.max_pixels = max_pixels
-        self.backend_name = resolve(backend)
-        self.backend: Backend = create_backend(self.backend_name, self.netdef, weights,
-                                               self.spec, gpu=gpu, verbose=verbose)
+        self.backend: Backend = create_backend(backend, self.netdef, weights, self.spec,
+                                               gpu=gpu, verbose=verbose)
+        self.backend_name = self.backend.name
 
     @property
     def input_size(self) -> tuple[int, int]:

@@ -112,7 +112,8 @@ def build_parser() -> ArgumentParser:
                        help="allow Python layers (they run code from the model files)")
     run = p.add_argument_group("backend")
     run.add_argument("--backend", choices=BACKENDS, default="auto",
-                     help="auto: pycaffe if installed, else OpenCV")
+                     help="auto (default): the fastest installed backend that can run "
+                          "the net: onnxruntime, opencv, caffe (with --gpu: caffe first)")
     run.add_argument("--gpu", type=int, metavar="ID", help="run on CUDA device ID")
     run.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
                      metavar="N", help=f"refuse larger images (default {DEFAULT_MAX_PIXELS})")

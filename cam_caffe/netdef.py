@@ -426,6 +426,14 @@ def _layer_shapes(layer, ins: list[Shape | None]) -> list[Shape | None]:
             if s != ins[0]:
                 raise ValueError(f"inputs of different shapes {list(ins[0])} and {list(s)}")
         return [ins[0]]
+    if t == "Slice":
+        p = layer.slice_param
+        axis = (p.axis if not p.HasField("slice_dim") else p.slice_dim) % len(ins[0])
+        size = ins[0][axis]
+        points = list(p.slice_point) or [size * i // len(layer.top)
+                                         for i in range(1, len(layer.top))]
+        bounds = [0, *points, size]
+        return [ins[0][:axis] + (b - a,) + ins[0][axis + 1:] for a, b in zip(bounds, bounds[1:])]
     if t == "Flatten":
         s = ins[0]
         axis = layer.flatten_param.axis % len(s)

@@ -729,3 +729,28 @@ def test_cifar10_resnet20(resnet, reference):
     pixels = rng.integers(0, 256, (4, 3, 32, 32)).astype(np.float32)
     mean = np.array([125.3, 122.9, 113.8], np.float32).reshape(1, 3, 1, 1)
     compare(resnet, reference, (pixels - mean) * 0.00390625)
+
+
+SLICE_NET = """
+name: "SliceNet"
+input: "data"
+input_shape { dim: 1 dim: 3 dim: 12 dim: 12 }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 6 kernel_size: 3 pad: 1 } }
+layer { name: "split" type: "Slice" bottom: "conv" top: "a" top: "b"
+        slice_param { axis: 1 slice_point: 4 } }
+layer { name: "relu" type: "ReLU" bottom: "a" top: "a" }
+""" + cam_head("a", classes=3)
+
+
+def test_auto_takes_the_fastest_backend_that_runs_the_net(tmp_path):
+    """auto: onnxruntime first; a layer the converter lacks (Slice) falls back to OpenCV."""
+    plain = Model(tmp_path, NETS[sorted(NETS)[0]])
+    assert create_backend("auto", plain.netdef, plain.weights, plain.spec).name == "onnxruntime"
+    (tmp_path / "slice").mkdir()
+    sliced = Model(tmp_path / "slice", SLICE_NET)
+    with pytest.raises(ModelError, match="Slice"):
+        sliced.onnxruntime()
+    backend = create_backend("auto", sliced.netdef, sliced.weights, sliced.spec)
+    assert backend.name == "opencv"
+    assert backend.forward(sliced.batch(2)).features.shape == (2, 4, 12, 12)

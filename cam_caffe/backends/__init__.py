@@ -5,11 +5,14 @@ exposes the CAM weights (C × K).
 - ``caffe``: pycaffe, CPU or CUDA (``--gpu``).
 - ``opencv``: OpenCV's DNN module (``cv2.dnn.readNetFromCaffe``), pip-only.
 - ``onnxruntime``: the net converted to ONNX, run by ONNX Runtime (CPU or CUDA).
-- ``auto``: pycaffe when it can be imported, else OpenCV.
+- ``auto``: the fastest installed backend that can run the net (measured in
+  ``benchmarks/``): ONNX Runtime, then OpenCV, then pycaffe; with ``--gpu``,
+  pycaffe first (its CUDA build), then ONNX Runtime.
 """
 from __future__ import annotations
 
 import importlib.util
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -17,7 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from ..camspec import CamSpec
-from ..errors import BackendError
+from ..errors import BackendError, CamError
 from ..netdef import NetDef
 
 BACKENDS = ("auto", "opencv", "caffe", "onnxruntime")
@@ -41,24 +44,41 @@ class Backend(Protocol):
         """Run a (N, C, H, W) float32 batch."""
 
 
-def pycaffe_available() -> bool:
-    """Whether ``import caffe`` can find a module (checked without importing it)."""
-    return importlib.util.find_spec("caffe") is not None
+AUTO_ORDER = ("onnxruntime", "opencv", "caffe")
+AUTO_ORDER_GPU = ("caffe", "onnxruntime")
+_MODULES = {"caffe": "caffe", "onnxruntime": "onnxruntime", "opencv": "cv2"}
 
 
-def resolve(name: str) -> str:
-    """The concrete backend ``name`` stands for."""
-    if name == "auto":
-        return "caffe" if pycaffe_available() else "opencv"
-    if name not in BACKENDS:
-        raise BackendError(f"--backend {name!r}: choose one of {', '.join(BACKENDS)}")
-    return name
+def installed(name: str) -> bool:
+    """Whether backend ``name``'s library can be found (checked without importing it)."""
+    return importlib.util.find_spec(_MODULES[name]) is not None
 
 
 def create_backend(name: str, netdef: NetDef, weights: Path, spec: CamSpec,
                    gpu: int | None = None, verbose: bool = False) -> Backend:
-    """Load the net into backend ``name`` (``auto`` resolved here)."""
-    name = resolve(name)
+    """Load the net into backend ``name``; ``auto`` takes the first of its order that works."""
+    if name not in BACKENDS:
+        raise BackendError(f"--backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    if name != "auto":
+        return _create(name, netdef, weights, spec, gpu, verbose)
+    candidates = [b for b in (AUTO_ORDER if gpu is None else AUTO_ORDER_GPU) if installed(b)]
+    if not candidates:
+        raise BackendError("no backend installed: pip install opencv-python-headless, "
+                           "or run scripts/install_pycaffe.sh")
+    for candidate in candidates:
+        try:
+            return _create(candidate, netdef, weights, spec, gpu, verbose)
+        except CamError as error:      # e.g. a layer ONNX export does not support
+            if candidate == candidates[-1]:
+                raise
+            if verbose:
+                print(f"cam-caffe: backend {candidate} cannot run this net ({error}); "
+                      "trying the next", file=sys.stderr)
+    raise AssertionError("unreachable")
+
+
+def _create(name: str, netdef: NetDef, weights: Path, spec: CamSpec, gpu: int | None,
+            verbose: bool) -> Backend:
     if name == "caffe":
         from .caffe import CaffeBackend
         return CaffeBackend(netdef, weights, spec, gpu=gpu, verbose=verbose)
