@@ -13,9 +13,9 @@ def class_activation_maps(features: np.ndarray, weights: np.ndarray,
     product: no loop over channels or images.
     """
     n, k, h, w = features.shape
-    selected = weights[np.asarray(classes)]                      # (N, M, K)
+    selected = weights[classes]                                  # (N, M, K)
     maps = np.matmul(selected, features.reshape(n, k, h * w))    # (N, M, h*w)
-    return maps.reshape(n, -1, h, w).astype(np.float32, copy=False)
+    return maps.reshape(n, -1, h, w)
 
 
 def upsample(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:

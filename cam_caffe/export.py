@@ -1,6 +1,7 @@
 """``cam-caffe export``: write a Caffe CAM net as an ONNX model.
 
     cam-caffe export --prototxt deploy.prototxt --weights net.caffemodel -o net.onnx
+    cam-caffe export --model demo -o demo.onnx
 
 The ONNX model takes a (N, C, H, W) float batch, preprocessed as for Caffe,
 and outputs the score blob (probabilities, or raw scores for a net without
@@ -12,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .camspec import find_cam_layers
-from .cli import ArgumentParser, _size
+from .cli import ArgumentParser, _size, model_files
 from .errors import EXIT_OK, ModelError
 from .netdef import check_weights, load_netdef, read_caffemodel
 from .onnx_export import OPSET, convert
@@ -24,9 +25,10 @@ PROTOBUF_LIMIT = 2 ** 31 - 1     # one ONNX file holds at most 2 GiB
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="cam-caffe export",
                        description="Convert a Caffe CAM net (prototxt + caffemodel) to ONNX.")
-    p.add_argument("--prototxt", type=Path, required=True, metavar="P",
+    p.add_argument("--model", metavar="NAME", help="a registered model (cam-caffe models list)")
+    p.add_argument("--prototxt", type=Path, metavar="P",
                    help="deploy or train/test prototxt (V1 or V2 syntax)")
-    p.add_argument("--weights", type=Path, required=True, metavar="W", help="caffemodel file")
+    p.add_argument("--weights", type=Path, metavar="W", help="caffemodel file")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT",
                    help="the .onnx file to write")
     p.add_argument("--input-size", type=_size, metavar="HxW",
@@ -38,14 +40,16 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    netdef = load_netdef(args.prototxt, input_size=args.input_size)
-    weights = read_caffemodel(args.weights)
-    check_weights(netdef, weights, args.weights)
+    prototxt, weights_path, _, entry = model_files(args)
+    size = args.input_size or (entry.input_size if entry else None)
+    netdef = load_netdef(prototxt, input_size=size)
+    weights = read_caffemodel(weights_path)
+    check_weights(netdef, weights, weights_path)
     spec = find_cam_layers(netdef, args.feature_blob, args.fc_layer)
     model = convert(netdef, weights, spec)
     size = model.ByteSize()
     if size > PROTOBUF_LIMIT:
-        raise ModelError(f"{args.weights}: the ONNX model would be {size / 2**30:.1f} GiB; "
+        raise ModelError(f"{weights_path}: the ONNX model would be {size / 2**30:.1f} GiB; "
                          "one ONNX file holds at most 2 GiB")
     write_bytes(args.output, model.SerializeToString())
     _, c, h, w = netdef.input_shape

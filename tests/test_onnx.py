@@ -685,6 +685,13 @@ def test_export_input_size_and_errors(tmp_path, capsys):
     assert cli.main(args + ["-o", str(out), "--input-size", "ten"]) == 2
 
 
+def test_export_a_registered_model(tmp_path, capsys):
+    out = tmp_path / "demo.onnx"
+    assert cli.main(["export", "--model", "demo", "-o", str(out)]) == 0
+    assert "'CAM_conv' Nx128x16x16" in capsys.readouterr().out
+    onnx.checker.check_model(onnx.load(str(out)))
+
+
 # ------------------------------------------------------------- real nets
 @pytest.fixture(scope="module")
 def googlenet(tmp_path_factory):
