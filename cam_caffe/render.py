@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import cv2
 import numpy as np
 
 from .errors import CamError
@@ -42,16 +43,15 @@ def normalize(cam: np.ndarray) -> np.ndarray:
 def heatmap(cam: np.ndarray, colormap: str = "jet") -> np.ndarray:
     """The map normalised and coloured: (H, W, 3) uint8 BGR."""
     index = np.rint(normalize(cam) * 255).astype(np.uint8)
-    return colormap_lut(colormap)[index]
+    return cv2.applyColorMap(index, colormap_lut(colormap).reshape(256, 1, 3))
 
 
 def overlay_paper(image: np.ndarray, cam: np.ndarray, colormap: str = "jet",
                   alpha: float = DEFAULT_ALPHA["paper"]) -> np.ndarray:
-    """0.2·image + alpha·heatmap; ``cam`` must already have the image's size."""
+    """0.2·image + alpha·heatmap (rounded, saturated); ``cam`` has the image's size."""
     if cam.shape != image.shape[:2]:
         raise ValueError(f"CAM shape {cam.shape} differs from image shape {image.shape[:2]}")
-    mixed = IMAGE_WEIGHT * image.astype(np.float32) + alpha * heatmap(cam, colormap)
-    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+    return cv2.addWeighted(image, IMAGE_WEIGHT, heatmap(cam, colormap), alpha, 0.0)
 
 
 def seed_figure(image: np.ndarray, cam: np.ndarray, colormap: str = "jet",
