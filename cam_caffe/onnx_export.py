@@ -32,7 +32,7 @@ from .errors import BackendError, ModelError
 from .netdef import NetDef, Shape, _layer_shapes, _pair, blob_shape, param_shapes
 
 # Bump when the converter's output changes: it keys the ONNX cache of the backend.
-CONVERTER_VERSION = "1"
+CONVERTER_VERSION = "2"
 OPSET = 17
 IR_VERSION = 8          # the IR of opset 17: loadable by onnxruntime >= 1.13
 
@@ -334,22 +334,32 @@ class _Converter:
         p = layer.lrn_param
         if p.local_size % 2 == 0:
             raise _Unsupported(f"local_size {p.local_size} must be odd (as in Caffe)")
-        if p.norm_region == p.ACROSS_CHANNELS:
-            # Caffe: x / (k + alpha/n · Σ x²)^beta over n channels centred on c; ONNX LRN
-            # divides alpha by size the same way and centres the window the same way for odd n.
-            self.node("LRN", ins, tops, layer.name, size=p.local_size, alpha=p.alpha,
-                      beta=p.beta, bias=p.k)
-            return
-        # WITHIN_CHANNEL, as Caffe composes it: x · (1 + alpha · avgpool_n×n(x²))^-beta,
-        # the average over the zero-padded n × n window (always n² cells); k is unused.
         n, pad = p.local_size, (p.local_size - 1) // 2
         square = self.node("Mul", [ins[0], ins[0]], name=layer.name + "/square")
-        mean = self.node("AveragePool", [square], name=layer.name + "/pool",
-                         kernel_shape=[n, n], strides=[1, 1], pads=[pad] * 4,
-                         count_include_pad=1)
+        if p.norm_region == p.ACROSS_CHANNELS:
+            # Caffe: x · (k + alpha · mean of x² over the n channels centred on c)^-beta.
+            # Composed as a pooling over the channel axis: ONNX Runtime's own LRN
+            # kernel took a third of GoogLeNet's forward time for 0.2% of its FLOPs.
+            _, c, h, w = shapes[0]
+            column = self.node("Reshape", [square, self.const(
+                f"{layer.name}/as_column", [0, 1, c, h * w], np.int64)],
+                name=layer.name + "/as_column")
+            pooled = self.node("AveragePool", [column], name=layer.name + "/pool",
+                               kernel_shape=[n, 1], strides=[1, 1], pads=[pad, 0, pad, 0],
+                               count_include_pad=1)
+            mean = self.node("Reshape", [pooled, self.const(
+                f"{layer.name}/as_map", [0, c, h, w], np.int64)], name=layer.name + "/as_map")
+            k = p.k
+        else:
+            # WITHIN_CHANNEL, as Caffe composes it: x · (1 + alpha · avgpool_n×n(x²))^-beta,
+            # the average over the zero-padded n × n window (always n² cells); k is unused.
+            mean = self.node("AveragePool", [square], name=layer.name + "/pool",
+                             kernel_shape=[n, n], strides=[1, 1], pads=[pad] * 4,
+                             count_include_pad=1)
+            k = 1.0
         scaled = self.node("Mul", [mean, self.const(f"{layer.name}/alpha", p.alpha)],
                            name=layer.name + "/alpha")
-        shifted = self.node("Add", [scaled, self.const(f"{layer.name}/one", 1.0)],
+        shifted = self.node("Add", [scaled, self.const(f"{layer.name}/k", k)],
                             name=layer.name + "/shift")
         power = self.node("Pow", [shifted, self.const(f"{layer.name}/beta", -p.beta)],
                           name=layer.name + "/pow")
