@@ -1,0 +1,71 @@
+"""End to end: the original script's way (one process per image, see original_script.py)
+against one ``cam-caffe`` batch run, on the same 64 images, wall clock including
+process start, per image, and the speed-up measured in the same run.
+
+GoogLeNet-CAM with random weights (made by the benchmark); the images are the
+official demo images from ../shared, cropped/flipped and resized to 500×375,
+written to a temporary folder.
+
+    python benchmarks/bench_original.py [--images 64] [--repeat 3]
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+
+from common import (BENCH, CLI, PROTOTXT, PYTHON, WORK, available_backends, googlenet_weights,
+                    make_images, median, run_timed, table, title, wait_for_quiet)
+
+
+def original(paths: list, weights, out_dir) -> list[float]:
+    """Seconds of each image's own process."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [run_timed([PYTHON, str(BENCH / "original_script.py"), str(PROTOTXT), str(weights),
+                       str(p), str(out_dir / f"{p.stem}.png")])[0] for p in paths]
+
+
+def cli(image_dir, weights, out_dir, extra: list[str]) -> float:
+    """Seconds of one ``cam-caffe`` run over the folder (default settings + ``extra``)."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    seconds, _ = run_timed([CLI, str(image_dir), "--prototxt", str(PROTOTXT), "--weights",
+                                 str(weights), "--output-dir", str(out_dir), *extra])
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=3, help="cam-caffe runs per variant")
+    args = parser.parse_args()
+    weights = googlenet_weights()
+    image_dir = WORK / f"original_{args.images}"
+    shutil.rmtree(image_dir, ignore_errors=True)
+    paths = make_images(image_dir, args.images)
+    one_dir = WORK / "original_1"
+    shutil.rmtree(one_dir, ignore_errors=True)
+    make_images(one_dir, 1)
+    variants = [("cam-caffe, default settings (--backend auto)", [])]
+    variants += [(f"cam-caffe --backend {b}", ["--backend", b]) for b in available_backends()]
+    wait_for_quiet()
+
+    per_process = original(paths, weights, WORK / "original_out")
+    total = sum(per_process)
+    rows = [["original script, 1 process per image", args.images, f"{total:.1f}",
+             f"{1000 * total / args.images:.0f} (median process {1000 * median(per_process):.0f})",
+             f"{median(per_process):.2f}", "1×"]]
+    for label, extra in variants:
+        runs = [cli(image_dir, weights, WORK / "cli_out", extra) for _ in range(args.repeat)]
+        seconds = median(runs)
+        start = median([cli(one_dir, weights, WORK / "cli_out", extra)
+                        for _ in range(args.repeat)])
+        rows.append([label, 1, f"{seconds:.2f}", f"{1000 * seconds / args.images:.0f}",
+                     f"{start:.2f}", f"**{total / seconds:.1f}×**"])
+    title(f"End to end, {args.images} images (500×375 JPEG) → PNG overlays, GoogLeNet-CAM "
+          f"(cam-caffe: median of {args.repeat} runs)")
+    print(table(["method", "processes", "wall s (all images)", "ms/image",
+                 "wall s for 1 image (start-up + 1)", "speed-up (target ≥30×)"], rows))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
