@@ -34,6 +34,7 @@ from typing import Iterator
 
 from . import __version__
 from .errors import EXIT_OK, ModelError, OutputError
+from .output import cache_home
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BASE_URL_ENV = "CAM_CAFFE_MODEL_BASE_URL"
@@ -187,9 +188,7 @@ def get(name: str) -> Model:
 
 def cache_root() -> Path:
     """``$XDG_CACHE_HOME/cam-caffe/models`` (``~/.cache`` when unset, empty or relative)."""
-    base = os.environ.get("XDG_CACHE_HOME") or ""
-    root = Path(base) if os.path.isabs(base) else Path.home() / ".cache"
-    return root / "cam-caffe" / "models"
+    return cache_home("models")
 
 
 def model_dir(name: str) -> Path:

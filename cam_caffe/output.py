@@ -19,6 +19,13 @@ os.umask(_UMASK)
 IMAGE_FORMATS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
+def cache_home(kind: str) -> Path:
+    """``$XDG_CACHE_HOME/cam-caffe/<kind>`` (``~/.cache`` when unset, empty or relative)."""
+    base = os.environ.get("XDG_CACHE_HOME") or ""
+    root = Path(base) if os.path.isabs(base) else Path.home() / ".cache"
+    return root / "cam-caffe" / kind
+
+
 def write_bytes(path: str | Path, data: bytes) -> None:
     """Atomically write ``data`` to ``path``, creating its folder."""
     path = Path(path)

@@ -16,7 +16,7 @@ import numpy as np
 from ..camspec import CamSpec
 from ..errors import BackendError, ModelError, OutputError
 from ..netdef import NetDef, read_bytes
-from ..output import write_bytes
+from ..output import cache_home, write_bytes
 from . import Forward, identity_or, scores_to_probs
 
 
@@ -31,9 +31,7 @@ def import_onnxruntime():
 
 def cache_dir() -> Path:
     """``$XDG_CACHE_HOME/cam-caffe/onnx``, ``~/.cache`` when the variable is unset or empty."""
-    base = os.environ.get("XDG_CACHE_HOME") or ""
-    root = Path(base) if os.path.isabs(base) else Path.home() / ".cache"
-    return root / "cam-caffe" / "onnx"
+    return cache_home("onnx")
 
 
 def cache_key(prototxt: str, caffemodel: bytes, outputs: list[str]) -> str:
