@@ -18,7 +18,6 @@ from nets import square_image, write_random_net, write_square_net
 from test_netdef import NO_CAM
 from test_parity import TINY
 
-GOOD = 3
 
 
 def run_cli(*args, preexec=None, wrapper=()):

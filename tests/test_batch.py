@@ -1,6 +1,5 @@
 """Batch runs: many inputs, mirrored outputs, bad images in the mix, resume and shards."""
 import json
-import os
 import subprocess
 import sys
 
