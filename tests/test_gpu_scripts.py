@@ -91,7 +91,9 @@ def test_cuda_patches_apply_cleanly_to_fresh_source(tmp_path):
     with tarfile.open(tarball) as tar:
         members = [m for m in tar.getmembers() if m.name in wanted]
         assert {m.name for m in members} == wanted, "files missing from the sdist"
-        tar.extractall(tmp_path, members=members, filter="data")
+        # extraction filters exist from Python 3.11.4 (Debian 12 ships 3.11.2)
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(tmp_path, members=members, **safe)
     src = tmp_path / SDIST
 
     def patch(p: Path, *extra: str) -> str:
