@@ -128,19 +128,13 @@ class _Converter:
         self.taken.add(netdef.input_name)
 
     # ----------------------------------------------------------------- naming
-    def fresh(self, base: str) -> str:
-        """A new tensor or node name derived from ``base``."""
+    def fresh(self, base: str, taken: set[str] | None = None) -> str:
+        """A name derived from ``base`` not yet in ``taken`` (default: the tensor names)."""
+        taken = self.taken if taken is None else taken
         name, i = base, 1
-        while name in self.taken:
+        while name in taken:
             name, i = f"{base}_{i}", i + 1
-        self.taken.add(name)
-        return name
-
-    def fresh_node(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.node_names:
-            name, i = f"{base}_{i}", i + 1
-        self.node_names.add(name)
+        taken.add(name)
         return name
 
     def _plan(self, outputs: list[str]):
@@ -194,7 +188,7 @@ class _Converter:
         """Append one node; returns its (first) output name."""
         outputs = outputs or [self.fresh(f"{name or op}:out")]
         self.nodes.append(self.helper.make_node(op, inputs, outputs,
-                                                name=self.fresh_node(name or op), **attrs))
+                                                name=self.fresh(name or op, self.node_names), **attrs))
         return outputs[0]
 
     def const(self, base: str, array, dtype=np.float32) -> str:
