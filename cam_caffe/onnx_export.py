@@ -32,7 +32,7 @@ from .errors import BackendError, ModelError
 from .netdef import NetDef, Shape, _layer_shapes, _pair, blob_shape, param_shapes
 
 # Bump when the converter's output changes: it keys the ONNX cache of the backend.
-CONVERTER_VERSION = "2"
+CONVERTER_VERSION = "3"
 OPSET = 17
 IR_VERSION = 8          # the IR of opset 17: loadable by onnxruntime >= 1.13
 
@@ -332,17 +332,15 @@ class _Converter:
         square = self.node("Mul", [ins[0], ins[0]], name=layer.name + "/square")
         if p.norm_region == p.ACROSS_CHANNELS:
             # Caffe: x · (k + alpha · mean of x² over the n channels centred on c)^-beta.
-            # Composed as a pooling over the channel axis: ONNX Runtime's own LRN
-            # kernel took a third of GoogLeNet's forward time for 0.2% of its FLOPs.
-            _, c, h, w = shapes[0]
-            column = self.node("Reshape", [square, self.const(
-                f"{layer.name}/as_column", [0, 1, c, h * w], np.int64)],
-                name=layer.name + "/as_column")
-            pooled = self.node("AveragePool", [column], name=layer.name + "/pool",
-                               kernel_shape=[n, 1], strides=[1, 1], pads=[pad, 0, pad, 0],
-                               count_include_pad=1)
-            mean = self.node("Reshape", [pooled, self.const(
-                f"{layer.name}/as_map", [0, c, h, w], np.int64)], name=layer.name + "/as_map")
+            # The windowed channel sum is a 1×1 convolution with a banded C×C weight:
+            # ONNX Runtime's own LRN kernel took a third of GoogLeNet's forward time
+            # for 0.2% of its FLOPs (benchmarks/bench_forward.py, LRN table).
+            c = shapes[0][1]
+            band = np.zeros((c, c, 1, 1), np.float32)
+            for i in range(c):
+                band[i, max(0, i - pad):i + pad + 1] = p.alpha / n
+            scaled = self.node("Conv", [square, self.const(f"{layer.name}/band", band)],
+                               name=layer.name + "/window")
             k = p.k
         else:
             # WITHIN_CHANNEL, as Caffe composes it: x · (1 + alpha · avgpool_n×n(x²))^-beta,
@@ -350,14 +348,21 @@ class _Converter:
             mean = self.node("AveragePool", [square], name=layer.name + "/pool",
                              kernel_shape=[n, n], strides=[1, 1], pads=[pad] * 4,
                              count_include_pad=1)
+            scaled = self.node("Mul", [mean, self.const(f"{layer.name}/alpha", p.alpha)],
+                               name=layer.name + "/alpha")
             k = 1.0
-        scaled = self.node("Mul", [mean, self.const(f"{layer.name}/alpha", p.alpha)],
-                           name=layer.name + "/alpha")
         shifted = self.node("Add", [scaled, self.const(f"{layer.name}/k", k)],
                             name=layer.name + "/shift")
-        power = self.node("Pow", [shifted, self.const(f"{layer.name}/beta", -p.beta)],
-                          name=layer.name + "/pow")
-        self.node("Mul", [ins[0], power], tops, layer.name)
+        if p.beta == 0.75:
+            # s^-0.75 = 1 / (√s · √√s): two square roots are far cheaper than Pow
+            root2 = self.node("Sqrt", [shifted], name=layer.name + "/sqrt")
+            root4 = self.node("Sqrt", [root2], name=layer.name + "/sqrt2")
+            denominator = self.node("Mul", [root2, root4], name=layer.name + "/denominator")
+            self.node("Div", [ins[0], denominator], tops, layer.name)
+        else:
+            power = self.node("Pow", [shifted, self.const(f"{layer.name}/beta", -p.beta)],
+                              name=layer.name + "/pow")
+            self.node("Mul", [ins[0], power], tops, layer.name)
 
     def _relu(self, layer, ins, tops, shapes):
         slope = layer.relu_param.negative_slope

@@ -386,6 +386,8 @@ layer { name: "bias_hw" type: "Bias" bottom: "data_b" top: "data_b" bias_param {
 
 # OpenCV 4.14 ignores LRN's k (uses 1): k != 1 is checked against NumPy and pycaffe.
 LRN_K = LRN.replace("beta: 0.75 }", "beta: 0.75 k: 2 }").replace("norm_region", "k: 3 norm_region")
+# across channels with beta 0.75 is exported with square roots, any other beta with Pow
+LRN_BETA = LRN.replace("alpha: 0.8 beta: 0.75", "alpha: 0.8 beta: 0.6")
 
 # Caffe stores a shared PReLU slope as a 0-axis blob, which OpenCV 4.14 cannot
 # load: checked against NumPy and pycaffe. Also an in-place layer on the input blob.
@@ -394,7 +396,7 @@ layer { name: "shift" type: "Power" bottom: "data" top: "data" power_param { shi
 layer { name: "prelu" type: "PReLU" bottom: "data" top: "p" prelu_param { channel_shared: true } }
 """ + cam_head("p")
 
-NETS = {"conv": CONV, "deconv": DECONV, "v1": V1, "lrn": LRN, "lrn_k": LRN_K,
+NETS = {"conv": CONV, "deconv": DECONV, "v1": V1, "lrn": LRN, "lrn_k": LRN_K, "lrn_beta": LRN_BETA,
         "batchnorm_scale": BATCHNORM, "bias": BIAS, "eltwise": ELTWISE,
         "activations": ACTIVATIONS, "prelu_shared": PRELU_SHARED, "no_softmax": NO_SOFTMAX,
         "fc_transpose": FC_TRANSPOSE, "fc_reshape": FC_RESHAPE,
