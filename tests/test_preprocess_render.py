@@ -65,6 +65,14 @@ def test_normalize_and_constant_map():
     assert (out == np.rint(0.2 * 100 + 0.7 * colormap_lut("jet")[0])).all()
 
 
+@pytest.mark.parametrize("name", ["jet", "viridis"])
+def test_colormap_lut_equals_matplotlib(name):
+    """jet is built in (no matplotlib import at start-up); it must equal matplotlib's."""
+    import matplotlib
+    rgb = matplotlib.colormaps[name](np.arange(256) / 255.0)[:, :3]
+    np.testing.assert_array_equal(colormap_lut(name), np.rint(rgb[:, ::-1] * 255).astype(np.uint8))
+
+
 def test_paper_overlay_formula():
     rng = np.random.default_rng(2)
     image = rng.integers(0, 256, (6, 9, 3), np.uint8)
