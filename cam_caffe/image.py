@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -30,7 +31,7 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
             if width * height > max_pixels:
                 raise ImageError(f"{path}: {width}x{height} pixels is over the limit of "
                                  f"{max_pixels} (raise it with --max-pixels)")
-            im = ImageOps.exif_transpose(im)
+            ImageOps.exif_transpose(im, in_place=True)   # no copy when upright
             return _to_bgr8(im)
     except ImageError:
         raise
@@ -62,5 +63,7 @@ def _to_bgr8(im: Image.Image) -> np.ndarray:
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         im = Image.alpha_composite(white, rgba)
-    rgb = np.asarray(im.convert("RGB"))
-    return np.ascontiguousarray(rgb[:, :, ::-1])
+    if im.mode == "L":
+        return cv2.cvtColor(np.asarray(im), cv2.COLOR_GRAY2BGR)
+    rgb = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
