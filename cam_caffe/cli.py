@@ -12,7 +12,8 @@ from .api import CAMNet, Prediction
 from .backends import BACKENDS
 from .batch import SAVE_KINDS, Options, print_record, process, render_overlay, run_batch
 from .boxes import Box
-from .errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, CamError, ModelError
+from .errors import (EXIT_BROKEN_PIPE, EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, CamError,
+                     ModelError)
 from .image import DEFAULT_MAX_PIXELS
 from .inputs import Input, collect, in_shard, parse_shard
 from .labels import class_name, resolve_class
@@ -289,6 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cam-caffe: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # whoever read stdout stopped (e.g. `| head`): stop quietly, as a shell
+        # reports a writer killed by SIGPIPE; devnull absorbs the exit flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except Exception as e:  # a bug: still one line, unless asked for the traceback
         if os.environ.get("CAM_CAFFE_DEBUG"):
             raise

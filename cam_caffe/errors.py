@@ -10,6 +10,7 @@ EXIT_INPUT = 4         # no usable input image at all
 EXIT_OUTPUT = 5        # an output could not be written
 EXIT_BACKEND = 6       # the backend failed (missing library, GPU, crash)
 EXIT_INTERNAL = 70     # a bug in cam-caffe (CAM_CAFFE_DEBUG=1 shows the traceback)
+EXIT_BROKEN_PIPE = 141  # stdout was closed by its reader (128 + SIGPIPE, as shells report)
 
 
 class CamError(Exception):

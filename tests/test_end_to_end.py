@@ -93,3 +93,19 @@ def test_missing_default_weights_is_one_clear_line(tmp_path):
     assert "Traceback" not in child.stderr
     assert "cnnlocalization.csail.mit.edu" in child.stderr
     assert len(child.stderr.strip().splitlines()) == 1
+
+
+def test_closed_stdout_stops_quietly(square_net, tmp_path):
+    """`cam-caffe … --jsonl | head -n 1`: exit 141 with nothing on stderr, not an error."""
+    prototxt, weights, _ = square_net
+    for i in range(40):
+        cv2.imwrite(str(tmp_path / f"in{i:02d}.png"), square_image(10, 10))
+    child = subprocess.Popen([sys.executable, "-m", "cam_caffe", str(tmp_path), "--prototxt",
+                              str(prototxt), "--weights", str(weights), "--jsonl",
+                              "--batch-size", "1"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = child.stdout.readline()
+    child.stdout.close()                  # the reader goes away, as `head -n 1` does
+    stderr = child.stderr.read().decode()
+    assert child.wait(timeout=120) == 141, stderr
+    assert first.startswith(b"{") and stderr == ""
