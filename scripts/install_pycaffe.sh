@@ -4,7 +4,8 @@
 # a small wheel named `pycaffe`.
 #
 # Usage: scripts/install_pycaffe.sh [--python PATH] [--jobs N] [--verbose]
-#                                   [--cuda [--cuda-arch "90 120"]] [--wheel-only]
+#                                   [--cuda [--cuda-arch "90 120"] [--no-cudnn]]
+#                                   [--wheel-only]
 #
 #   --python PATH  target interpreter (default: <project root>/.venv/bin/python;
 #                  that venv is created with `python3 -m venv` if missing)
@@ -17,19 +18,22 @@
 #                  code (SASS) for each, plus PTX of the highest one, which
 #                  newer GPUs JIT-compile at first use.
 #   --cuda-home D  the CUDA toolkit (default: $CUDA_HOME, else /usr/local/cuda)
+#   --no-cudnn     CUDA variant without cuDNN (Caffe's own im2col + cuBLAS
+#                  convolutions: slower, but no libcudnn.so.9 needed at run time)
 #   --wheel-only   build (or find in the cache) the wheel, print its path as
 #                  a last line `WHEEL_PATH=...`, and install nothing
 #
 # CUDA variant (--cuda): needs the CUDA 13 toolkit's nvcc (no GPU needed to
-# build). The same source plus patches/pycaffe-cuda/*.patch; cuBLAS and
-# cuRAND headers/libraries come from the PyPI wheels pinned in the CUDA
-# section below (downloaded once, unpacked into the cache under cuda-libs/).
-# cuDNN is not used (see docs/GPU.md). The wheel is `pycaffe` with the local
-# version +brocolli<ver>.cuda13.sm<arch>..., cached under its own key. It
-# replaces a CPU pycaffe in the target environment. At runtime _caffe.so also
-# needs libcudart.so.13, libcublas.so.13 (+ libcublasLt.so.13) and
-# libcurand.so.10: on a GPU host from the CUDA toolkit (/usr/local/cuda/lib64),
-# or from <cache>/cuda-libs/*/lib via LD_LIBRARY_PATH (the script prints it);
+# build). The same source plus patches/pycaffe-cuda/*.patch (07 ports Caffe's
+# cuDNN layers to cuDNN 9); cuBLAS, cuRAND and cuDNN headers/libraries come
+# from the PyPI wheels pinned in the CUDA section below (downloaded once,
+# unpacked into the cache under cuda-libs/). The wheel is `pycaffe` with the
+# local version +brocolli<ver>.cuda13[.cudnn9].sm<arch>..., cached under its
+# own key. It replaces a CPU pycaffe in the target environment. At runtime
+# _caffe.so also needs libcudart.so.13, libcublas.so.13 (+ libcublasLt.so.13),
+# libcurand.so.10 and (unless --no-cudnn) libcudnn.so.9 with its sub-libraries:
+# on a GPU host from the CUDA toolkit (/usr/local/cuda/lib64) and cuDNN, or
+# from <cache>/cuda-libs/*/lib via LD_LIBRARY_PATH (the script prints it);
 # and a GPU driver to use GPU mode. The build takes 7-16 min on 2 cores (sm_90).
 #
 # Works on Debian 12 / Ubuntu with apt (as root, or via sudo) and PyPI.
@@ -71,6 +75,7 @@ VERBOSE=0
 CUDA=0
 CUDA_ARCH_ARG=""
 CUDA_HOME_ARG=""
+CUDNN=1
 WHEEL_ONLY=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -84,6 +89,7 @@ while [ $# -gt 0 ]; do
     --cuda-arch=*) CUDA=1; CUDA_ARCH_ARG="${1#*=}"; shift ;;
     --cuda-home) [ $# -ge 2 ] || die "--cuda-home needs a directory"; CUDA=1; CUDA_HOME_ARG="$2"; shift 2 ;;
     --cuda-home=*) CUDA=1; CUDA_HOME_ARG="${1#*=}"; shift ;;
+    --no-cudnn) CUDA=1; CUDNN=0; shift ;;
     --wheel-only) WHEEL_ONLY=1; shift ;;
     -h|--help) sed -n '2,/^set -Eeuo/{/^set -Eeuo/d;s/^# \{0,1\}//;p}' "$SCRIPT"; exit 0 ;;
     *) die "unknown argument: $1 (see --help)" ;;
@@ -388,41 +394,50 @@ EOF
 # CUDA variant only overrides its settings (patch list, CMake arguments,
 # wheel version) before calling build_wheel.
 # --- CUDA BUILD BEGIN ---
-CUDA_BUILD_VERSION="1"
+CUDA_BUILD_VERSION="2"
 CUDA_MAJOR_SUPPORTED="13"
 # cuBLAS/cuRAND for CUDA 13.0 (the toolkit here has nvcc and cudart only).
 # The wheels put everything under nvidia/cu13/{include,lib}.
 CUDA_PY_WHEELS=(nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35)
 CUDA_LIB_FILES=(libcublas.so.13 libcublasLt.so.13 libcurand.so.10)
+# cuDNN 9 (the first release for CUDA 13: a newer 9.x at run time works):
+# libcudnn.so.9 loads its sub-libraries (cnn, ops, graph, engines,
+# heuristic) from its own folder when first used.
+CUDNN_PY_WHEELS=(nvidia-cudnn-cu13==9.12.0.46)
+CUDNN_LIB_FILES=('libcudnn*.so.9')
 CUDA_MIN_ARCH=75   # CUDA 13 dropped Maxwell, Pascal and Volta
 
-# Downloads the cuBLAS/cuRAND wheels once and unpacks their headers and
-# libraries into $CUDA_LIBS_DIR/{include,lib} (with the unversioned .so
-# names the linker wants). Sets CUDA_LIBS_DIR.
+# Downloads NVIDIA's wheels (name of an array of pins, then of an array of
+# library file patterns) once and unpacks their headers and libraries into
+# <cache>/cuda-libs/<pins>/{include,lib} (with the unversioned .so names the
+# linker wants). Sets LIBS_DIR.
 cuda_fetch_libs() {
+  local -n wheels="$1" lib_files="$2"
   local name dl tmp
-  name="$(printf '%s_' "${CUDA_PY_WHEELS[@]}" | tr -c 'A-Za-z0-9._\n-' '-')"
-  CUDA_LIBS_DIR="$CACHE_ROOT/cuda-libs/${name%_}"
-  if [ -f "$CUDA_LIBS_DIR/.complete" ]; then
-    echo "    cached: $CUDA_LIBS_DIR"
+  name="$(printf '%s_' "${wheels[@]}" | tr -c 'A-Za-z0-9._\n-' '-')"
+  LIBS_DIR="$CACHE_ROOT/cuda-libs/${name%_}"
+  if [ -f "$LIBS_DIR/.complete" ]; then
+    echo "    cached: $LIBS_DIR"
     return 0
   fi
   dl="$(mktemp -d "$CACHE_ROOT/cuda-libs.dl.XXXXXX")"
-  echo "    pip download ${CUDA_PY_WHEELS[*]} (~480 MB, once)"
+  echo "    pip download ${wheels[*]} (once)"
   "$PY" -m pip download --disable-pip-version-check --no-deps --only-binary :all: \
-    -q -d "$dl" "${CUDA_PY_WHEELS[@]}"
+    -q -d "$dl" "${wheels[@]}"
   tmp="$dl/unpacked"
-  "$PY" - "$dl" "$tmp" "${CUDA_LIB_FILES[@]}" <<'EOF'
-# Unpack nvidia/cu*/include/** and the named libraries of every wheel in
-# argv[1] into argv[2]/{include,lib,licenses}.
-import glob, os, re, shutil, sys, zipfile
-src, dst, libs = sys.argv[1], sys.argv[2], set(sys.argv[3:])
-found = set()
+  "$PY" - "$dl" "$tmp" "${lib_files[@]}" <<'EOF'
+# Unpack nvidia/*/include/** and the libraries matching the patterns of every
+# wheel in argv[1] into argv[2]/{include,lib,licenses}.
+import fnmatch, glob, os, re, shutil, sys, zipfile
+src, dst, patterns = sys.argv[1], sys.argv[2], sys.argv[3:]
+found, matched = set(), set()
 for whl in sorted(glob.glob(os.path.join(src, "*.whl"))):
     with zipfile.ZipFile(whl) as zf:
         for name in zf.namelist():
-            m = re.match(r"nvidia/cu\d+/(include|lib)/(.+)$", name)
-            if m and (m.group(1) == "include" or m.group(2) in libs):
+            m = re.match(r"nvidia/[^/]+/(include|lib)/(.+)$", name)
+            hits = {p for p in patterns if m and fnmatch.fnmatch(m.group(2), p)}
+            matched |= hits
+            if m and (m.group(1) == "include" or hits):
                 out = os.path.join(dst, m.group(1), m.group(2))
             elif re.search(r"\.dist-info/licenses?/", name) or name.endswith("/License.txt"):
                 out = os.path.join(dst, "licenses", os.path.basename(whl).split("-")[0] + "-License.txt")
@@ -436,20 +451,33 @@ for whl in sorted(glob.glob(os.path.join(src, "*.whl"))):
             if m and m.group(1) == "lib":
                 os.chmod(out, 0o755)
                 found.add(m.group(2))
-missing = libs - found
+missing = set(patterns) - matched
 if missing:
     sys.exit("missing in the wheels: %s" % " ".join(sorted(missing)))
 for lib in sorted(found):               # libcublas.so -> libcublas.so.13
     os.symlink(lib, os.path.join(dst, "lib", lib.split(".so")[0] + ".so"))
 EOF
-  [ -f "$tmp/include/cublas_v2.h" ] && [ -f "$tmp/include/curand.h" ] \
-    || die "the cuBLAS/cuRAND wheels have no cublas_v2.h / curand.h"
+  [ -n "$(ls "$tmp/include" 2>/dev/null)" ] || die "no headers in ${wheels[*]}"
   : > "$tmp/.complete"
-  rm -rf "$CUDA_LIBS_DIR"
-  mkdir -p "$(dirname "$CUDA_LIBS_DIR")"
-  mv "$tmp" "$CUDA_LIBS_DIR"
+  rm -rf "$LIBS_DIR"
+  mkdir -p "$(dirname "$LIBS_DIR")"
+  mv "$tmp" "$LIBS_DIR"
   rm -rf "$dl"
-  echo "    $CUDA_LIBS_DIR ($(du -sh "$CUDA_LIBS_DIR" | cut -f1))"
+  echo "    $LIBS_DIR ($(du -sh "$LIBS_DIR" | cut -f1))"
+}
+
+# Sets CUDA_LIBS_DIR (cuBLAS/cuRAND) and, with cuDNN, CUDNN_LIBS_DIR.
+cuda_fetch_all_libs() {
+  cuda_fetch_libs CUDA_PY_WHEELS CUDA_LIB_FILES
+  CUDA_LIBS_DIR="$LIBS_DIR"
+  [ -f "$CUDA_LIBS_DIR/include/cublas_v2.h" ] && [ -f "$CUDA_LIBS_DIR/include/curand.h" ] \
+    || die "the cuBLAS/cuRAND wheels have no cublas_v2.h / curand.h"
+  CUDNN_LIBS_DIR=""
+  if [ "$CUDNN" = 1 ]; then
+    cuda_fetch_libs CUDNN_PY_WHEELS CUDNN_LIB_FILES
+    CUDNN_LIBS_DIR="$LIBS_DIR"
+    [ -f "$CUDNN_LIBS_DIR/include/cudnn.h" ] || die "the cuDNN wheel has no cudnn.h"
+  fi
 }
 
 # Turns build_wheel into the CUDA build: CPU patches then CUDA patches, CUDA
@@ -468,25 +496,38 @@ cuda_setup_build() {
   PATCH_DIR="$CUDA_MERGED_PATCHES"
   CMAKE_FIXED_ARGS+=(
     -DCPU_ONLY=OFF
-    -DUSE_CUDNN=OFF
     -DCUDA_TOOLKIT_ROOT_DIR="$CUDA_HOME"
     -DCUDA_NVCC_EXECUTABLE="$CUDA_HOME/bin/nvcc"
     -DCUDA_ARCH_NAME=Manual
     -DCUDA_ARCH_BIN="$CUDA_ARCH_BIN"
     -DCUDA_ARCH_PTX="$CUDA_ARCH_PTX"
-    -DCMAKE_INCLUDE_PATH="$CUDA_LIBS_DIR/include"
-    -DCMAKE_LIBRARY_PATH="$CUDA_LIBS_DIR/lib"
   )
+  if [ "$CUDNN" = 1 ]; then
+    CMAKE_FIXED_ARGS+=(
+      -DUSE_CUDNN=ON
+      -DCMAKE_INCLUDE_PATH="$CUDA_LIBS_DIR/include;$CUDNN_LIBS_DIR/include"
+      -DCMAKE_LIBRARY_PATH="$CUDA_LIBS_DIR/lib;$CUDNN_LIBS_DIR/lib"
+    )
+  else
+    CMAKE_FIXED_ARGS+=(
+      -DUSE_CUDNN=OFF
+      -DCMAKE_INCLUDE_PATH="$CUDA_LIBS_DIR/include"
+      -DCMAKE_LIBRARY_PATH="$CUDA_LIBS_DIR/lib"
+    )
+  fi
 }
 
 # The wheel's version and summary say what it was built for.
 cuda_wheel_version() {
   local a tag="cuda$CUDA_MAJOR"
+  [ "$CUDNN" = 0 ] || tag="$tag.cudnn9"
   for a in $CUDA_ARCH_BIN; do tag="$tag.sm$a"; done
   echo "${WHEEL_VERSION}.$tag"
 }
 cuda_fix_wheel_summary() {
-  "$PY" - "$1" "Caffe's Python module (pycaffe) with CUDA $CUDA_VERSION (sm_${CUDA_ARCH_BIN// /, sm_}; PTX compute_$CUDA_ARCH_PTX; no cuDNN), built from the $SRC_NAME==$SRC_VERSION sdist" <<'EOF'
+  local cudnn="no cuDNN"
+  [ "$CUDNN" = 0 ] || cudnn="cuDNN ${CUDNN_PY_WHEELS[0]##*==}"
+  "$PY" - "$1" "Caffe's Python module (pycaffe) with CUDA $CUDA_VERSION (sm_${CUDA_ARCH_BIN// /, sm_}; PTX compute_$CUDA_ARCH_PTX; $cudnn), built from the $SRC_NAME==$SRC_VERSION sdist" <<'EOF'
 # Rewrite the Summary line of the wheel's METADATA (and its RECORD entry).
 import base64, hashlib, os, sys, zipfile
 path, summary = sys.argv[1], sys.argv[2]
@@ -570,7 +611,7 @@ cpu_key_input() {
   done
 }
 cuda_key_input() {
-  echo "--- cuda nvcc=$NVCC_FULL_VERSION arch_bin=$CUDA_ARCH_BIN arch_ptx=$CUDA_ARCH_PTX"
+  echo "--- cuda nvcc=$NVCC_FULL_VERSION arch_bin=$CUDA_ARCH_BIN arch_ptx=$CUDA_ARCH_PTX cudnn=$CUDNN"
   sed -n '/^# --- CUDA BUILD BEGIN ---$/,/^# --- CUDA BUILD END ---$/p' "$SCRIPT"
   for p in "$CUDA_PATCH_DIR"/*.patch; do
     [ -e "$p" ] || continue
@@ -636,9 +677,9 @@ fi
 [ -f "$PY_INCLUDE/Python.h" ] || die "Python.h not found in $PY_INCLUDE"
 
 if [ "$CUDA" = 1 ]; then
-  step "cuBLAS/cuRAND (PyPI wheels)"
+  step "cuBLAS/cuRAND/cuDNN (PyPI wheels)"
   rm -rf "$CACHE_ROOT"/cuda-libs.dl.*     # left by a failed download (we hold the lock)
-  cuda_fetch_libs
+  cuda_fetch_all_libs
 fi
 
 if [ -n "$WHEEL" ]; then
@@ -667,7 +708,7 @@ step "install wheel"
 # CUDA variant gets the directories of its CUDA libraries instead.
 CHECK_ENV=(env -u PYTHONPATH -u LD_LIBRARY_PATH)
 if [ "$CUDA" = 1 ]; then
-  CUDA_RUNTIME_PATH="$CUDA_LIBS_DIR/lib:$CUDA_HOME/lib64"
+  CUDA_RUNTIME_PATH="$CUDA_LIBS_DIR/lib${CUDNN_LIBS_DIR:+:$CUDNN_LIBS_DIR/lib}:$CUDA_HOME/lib64"
   CHECK_ENV=(env -u PYTHONPATH LD_LIBRARY_PATH="$CUDA_RUNTIME_PATH")
   step "shared libraries (ldd)"
   SO_PATH="$("$PY" -c 'import importlib.util, os; print(os.path.join(os.path.dirname(importlib.util.find_spec("caffe").origin), "_caffe.so"))')"
@@ -676,7 +717,7 @@ if [ "$CUDA" = 1 ]; then
     echo "$LDD_OUT" >&2
     die "$SO_PATH: unresolved shared libraries"
   fi
-  echo "$LDD_OUT" | grep -E "libcudart|libcublas|libcurand" | sed 's/^\s*/    /'
+  echo "$LDD_OUT" | grep -E "libcudart|libcublas|libcurand|libcudnn" | sed 's/^\s*/    /'
 fi
 
 # ----------------------------------------------------------------------------
@@ -721,7 +762,7 @@ if [ "$CUDA" = 1 ]; then
     echo "==> no GPU visible (nvidia-smi): GPU mode not tested"
   fi
   echo "==> CUDA build: at runtime _caffe.so needs libcudart.so.13, libcublas.so.13,"
-  echo "    libcublasLt.so.13 and libcurand.so.10, e.g. from the CUDA 13 toolkit, or:"
+  echo "    libcublasLt.so.13, libcurand.so.10${CUDNN_LIBS_DIR:+ and libcudnn*.so.9}, e.g. from the CUDA 13 toolkit${CUDNN_LIBS_DIR:+ and cuDNN 9}, or:"
   echo "    export LD_LIBRARY_PATH=$CUDA_RUNTIME_PATH\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
 fi
 

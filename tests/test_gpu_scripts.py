@@ -33,7 +33,7 @@ def test_install_pycaffe_help_mentions_cuda():
     out = subprocess.run(["bash", str(SCRIPTS / "install_pycaffe.sh"), "--help"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    for option in ("--cuda", "--cuda-arch", "--wheel-only"):
+    for option in ("--cuda", "--cuda-arch", "--no-cudnn", "--wheel-only"):
         assert option in out.stdout
 
 
@@ -114,6 +114,9 @@ def test_cuda_patches_apply_cleanly_to_fresh_source(tmp_path):
     assert "-std=c++17" in (src / "CMakeLists.txt").read_text()
     assert "CPU_FALLBACK_GPU(UpsampleLayer)" in (
         src / "src" / "caffe" / "layers" / "upsample_layer.cpp").read_text()
+    conv = (src / "src" / "caffe" / "layers" / "cudnn_conv_layer.cpp").read_text()
+    assert "cudnnFindConvolutionForwardAlgorithm" in conv   # the cuDNN 9 port (07)
+    assert "cudnnGetConvolutionBackwardDataAlgorithm_v7" in conv
 
 
 def test_gpu_check_cpu_only_prints_a_table():
