@@ -30,8 +30,10 @@ BACKENDS = ("auto", "opencv", "caffe", "onnxruntime")
 class Forward:
     """One batch's outputs."""
 
-    probs: np.ndarray      # (N, C) float32, rows sum to 1
-    features: np.ndarray   # (N, K, h, w) float32
+    probs: np.ndarray      # (N, C) float32, rows sum to 1; the caller's to keep
+    # (N, K, h, w) float32; may be the backend's own buffer (pycaffe's blob),
+    # valid until that backend's next forward: use it (CAMs) before then
+    features: np.ndarray
 
 
 class Backend(Protocol):

@@ -71,7 +71,8 @@ class CaffeBackend:
         self.net.forward()
         scores = self.net.blobs[self.spec.score_blob].data
         features = self.net.blobs[self.spec.feature_blob].data
-        return Forward(scores_to_probs(scores, self.spec), np.array(features, np.float32))
+        # the features stay in the blob (no 51 MB copy per batch of 64): see Forward
+        return Forward(scores_to_probs(scores, self.spec), features)
 
 
 def probe(prototxt: Path, weights: Path, gpu: int | None, verbose: bool) -> None:
