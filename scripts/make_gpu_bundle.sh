@@ -2,15 +2,25 @@
 # Build a relocatable tarball that runs cam-caffe with the CUDA pycaffe on a
 # GPU host that has an NVIDIA driver and the CUDA 13 runtime libraries
 # (libcudart.so.13, libcublas.so.13, libcublasLt.so.13, libcurand.so.10) but
-# no build tools, no Python 3.11 and no network.
+# no build tools, no Python 3.11 and no network. cuDNN 9 (for the default,
+# cuDNN build of pycaffe) is in the bundle.
 #
 # Usage: scripts/make_gpu_bundle.sh [--wheel PYCAFFE_CUDA.whl] [--cuda-arch "90 120"]
-#                                   [--out DIR] [--no-test] [--xz]
+#                                   [--no-cudnn] [--slim] [--out DIR] [--no-test] [--xz]
 #
 #   --wheel W      the CUDA pycaffe wheel to bundle (default: build it, or take
 #                  it from the cache, with install_pycaffe.sh --cuda --wheel-only,
 #                  against Debian's /usr/bin/python3.11 in a private venv)
 #   --cuda-arch A  passed on to install_pycaffe.sh (default: its default, sm_90)
+#   --no-cudnn     bundle the pycaffe built without cuDNN (install_pycaffe.sh
+#                  --no-cudnn): slower, 400 MB less unpacked
+#   --slim         leave out what a GPU host with a Python ML stack already has,
+#                  for small transfers: cuDNN (then libcudnn*.so.9 must be in
+#                  $CAM_CAFFE_CUDA_LIBS or the loader's path), opencv-python-
+#                  headless (run.sh takes cv2 from the folder in
+#                  $CAM_CAFFE_HOST_CV2, e.g. a Python 3.x site-packages: its
+#                  wheels are abi3) and matplotlib (only --colormap names that
+#                  OpenCV lacks need it)
 #   --out DIR      where the tarball goes (default: <project>/build/gpu-bundle)
 #   --no-test      skip the self-test of the extracted tarball
 #   --xz           .tar.xz instead of .tar.gz (about 90 instead of 130 MB,
@@ -18,6 +28,8 @@
 #
 # Runs on Debian 12 (what pycaffe is built on). Contents, all under one
 # folder cam-caffe-gpu/:
+#   cudnn/ libcudnn*.so.9 from the nvidia-cudnn-cu13 wheel (not with --slim or
+#          --no-cudnn)
 #   root/  Debian 12 packages unpacked with `apt-get download` + `dpkg -x`:
 #          python3.11 (minimal + stdlib), boost-python/filesystem/thread 1.74,
 #          glog, gflags, libunwind, protobuf 3.21, hdf5 1.10.8, openblas, and
@@ -54,6 +66,8 @@ CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/cam-caffe/gpu-bundle"
 
 WHEEL=""
 CUDA_ARCH_ARGS=()
+CUDNN_ARGS=()
+SLIM=0
 OUT_DIR="$ROOT/build/gpu-bundle"
 TEST=1
 COMPRESS=gz
@@ -65,6 +79,8 @@ while [ $# -gt 0 ]; do
     --cuda-arch=*) CUDA_ARCH_ARGS=(--cuda-arch "${1#*=}"); shift ;;
     --out) [ $# -ge 2 ] || die "--out needs a directory"; OUT_DIR="$2"; shift 2 ;;
     --out=*) OUT_DIR="${1#*=}"; shift ;;
+    --no-cudnn) CUDNN_ARGS=(--no-cudnn); shift ;;
+    --slim) SLIM=1; shift ;;
     --no-test) TEST=0; shift ;;
     --xz) COMPRESS=xz; shift ;;
     -h|--help) sed -n '2,/^set -Eeuo/{/^set -Eeuo/d;s/^# \{0,1\}//;p}' "$SCRIPT"; exit 0 ;;
@@ -83,12 +99,11 @@ BASE_DEBS=(
 # Packages never bundled: the host's C/C++ runtime.
 HOST_DEBS=(libc6 libstdc++6 libgcc-s1)
 # Libraries taken from the host at run time (ldd names).
-HOST_LIBS_RE='^(linux-vdso\.so|ld-linux-x86-64\.so|libc\.so|libm\.so|libpthread\.so|libdl\.so|librt\.so|libutil\.so|libresolv\.so|libstdc\+\+\.so|libgcc_s\.so|libcuda\.so|libcudart\.so|libcublas\.so|libcublasLt\.so|libcurand\.so)'
+HOST_LIBS_RE='^(linux-vdso\.so|ld-linux-x86-64\.so|libc\.so|libm\.so|libpthread\.so|libdl\.so|librt\.so|libutil\.so|libresolv\.so|libstdc\+\+\.so|libgcc_s\.so|libcuda\.so|libcudart\.so|libcublas\.so|libcublasLt\.so|libcurand\.so|libcudnn\.so)'
 # Python wheels (cp311, manylinux); their dependencies are resolved by pip.
-PY_WHEELS=(
-  "numpy==2.4.6" "protobuf==7.36.2" "six==1.17.0"
-  "opencv-python-headless==4.14.0.94" "pillow==13.0.0" "matplotlib==3.11.2"
-)
+PY_WHEELS=("numpy==2.4.6" "protobuf==7.36.2" "six==1.17.0" "pillow==13.0.0")
+OPENCV_WHEEL="opencv-python-headless==4.14.0.94"
+[ "$SLIM" = 1 ] || PY_WHEELS+=("$OPENCV_WHEEL" "matplotlib==3.11.2")
 # manylinux tags up to glibc 2.36 (Debian 12's, which the bundled python needs anyway)
 PLATFORM_ARGS=()
 for minor in $(seq 36 -1 17); do PLATFORM_ARGS+=(--platform "manylinux_2_${minor}_x86_64"); done
@@ -103,7 +118,7 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/cam-caffe-bundle.XXXXXX")"
 cleanup() { rm -rf "$WORK"; }
 trap cleanup EXIT
 STAGE="$WORK/$NAME"
-mkdir -p "$STAGE/root" "$STAGE/site" "$STAGE/app/scripts"
+mkdir -p "$STAGE/root" "$STAGE/site" "$STAGE/app/scripts" "$STAGE/cudnn"
 
 # A venv over Debian's python3.11 (the bundled interpreter): it builds the
 # wheel and runs pip for the bundle.
@@ -116,7 +131,7 @@ PIP=("$BUILD_VENV/bin/python" -m pip --disable-pip-version-check)
 # ----------------------------------------------------------------------------
 step "CUDA pycaffe wheel"
 if [ -z "$WHEEL" ]; then
-  "$ROOT/scripts/install_pycaffe.sh" --cuda "${CUDA_ARCH_ARGS[@]}" --wheel-only \
+  "$ROOT/scripts/install_pycaffe.sh" --cuda "${CUDA_ARCH_ARGS[@]}" "${CUDNN_ARGS[@]}" --wheel-only \
     --python "$BUILD_VENV/bin/python" | tee "$WORK/install.log"
   WHEEL="$(sed -n 's/^WHEEL_PATH=//p' "$WORK/install.log" | tail -n 1)"
 fi
@@ -130,6 +145,15 @@ echo "    $WHEEL"
 SO="$STAGE/site/caffe/_caffe.so"
 [ -f "$SO" ] || die "$SO missing from the wheel"
 CUDA_LIBS_DIRS="$(ls -d "${XDG_CACHE_HOME:-$HOME/.cache}"/cam-caffe/pycaffe/cuda-libs/*/lib 2>/dev/null | tr '\n' ':')"
+case "$(basename "$WHEEL")" in
+  *cudnn*) CUDNN_WHEEL=1 ;;
+  *) CUDNN_WHEEL=0 ;;
+esac
+if [ "$CUDNN_WHEEL" = 1 ] && [ "$SLIM" = 0 ]; then
+  CUDNN_LIB="$(ls -d "${XDG_CACHE_HOME:-$HOME/.cache}"/cam-caffe/pycaffe/cuda-libs/nvidia-cudnn-*/lib | tail -n 1)"
+  [ -e "$CUDNN_LIB/libcudnn.so.9" ] || die "no cuDNN libraries in the cache (run install_pycaffe.sh --cuda)"
+  cp -a "$CUDNN_LIB"/libcudnn*.so.9 "$STAGE/cudnn/"
+fi
 
 # ----------------------------------------------------------------------------
 step "Debian packages (ldd closure)"
@@ -221,14 +245,24 @@ cp "$ROOT/scripts/gpu_check.py" "$STAGE/app/scripts/"
 cat > "$STAGE/app/scripts/bundle_check.py" <<'EOF'
 """Bundle self-check: import everything, then list every shared library this
 process mapped that is neither inside the bundle nor an expected host
-library (glibc, libstdc++, libgcc_s, the CUDA/driver libraries)."""
+library (glibc, libstdc++, libgcc_s, the CUDA/driver libraries; with a
+--slim bundle cuDNN and the cv2 named by $CAM_CAFFE_HOST_CV2)."""
 import os, re, sys
 bundle = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import numpy, google.protobuf, six, cv2, PIL.Image, matplotlib, matplotlib.pyplot  # noqa
+import numpy, google.protobuf, six, cv2, PIL.Image  # noqa
 import caffe, cam_caffe, cam_caffe.cli, cam_caffe.backends.caffe  # noqa
 import ssl, hashlib, sqlite3, ctypes, decimal, lzma, bz2, zlib, json, xml.etree.ElementTree  # noqa
+try:
+    import matplotlib, matplotlib.pyplot  # noqa
+    mpl = matplotlib.__version__
+except ImportError:
+    mpl = "not bundled"
 host = re.compile(r"/(ld-linux-x86-64|libc|libm|libpthread|libdl|librt|libutil|libresolv|libstdc\+\+|"
-                  r"libgcc_s|libcuda|libcudart|libcublas|libcublasLt|libcurand|libnvidia-[\w-]+)\.so")
+                  r"libgcc_s|libcuda|libcudart|libcublas|libcublasLt|libcurand|libcudnn\w*|"
+                  r"libnvidia-[\w-]+)\.so")
+host_cv2 = os.environ.get("CAM_CAFFE_HOST_CV2")
+if host_cv2 and not os.path.isdir(os.path.join(bundle, "site", "cv2")):
+    host = re.compile(host.pattern + "|^" + re.escape(os.path.realpath(host_cv2)) + "/")
 mapped = set()
 with open("/proc/self/maps") as f:
     for line in f:
@@ -239,9 +273,9 @@ inside = sorted(p for p in mapped if p.startswith(bundle + "/"))
 outside = sorted(p for p in mapped if not p.startswith(bundle + "/"))
 unexpected = [p for p in outside if not host.search(p)]
 print("python %s at %s" % (sys.version.split()[0], sys.executable))
-print("numpy %s, opencv %s, protobuf %s, matplotlib %s, caffe %s"
-      % (numpy.__version__, cv2.__version__, google.protobuf.__version__,
-         matplotlib.__version__, os.path.dirname(caffe.__file__)))
+print("numpy %s, opencv %s (%s), protobuf %s, matplotlib %s, caffe %s"
+      % (numpy.__version__, cv2.__version__, os.path.dirname(cv2.__file__),
+         google.protobuf.__version__, mpl, os.path.dirname(caffe.__file__)))
 print("%d shared libraries from the bundle, %d from the host:" % (len(inside), len(outside)))
 for p in outside:
     print("  host: " + p + ("   <-- NOT EXPECTED" if p in unexpected else ""))
@@ -261,13 +295,16 @@ cat > "$STAGE/run.sh" <<'EOF'
 #   ./run.sh --python ARGS      the bundled python3.11 itself
 #   ./run.sh --bundle-help      this text
 # CUDA libraries (libcudart.so.13, libcublas.so.13, libcublasLt.so.13,
-# libcurand.so.10) come from the host: $CAM_CAFFE_CUDA_LIBS (a colon list of
-# folders), $CUDA_HOME/lib64, /usr/local/cuda/lib64, then the loader's default
-# paths; the GPU driver (libcuda.so.1) from the loader's default paths.
+# libcurand.so.10; libcudnn*.so.9 where the bundle has no cudnn/) come from
+# the host: $CAM_CAFFE_CUDA_LIBS (a colon list of folders), $CUDA_HOME/lib64,
+# /usr/local/cuda/lib64, then the loader's default paths; the GPU driver
+# (libcuda.so.1) from the loader's default paths. A bundle made with --slim
+# has no OpenCV: $CAM_CAFFE_HOST_CV2 names a folder holding the host's cv2/
+# (opencv-python-headless, abi3 wheel, e.g. a site-packages folder).
 B="$(cd "$(dirname "$0")" && pwd -P)"
 R="$B/root"
 M=x86_64-linux-gnu
-L="$R/usr/lib/$M:$R/lib/$M:$R/usr/lib/$M/openblas-pthread:$R/usr/lib/$M/hdf5/serial"
+L="$R/usr/lib/$M:$R/lib/$M:$R/usr/lib/$M/openblas-pthread:$R/usr/lib/$M/hdf5/serial:$B/cudnn"
 [ -z "${CAM_CAFFE_CUDA_LIBS:-}" ] || L="$L:$CAM_CAFFE_CUDA_LIBS"
 [ -z "${CUDA_HOME:-}" ] || L="$L:$CUDA_HOME/lib64"
 L="$L:/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib"
@@ -279,6 +316,15 @@ unset PYTHONSTARTUP PYTHONEXECUTABLE PYTHONSAFEPATH
 CACHE_DIR="${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/cam-caffe-gpu-bundle"
 mkdir -p "$CACHE_DIR" 2>/dev/null || CACHE_DIR="/tmp/cam-caffe-gpu-bundle-$(id -u)"
 mkdir -p "$CACHE_DIR" 2>/dev/null || true
+if [ ! -d "$B/site/cv2" ] && [ -n "${CAM_CAFFE_HOST_CV2:-}" ]; then
+  # only cv2 and its libraries from there, not the host's other packages
+  H="$CACHE_DIR/host-cv2"
+  rm -rf "$H" && mkdir -p "$H"
+  for d in "$CAM_CAFFE_HOST_CV2"/cv2 "$CAM_CAFFE_HOST_CV2"/opencv_python*.libs; do
+    [ -e "$d" ] && ln -s "$d" "$H/"
+  done
+  export PYTHONPATH="$PYTHONPATH:$H"
+fi
 export PYTHONPYCACHEPREFIX="$CACHE_DIR/pycache"   # the bundle itself stays read-only
 export MPLCONFIGDIR="$CACHE_DIR/matplotlib"
 export MPLBACKEND="${MPLBACKEND:-Agg}"
@@ -306,13 +352,17 @@ step "manifest"
   echo "Python wheels (site/):"; sed 's/^/  /' "$WORK/wheels.txt"
   echo
   echo "Sizes:"
-  (cd "$STAGE" && du -sh root site app | sed 's/^/  /')
+  (cd "$STAGE" && du -sh root site app cudnn | sed 's/^/  /')
   (cd "$STAGE/site" && du -s -- */ 2>/dev/null | sort -rn | head -n 12 \
      | awk '{printf "    site/%s %.1f MiB\n", $2, $1/1024}')
   echo
   echo "The host provides: glibc >= 2.36, libstdc++, libgcc_s, the NVIDIA driver"
   echo "(libcuda.so.1) and the CUDA 13 runtime libraries: libcudart.so.13,"
   echo "libcublas.so.13, libcublasLt.so.13, libcurand.so.10."
+  if [ "$SLIM" = 1 ]; then
+    echo "Slim bundle: also cuDNN 9 (libcudnn*.so.9, if pycaffe uses it) and cv2"
+    echo "(CAM_CAFFE_HOST_CV2=<folder with cv2/>) from the host; no matplotlib."
+  fi
 } > "$STAGE/MANIFEST.txt"
 
 # ----------------------------------------------------------------------------
@@ -336,6 +386,13 @@ if [ "$TEST" = 1 ]; then
   chmod -R a-w "$T/$NAME"     # the bundle must work read-only
   RUN="$T/$NAME/run.sh"
   CLEAN=(env -i PATH=/usr/bin:/bin HOME="$T/home")
+  if [ "$SLIM" = 1 ]; then
+    # stands in for the host's opencv-python-headless
+    "${PIP[@]}" download -q "${TARGET_ARGS[@]}" --no-deps -d "$WHEEL_DIR" "$OPENCV_WHEEL"
+    "${PIP[@]}" install -q --no-index --find-links "$WHEEL_DIR" "${TARGET_ARGS[@]}" --no-deps \
+      --no-compile --target "$T/host-site" "$OPENCV_WHEEL"
+    CLEAN+=(CAM_CAFFE_HOST_CV2="$T/host-site")
+  fi
   "${CLEAN[@]}" "$RUN" --help > "$T/help.txt" || die "run.sh --help failed"
   head -n 1 "$T/help.txt" | sed 's/^/    /'
   # The CUDA libraries are not on this machine's loader path: hand over the
