@@ -61,10 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-repeats", type=int, default=2,
                    help="and at least this many timed passes (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and images")
-    p.add_argument("--prob-tol", type=float, default=1e-4,
-                   help="max relative error of the probabilities (default 1e-4)")
-    p.add_argument("--cam-tol", type=float, default=1e-3,
-                   help="max relative error of the CAMs (default 1e-3)")
+    p.add_argument("--prob-tol", type=float, default=1e-5,
+                   help="max relative error of the probabilities (default 1e-5)")
+    p.add_argument("--cam-tol", type=float, default=1e-5,
+                   help="max relative error of the CAMs (default 1e-5)")
     p.add_argument("--fork-tol", type=float, default=1e-5,
                    help="max abs difference of the fork-layer net, GPU vs CPU (default 1e-5)")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
