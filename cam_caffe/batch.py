@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -192,6 +193,9 @@ def process(net: CAMNet, item: Input, image: np.ndarray, result: Prediction,
     return record
 
 
+WORKERS = max(2, min(8, (os.cpu_count() or 2) - 1))
+
+
 class Progress:
     """A one-line progress bar on stderr, shown only on a terminal."""
 
@@ -242,11 +246,30 @@ def run_batch(net: CAMNet, inputs: list[Input], options: Options,
     chunks = [todo[i:i + options.batch_size] for i in range(0, len(todo), options.batch_size)]
     progress = Progress(len(todo), sys.stderr.isatty() and not options.quiet)
     handled = 0
-    with ThreadPoolExecutor(max_workers=2) as pool:
+
+    def finish(pending: list[tuple[Input, Future]]) -> None:
+        """Collect one batch's records in input order, then report them."""
+        for item, future in pending:
+            try:
+                record = future.result()
+            except CamError as e:
+                report.failed.append((item.path, e))
+                continue
+            report.done += 1
+            if options.jsonl:
+                print(json.dumps(record), file=out, flush=True)
+            elif not options.quiet:
+                print_record(record, out)
+
+    # Workers decode the next batch and render/encode/write the previous one
+    # while the main thread runs this batch's forward pass (on the GPU, or on
+    # the cores the workers leave free).
+    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
         def submit(chunk: list[Input]) -> list[tuple[Input, Future]]:
             return [(item, pool.submit(net.load, item.path)) for item in chunk]
 
         upcoming = submit(chunks[0]) if chunks else []
+        pending: list[tuple[Input, Future]] = []
         for k in range(len(chunks)):
             current = upcoming
             upcoming = submit(chunks[k + 1]) if k + 1 < len(chunks) else []
@@ -258,17 +281,10 @@ def run_batch(net: CAMNet, inputs: list[Input], options: Options,
                     report.failed.append((item.path, e))
             results = net.predict([image for _, image in loaded], options.classes,
                                   options.top_k, options.ten_crop)
-            for (item, image), result in zip(loaded, results):
-                try:
-                    record = process(net, item, image, result, options)
-                except CamError as e:
-                    report.failed.append((item.path, e))
-                    continue
-                report.done += 1
-                if options.jsonl:
-                    print(json.dumps(record), file=out, flush=True)
-                elif not options.quiet:
-                    print_record(record, out)
+            finish(pending)
+            pending = [(item, pool.submit(process, net, item, image, result, options))
+                       for (item, image), result in zip(loaded, results)]
             handled += len(current)
             progress.update(handled)
+        finish(pending)
     return report
