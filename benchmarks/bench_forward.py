@@ -274,8 +274,9 @@ def lrn_graph(kind: str, shape: tuple[int, ...], size: int = 5, alpha: float = 1
               beta: float = 0.75, bias: float = 1.0) -> bytes:
     """An ONNX model computing Caffe's across-channel LRN of an NCHW input, one way of four:
     ``LRN`` (the ONNX op), ``pool`` (x², AveragePool over the channel axis, then Pow: what
-    onnx_export emits since converter version 2), ``conv`` (x², a 1×1 Conv with a banded
-    C×C weight, then Pow) and ``conv-sqrt`` (same, with x^−0.75 as 1/(√s·√√s))."""
+    onnx_export emitted in converter version 2), ``conv`` (x², a 1×1 Conv with a banded
+    C×C weight, then Pow) and ``conv-sqrt`` (same, with x^−0.75 as 1/(√s·√√s): what it
+    emits since version 3)."""
     from onnx import TensorProto, helper, numpy_helper
     n, c, h, w = shape
     consts = {"alpha": np.float32(alpha), "bias": np.float32(bias), "beta": np.float32(-beta),

@@ -2,9 +2,10 @@
 upsample, boxes, render, PNG encode, file write — per backend, at batch 16 and 32.
 
 The stages are the package's own functions called one after the other (as
-``run_batch`` does, without its decode prefetch), each timed; then ``run_batch``
-itself is timed on the same images, so the table also shows what the decode
-prefetch (a 2-thread pool overlapping decoding with the forward) gains.
+``run_batch`` does, without its worker threads), each timed; then ``run_batch``
+itself is timed on the same images, so the table also shows what its workers
+gain (they decode the next batch and render/encode/write the previous one
+while the forward runs).
 Default CLI settings: top-1 map, ``--style paper`` overlay, PNG, no boxes (the
 boxes column is the opt-in ``--boxes paper``, not counted in the totals).
 
@@ -77,7 +78,7 @@ def stage_times(net, paths: list[Path], batch_size: int, out_dir: Path) -> dict[
 
 
 def run_batch_time(net, paths: list[Path], batch_size: int, out_dir: Path) -> float:
-    """Seconds per image of ``run_batch`` itself (decode prefetch on), default options."""
+    """Seconds per image of ``run_batch`` itself (worker threads on), default options."""
     from cam_caffe.batch import Options, run_batch
     from cam_caffe.inputs import collect
     inputs = collect([str(p) for p in paths], out_dir)
@@ -205,7 +206,7 @@ def main() -> None:
           "500×375), GoogLeNet-CAM")
     print(table(["backend", "batch"] + list(STAGES)
                 + ["all but forward (excl. boxes)", "÷ forward (target ≤10%)",
-                   "serial sum", "run_batch (prefetch)"], rows))
+                   "serial sum", "run_batch (overlapped)"], rows))
     options_table(WORK / "photos_375x500" / "img00000.jpg", args.repeat)
 
 
