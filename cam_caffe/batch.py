@@ -193,9 +193,6 @@ def process(net: CAMNet, item: Input, image: np.ndarray, result: Prediction,
     return record
 
 
-WORKERS = max(2, min(8, (os.cpu_count() or 2) - 1))
-
-
 class Progress:
     """A one-line progress bar on stderr, shown only on a terminal."""
 
@@ -263,8 +260,9 @@ def run_batch(net: CAMNet, inputs: list[Input], options: Options,
 
     # Workers decode the next batch and render/encode/write the previous one
     # while the main thread runs this batch's forward pass (on the GPU, or on
-    # the cores the workers leave free).
-    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+    # the cores the workers leave free): cores - 1 of them, 2 to 8.
+    workers = max(2, min(8, (os.cpu_count() or 2) - 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         def submit(chunk: list[Input]) -> list[tuple[Input, Future]]:
             return [(item, pool.submit(net.load, item.path)) for item in chunk]
 
