@@ -148,6 +148,44 @@ def test_pycaffe_matches_an_independent_numpy_forward(tmp_path):
     assert load_netdef(prototxt).shapes["conv"] == (1, 4, 9, 7)
 
 
+MAX_POOL = """
+name: "pool" input: "data" input_shape { dim: 2 dim: 3 dim: 9 dim: 11 }
+layer { name: "pool" type: "Pooling" bottom: "data" top: "out" top: "mask"
+        pooling_param { pool: MAX kernel_size: 3 stride: 2 pad: 1 } }
+"""
+
+
+def numpy_max_pool(x, k, s, p, out_h, out_w):
+    """Caffe's MAX pooling loop: the first maximum of each window wins; its flat index."""
+    n, c, h, w = x.shape
+    out = np.full((n, c, out_h, out_w), -np.finfo(np.float32).max, np.float32)
+    mask = np.full(out.shape, -1.0, np.float32)
+    for i, j, ph, pw in np.ndindex(out.shape):
+        h0, w0 = ph * s - p, pw * s - p
+        for y in range(max(h0, 0), min(h0 + k, h)):
+            for x_ in range(max(w0, 0), min(w0 + k, w)):
+                if x[i, j, y, x_] > out[i, j, ph, pw]:
+                    out[i, j, ph, pw], mask[i, j, ph, pw] = x[i, j, y, x_], y * w + x_
+    return out, mask
+
+
+def test_pycaffe_max_pooling_values_and_mask_match_numpy(tmp_path):
+    """patches/pycaffe/04 rewrote Caffe's MAX pooling loop: same values and argmax, ties too."""
+    caffe = require_pycaffe()
+    caffe.set_mode_cpu()
+    prototxt = tmp_path / "pool.prototxt"
+    prototxt.write_text(MAX_POOL)
+    net = caffe.Net(str(prototxt), caffe.TEST)
+    x = np.random.default_rng(0).integers(-3, 3, (2, 3, 9, 11)).astype(np.float32)  # many ties
+    net.blobs["data"].data[...] = x
+    net.forward()
+    out, mask = net.blobs["out"].data, net.blobs["mask"].data
+    assert out.shape == (2, 3, 5, 6)                 # ceil((9+2-3)/2)+1, ceil((11+2-3)/2)+1
+    ref, ref_mask = numpy_max_pool(x, 3, 2, 1, 5, 6)
+    np.testing.assert_array_equal(out, ref)
+    np.testing.assert_array_equal(mask, ref_mask)
+
+
 def test_caffe_abort_becomes_a_clear_error(tmp_path):
     require_pycaffe()
     bad = TINY + 'layer { name: "extra" type: "NoSuchLayer" bottom: "prob" top: "extra" }\n'
