@@ -19,8 +19,8 @@
 #                  $CAM_CAFFE_CUDA_LIBS or the loader's path), opencv-python-
 #                  headless (run.sh takes cv2 from the folder in
 #                  $CAM_CAFFE_HOST_CV2, e.g. a Python 3.x site-packages: its
-#                  wheels are abi3) and matplotlib (only --colormap names that
-#                  OpenCV lacks need it)
+#                  wheels are abi3) and matplotlib (only --colormap names
+#                  other than jet, --style seed and --show need it)
 #   --out DIR      where the tarball goes (default: <project>/build/gpu-bundle)
 #   --no-test      skip the self-test of the extracted tarball
 #   --xz           .tar.xz instead of .tar.gz (about 90 instead of 130 MB,
@@ -318,10 +318,12 @@ mkdir -p "$CACHE_DIR" 2>/dev/null || CACHE_DIR="/tmp/cam-caffe-gpu-bundle-$(id -
 mkdir -p "$CACHE_DIR" 2>/dev/null || true
 if [ ! -d "$B/site/cv2" ] && [ -n "${CAM_CAFFE_HOST_CV2:-}" ]; then
   # only cv2 and its libraries from there, not the host's other packages
+  # (links replaced only when they point elsewhere: runs may start in parallel)
   H="$CACHE_DIR/host-cv2"
-  rm -rf "$H" && mkdir -p "$H"
+  mkdir -p "$H"
   for d in "$CAM_CAFFE_HOST_CV2"/cv2 "$CAM_CAFFE_HOST_CV2"/opencv_python*.libs; do
-    [ -e "$d" ] && ln -s "$d" "$H/"
+    [ -e "$d" ] || continue
+    [ "$(readlink "$H/${d##*/}")" = "$d" ] || ln -sfn "$d" "$H/${d##*/}"
   done
   export PYTHONPATH="$PYTHONPATH:$H"
 fi
