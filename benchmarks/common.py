@@ -173,13 +173,13 @@ def wait_for_quiet(max_load: float | None = None, timeout_s: float = 3600) -> No
         time.sleep(30)
 
 
-def available_backends(weights: Path | None = None) -> list[str]:
-    """The backends that load GoogLeNet-CAM here (a child process tries each one)."""
+def available_backends(weights: Path | None = None, prototxt: Path = PROTOTXT) -> list[str]:
+    """The backends that load the net (default GoogLeNet-CAM) here (a child tries each)."""
     weights = weights or googlenet_weights()
     found = []
     for name in BACKENDS:
         code = ("import sys; from cam_caffe import CAMNet; "
-                f"CAMNet({str(PROTOTXT)!r}, {str(weights)!r}, backend={name!r})")
+                f"CAMNet({str(prototxt)!r}, {str(weights)!r}, backend={name!r})")
         result = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True)
         if result.returncode == 0:
             found.append(name)

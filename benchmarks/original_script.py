@@ -1,10 +1,11 @@
 """The original pycaffe CAM script's way, for bench_original.py: one image per process.
 
-It imports caffe, loads the net, resizes the image to 224×224, subtracts the
-mean, runs the net, builds the CAM of the top class with a Python loop over
-the 1024 channels, and saves a matplotlib overlay (alpha 0.5) as PNG.
+It imports caffe, loads the net, resizes the image to the net's input size
+(224×224 for GoogLeNet-CAM), subtracts the mean, runs the net, builds the CAM
+of the top class with a Python loop over the channels of CAM_conv (1024), and
+saves a matplotlib overlay (alpha 0.5) as PNG.
 
-    python benchmarks/original_script.py PROTOTXT CAFFEMODEL IMAGE OUT.png
+    python benchmarks/original_script.py PROTOTXT CAFFEMODEL IMAGE OUT.png [B,G,R mean]
 """
 import os
 import sys
@@ -20,14 +21,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt            # noqa: E402
 
 
-def main(prototxt: str, weights: str, image_path: str, out_path: str) -> None:
+def main(prototxt: str, weights: str, image_path: str, out_path: str,
+         mean: str = "104,117,123") -> None:
     caffe.set_mode_cpu()
     net = caffe.Net(prototxt, caffe.TEST, weights=weights)
+    _, _, height, width = net.blobs["data"].data.shape
 
     image = cv2.imread(image_path)
-    image = cv2.resize(image, (224, 224))
-    data = image.astype(np.float32) - np.array([104.0, 117.0, 123.0], np.float32)
-    net.blobs["data"].reshape(1, 3, 224, 224)
+    image = cv2.resize(image, (width, height))
+    data = image.astype(np.float32) - np.array(mean.split(","), np.float32)
+    net.blobs["data"].reshape(1, 3, height, width)
     net.blobs["data"].data[...] = data.transpose(2, 0, 1)
     net.forward()
 
@@ -41,7 +44,7 @@ def main(prototxt: str, weights: str, image_path: str, out_path: str) -> None:
     cam = np.zeros(features.shape[1:], np.float32)
     for k in range(features.shape[0]):
         cam += weights_fc[top5[0], k] * features[k]
-    cam = cv2.resize(cam, (224, 224))
+    cam = cv2.resize(cam, (width, height))
 
     plt.figure()
     plt.imshow(image[:, :, ::-1])
@@ -52,4 +55,4 @@ def main(prototxt: str, weights: str, image_path: str, out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])
