@@ -598,26 +598,27 @@ fi
 # ----------------------------------------------------------------------------
 step "cache key"
 # (the CPU key's input is kept byte for byte: the cached CPU wheels stay valid)
+# Every patch of a folder, each after a "--- <label> <name>" line.
+patches_key_input() {
+  local p
+  for p in "$1"/*.patch; do
+    [ -e "$p" ] || continue
+    echo "--- $2 $(basename "$p")"
+    cat "$p"
+  done
+}
 cpu_key_input() {
   echo "source=$SRC_NAME==$SRC_VERSION sha256=$SRC_SHA256"
   echo "python=$PY_MM tag=$PY_CACHE_TAG platform=$PY_PLATFORM"
   echo "numpy_major=$NUMPY_MAJOR"
   echo "--- script build section"
   sed -n '/^# --- BUILD BEGIN ---$/,/^# --- BUILD END ---$/p' "$SCRIPT"
-  for p in "$PATCH_DIR"/*.patch; do
-    [ -e "$p" ] || continue
-    echo "--- patch $(basename "$p")"
-    cat "$p"
-  done
+  patches_key_input "$PATCH_DIR" patch
 }
 cuda_key_input() {
   echo "--- cuda nvcc=$NVCC_FULL_VERSION arch_bin=$CUDA_ARCH_BIN arch_ptx=$CUDA_ARCH_PTX cudnn=$CUDNN"
   sed -n '/^# --- CUDA BUILD BEGIN ---$/,/^# --- CUDA BUILD END ---$/p' "$SCRIPT"
-  for p in "$CUDA_PATCH_DIR"/*.patch; do
-    [ -e "$p" ] || continue
-    echo "--- cuda patch $(basename "$p")"
-    cat "$p"
-  done
+  patches_key_input "$CUDA_PATCH_DIR" "cuda patch"
 }
 KEY="$(
   {
