@@ -17,11 +17,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 
-from common import PYTHON, median, table, title
+from common import PYTHON, median, table, times, title
 
 SYSTEM_OPENBLAS = "libopenblas.so.0"
 TUNING_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
@@ -47,12 +46,7 @@ def numpy_gflops(n: int, repeat: int) -> float:
     rng = np.random.default_rng(0)
     a, b = rng.random((n, n), np.float32), rng.random((n, n), np.float32)
     out = np.empty((n, n), np.float32)
-    np.matmul(a, b, out=out)
-    seconds = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        np.matmul(a, b, out=out)
-        seconds.append(time.perf_counter() - start)
+    seconds = times(lambda: np.matmul(a, b, out=out), repeat=repeat, warmup=1)
     return 2 * n ** 3 / median(seconds) / 1e9
 
 
@@ -74,13 +68,7 @@ def system_gflops(n: int, repeat: int) -> float:
     def call() -> None:   # row-major (101), no transposes (111)
         lib.cblas_sgemm(101, 111, 111, n, n, n, 1.0, a.ctypes.data_as(ptr), n,
                         b.ctypes.data_as(ptr), n, 0.0, c.ctypes.data_as(ptr), n)
-    call()
-    seconds = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        call()
-        seconds.append(time.perf_counter() - start)
-    return 2 * n ** 3 / median(seconds) / 1e9
+    return 2 * n ** 3 / median(times(call, repeat=repeat, warmup=1)) / 1e9
 
 
 def system_corename() -> str:
