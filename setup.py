@@ -13,6 +13,7 @@ setup(
         "matplotlib>=3.7",
         "pillow>=10",
         "protobuf>=4.22,<8",
+        "isal>=1.6,<2",                     # fast deflate for PNG output
     ],
     extras_require={"test": ["pytest>=7", "hypothesis>=6"],
                     "onnx": ["onnx>=1.16", "onnxruntime>=1.18"]},

@@ -144,6 +144,7 @@ def options_table(path: Path, repeat: int) -> None:
     out = WORK / "options_out"
     out.mkdir(parents=True, exist_ok=True)
     png = encode_image(out / "x.png", current)
+    cv_png = cv2.imencode(".png", current)[1]
     raw_png = cv2.imencode(".png", current, [cv2.IMWRITE_PNG_COMPRESSION, 0])[1]
     jpg = encode_image("x.jpg", current)
 
@@ -156,8 +157,11 @@ def options_table(path: Path, repeat: int) -> None:
         ["render", f"candidate: cv2 convertScaleAbs + applyColorMap + addWeighted "
                    f"(max diff {diff} level)",
          t(lambda: fast_overlay(image, cam_full, lut)), ""],
-        ["encode", "cv2.imencode .png, default (package)",
+        ["encode", "output.encode_png: Sub filter + ISA-L deflate level 1 (package)",
          t(lambda: encode_image("x.png", current)), f"{len(png) / 1024:.0f}"],
+        ["encode", "cv2.imencode .png, default (zlib level 1, Sub, RLE; package until "
+                   "2026-11-27)",
+         t(lambda: cv2.imencode(".png", current)), f"{len(cv_png) / 1024:.0f}"],
         ["encode", "cv2.imencode .png, IMWRITE_PNG_COMPRESSION=0",
          t(lambda: cv2.imencode(".png", current, [cv2.IMWRITE_PNG_COMPRESSION, 0])),
          f"{len(raw_png) / 1024:.0f}"],

@@ -1,16 +1,22 @@
-"""Write files atomically: a temporary file in the same folder, then a rename.
+"""Encode images and write files atomically: a temporary file in the same
+folder, then a rename.
 
 A crash, a full disk or an unwritable folder never leaves a half-written file
-under the final name.
+under the final name. PNG, the default output format, is encoded here rather
+than by OpenCV: the same lossless PNG in a third of the time (ISA-L's deflate
+instead of zlib's; ``benchmarks/bench_stages.py``).
 """
 from __future__ import annotations
 
 import os
+import struct
 import tempfile
+import zlib
 from pathlib import Path
 
 import cv2
 import numpy as np
+from isal import isal_zlib
 
 from .errors import OutputError
 
@@ -55,10 +61,41 @@ def encode_image(path: str | Path, image: np.ndarray) -> bytes:
     if suffix not in IMAGE_FORMATS:
         raise OutputError(f"{path}: unknown image format {suffix!r}; "
                           f"use one of {', '.join(sorted(IMAGE_FORMATS))}")
+    if suffix == ".png":
+        return encode_png(image)
     ok, buffer = cv2.imencode(suffix, image)
     if not ok:
         raise OutputError(f"{path}: could not encode the image")
     return buffer.tobytes()
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """A BGR (H, W, 3) or grey (H, W) uint8 image as an 8-bit PNG.
+
+    Every row gets PNG filter 1 (Sub: each byte minus the same channel of the
+    pixel to its left), then ISA-L deflate level 1.
+    """
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (
+            image.ndim == 3 and image.shape[2] != 3):
+        raise ValueError(f"encode_png takes uint8 BGR or grey images, not {image.dtype} "
+                         f"{image.shape}")
+    height, width = image.shape[:2]
+    channels, colour_type = (3, 2) if image.ndim == 3 else (1, 0)
+    pixels = cv2.cvtColor(image, cv2.COLOR_BGR2RGB) if channels == 3 else image
+    rows = np.ascontiguousarray(pixels).reshape(height, width * channels)
+    filtered = np.empty((height, width * channels + 1), np.uint8)
+    filtered[:, 0] = 1
+    filtered[:, 1:channels + 1] = rows[:, :channels]
+    np.subtract(rows[:, channels:], rows[:, :-channels], out=filtered[:, channels + 1:])
+    header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
+    return b"".join((b"\x89PNG\r\n\x1a\n", _chunk(b"IHDR", header),
+                     _chunk(b"IDAT", isal_zlib.compress(filtered, 1)), _chunk(b"IEND", b"")))
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, type, data, CRC-32 of type and data."""
+    crc = zlib.crc32(data, zlib.crc32(kind))
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
 
 
 def write_image(path: str | Path, image: np.ndarray) -> None:

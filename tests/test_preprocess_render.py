@@ -7,6 +7,7 @@ from PIL import Image
 from cam_caffe import proto
 from cam_caffe.errors import ImageError, ModelError
 from cam_caffe.image import load_image
+from cam_caffe.output import encode_image, encode_png
 from cam_caffe.preprocess import Preprocessor, parse_mean
 from cam_caffe.render import colormap_lut, heatmap, normalize, overlay_paper, overlay_seed
 from conftest import shared
@@ -132,3 +133,38 @@ def test_pixel_limit(tmp_path):
     write_png(tmp_path / "big.png", np.zeros((100, 100, 3), np.uint8))
     with pytest.raises(ImageError, match="over the limit of 5000"):
         load_image(tmp_path / "big.png", max_pixels=5000)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (1, 7, 3), (5, 1, 3), (375, 500, 3), (33, 17),
+                                   (1, 1)])
+def test_png_encoder_is_lossless_for_two_independent_decoders(tmp_path, shape):
+    rng = np.random.default_rng(sum(shape))
+    image = rng.integers(0, 256, shape, dtype=np.uint8)
+    data = encode_image("x.png", image)
+    path = tmp_path / "x.png"
+    path.write_bytes(data)
+    with Image.open(path) as png:
+        png.verify()                                  # chunk CRCs and structure
+    with Image.open(path) as png:
+        assert png.mode == ("RGB" if image.ndim == 3 else "L")
+        rgb = np.asarray(png)
+    assert np.array_equal(rgb, image[..., ::-1] if image.ndim == 3 else image)
+    assert np.array_equal(cv2.imread(str(path), cv2.IMREAD_UNCHANGED), image)
+
+
+def test_png_encoder_compresses_like_opencv():
+    """A real overlay: no larger than OpenCV's own PNG of it (and far below raw)."""
+    image = cv2.imread(str(shared("googlenet_cam", "img1.jpg")))
+    overlay = overlay_paper(image, cv2.resize(np.random.default_rng(0).random((14, 14),
+                                                                           np.float32),
+                                              image.shape[1::-1]))
+    ours = len(encode_image("x.png", overlay))
+    assert ours <= len(cv2.imencode(".png", overlay)[1])
+    assert ours < overlay.nbytes / 1.5
+
+
+def test_png_encoder_rejects_other_images():
+    with pytest.raises(ValueError, match="uint8 BGR or grey"):
+        encode_png(np.zeros((4, 4, 4), np.uint8))
+    with pytest.raises(ValueError, match="uint8 BGR or grey"):
+        encode_png(np.zeros((4, 4), np.float32))
