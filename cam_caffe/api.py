@@ -20,7 +20,7 @@ from .camspec import CamSpec, find_cam_layers
 from .errors import CamError, ModelError
 from .image import DEFAULT_MAX_PIXELS, load_image
 from .labels import class_name, read_labels
-from .netdef import check_weights, load_netdef, read_caffemodel
+from .netdef import CaffeModel, check_weights, load_netdef
 from .preprocess import Preprocessor, parse_mean
 from .tencrop import merge_ten_crops, ten_crops
 
@@ -63,7 +63,8 @@ class CAMNet:
         weights = self.weights = Path(weights)
         if not weights.is_file():
             raise ModelError(f"{weights}: weights file not found")
-        check_weights(self.netdef, read_caffemodel(weights), weights)
+        model = CaffeModel(weights)       # read and parsed once, for the check and the backend
+        check_weights(self.netdef, model.net, weights)
         self.spec: CamSpec = find_cam_layers(self.netdef, feature_blob, fc_layer)
         self.labels = read_labels(labels) if labels else None
         if self.labels and len(self.labels) != self.spec.num_classes:
@@ -80,7 +81,7 @@ class CAMNet:
         self.preprocess = Preprocessor((height, width), parse_mean(mean, channels), scale,
                                        channels)
         self.max_pixels = max_pixels
-        self.backend: Backend = create_backend(backend, self.netdef, weights, self.spec,
+        self.backend: Backend = create_backend(backend, self.netdef, model, self.spec,
                                                gpu=gpu, verbose=verbose)
         self.backend_name = self.backend.name
 

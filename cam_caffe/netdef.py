@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -102,10 +103,30 @@ def read_prototxt(path: str | Path) -> "proto.NetParameter":
     return net
 
 
+class CaffeModel:
+    """A caffemodel file, read and parsed at most once: the weight check and the
+    backend share it (its bytes key the ONNX cache, its layers give CAM weights)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @cached_property
+    def data(self) -> bytes:
+        """The file's bytes."""
+        return read_bytes(self.path, "caffemodel")
+
+    @cached_property
+    def net(self) -> "proto.NetParameter":
+        """The parsed V2 NetParameter (don't modify it: it is shared)."""
+        return _parse_caffemodel(self.data, self.path)
+
+
 def read_caffemodel(path: str | Path) -> "proto.NetParameter":
     """Parse a binary caffemodel (V1 or V2) into a V2 NetParameter."""
-    path = Path(path)
-    data = read_bytes(path, "caffemodel")
+    return CaffeModel(path).net
+
+
+def _parse_caffemodel(data: bytes, path: Path) -> "proto.NetParameter":
     net = proto.NetParameter()
     try:
         net.ParseFromString(data)

@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     from cam_caffe.cam import class_activation_maps
     from cam_caffe.camspec import find_cam_layers
     from cam_caffe.errors import CamError
-    from cam_caffe.netdef import load_netdef
+    from cam_caffe.netdef import CaffeModel, load_netdef
     from cam_caffe.synthetic import random_weights, save_caffemodel
 
     try:
@@ -230,9 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_check: wrote random weights in {time.perf_counter() - t0:.1f} s",
               file=sys.stderr)
         try:
-            cpu = CaffeBackend(netdef, weights, spec, gpu=None, verbose=args.verbose)
-            dev = None if gpu is None else CaffeBackend(netdef, weights, spec, gpu=gpu,
-                                                        verbose=args.verbose)
+            cpu = CaffeBackend(netdef, CaffeModel(weights), spec, gpu=None,
+                               verbose=args.verbose)
+            dev = None if gpu is None else CaffeBackend(netdef, CaffeModel(weights), spec,
+                                                        gpu=gpu, verbose=args.verbose)
         except CamError as e:
             print(f"gpu_check: {e}", file=sys.stderr)
             return 2

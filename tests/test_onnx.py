@@ -33,7 +33,7 @@ from cam_caffe.backends.onnxruntime import OnnxRuntimeBackend, cache_dir  # noqa
 from cam_caffe.backends.opencv import OpenCVBackend  # noqa: E402
 from cam_caffe.camspec import find_cam_layers  # noqa: E402
 from cam_caffe.errors import BackendError, ModelError  # noqa: E402
-from cam_caffe.netdef import load_netdef, param_shapes, read_caffemodel  # noqa: E402
+from cam_caffe.netdef import CaffeModel, load_netdef, param_shapes, read_caffemodel  # noqa: E402
 from cam_caffe.onnx_export import SUPPORTED, convert  # noqa: E402
 from cam_caffe.synthetic import random_weights, save_caffemodel  # noqa: E402
 
@@ -113,11 +113,11 @@ class Model:
         return (np.random.default_rng(seed).normal(0, 1, shape) * scale).astype(np.float32)
 
     def onnxruntime(self) -> OnnxRuntimeBackend:
-        return OnnxRuntimeBackend(self.netdef, self.weights, self.spec)
+        return OnnxRuntimeBackend(self.netdef, CaffeModel(self.weights), self.spec)
 
     def reference(self, name: str):
         if name == "opencv":
-            return OpenCVBackend(self.netdef, self.weights, self.spec)
+            return OpenCVBackend(self.netdef, CaffeModel(self.weights), self.spec)
         return caffe_backend(self.netdef, self.weights, self.spec)
 
 
@@ -130,7 +130,7 @@ def caffe_backend(netdef, weights, spec):
         if IN_CI:
             pytest.fail(f"CI=true but pycaffe is not importable: {e}")
         pytest.skip(f"pycaffe is not importable here ({e}); CI runs this comparison")
-    return CaffeBackend(netdef, weights, spec)
+    return CaffeBackend(netdef, CaffeModel(weights), spec)
 
 
 def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
@@ -601,10 +601,10 @@ def test_cache_key_follows_weights_and_outputs(tmp_path):
     other = tmp_path / "other.caffemodel"
     save_caffemodel(model.netdef, nontrivial_weights(model.netdef, seed=7), other)
     a = model.onnxruntime().model_path
-    b = OnnxRuntimeBackend(model.netdef, other, model.spec).model_path
+    b = OnnxRuntimeBackend(model.netdef, CaffeModel(other), model.spec).model_path
     assert a != b
     spec = find_cam_layers(model.netdef)
-    assert OnnxRuntimeBackend(model.netdef, model.weights, spec).model_path == a
+    assert OnnxRuntimeBackend(model.netdef, CaffeModel(model.weights), spec).model_path == a
 
 
 def test_corrupt_cache_is_replaced(tmp_path):
@@ -639,12 +639,13 @@ def test_gpu_without_cuda_is_a_backend_error(tmp_path):
         pytest.skip("this onnxruntime has CUDA")
     model = Model(tmp_path, CONV)
     with pytest.raises(BackendError, match="--gpu 0: this onnxruntime has no CUDA"):
-        OnnxRuntimeBackend(model.netdef, model.weights, model.spec, gpu=0)
+        OnnxRuntimeBackend(model.netdef, CaffeModel(model.weights), model.spec, gpu=0)
 
 
 def test_create_backend_by_name(tmp_path):
     model = Model(tmp_path, FC_TRANSPOSE)
-    backend = create_backend("onnxruntime", model.netdef, model.weights, model.spec)
+    backend = create_backend("onnxruntime", model.netdef, CaffeModel(model.weights),
+                             model.spec)
     assert backend.name == "onnxruntime"
     assert not model.spec.softmax
     out = backend.forward(model.batch(4))
@@ -666,7 +667,7 @@ def test_export_command(tmp_path, capsys):
     session = ort.InferenceSession(str(out))
     x = model.batch(3)
     prob, feature = session.run(["prob", "cat"], {"data": x})
-    reference = OpenCVBackend(model.netdef, model.weights, model.spec).forward(x)
+    reference = OpenCVBackend(model.netdef, CaffeModel(model.weights), model.spec).forward(x)
     assert_close(prob, reference.probs, "probabilities")
     assert_close(feature, reference.features, "features")
     assert not list(out.parent.glob(".*.tmp"))
@@ -755,11 +756,12 @@ layer { name: "relu" type: "ReLU" bottom: "a" top: "a" }
 def test_auto_takes_the_fastest_backend_that_runs_the_net(tmp_path):
     """auto: onnxruntime first; a layer the converter lacks (Slice) falls back to OpenCV."""
     plain = Model(tmp_path, NETS[sorted(NETS)[0]])
-    assert create_backend("auto", plain.netdef, plain.weights, plain.spec).name == "onnxruntime"
+    backend = create_backend("auto", plain.netdef, CaffeModel(plain.weights), plain.spec)
+    assert backend.name == "onnxruntime"
     (tmp_path / "slice").mkdir()
     sliced = Model(tmp_path / "slice", SLICE_NET)
     with pytest.raises(ModelError, match="Slice"):
         sliced.onnxruntime()
-    backend = create_backend("auto", sliced.netdef, sliced.weights, sliced.spec)
+    backend = create_backend("auto", sliced.netdef, CaffeModel(sliced.weights), sliced.spec)
     assert backend.name == "opencv"
     assert backend.forward(sliced.batch(2)).features.shape == (2, 4, 12, 12)

@@ -14,14 +14,13 @@ from __future__ import annotations
 import importlib.util
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from ..camspec import CamSpec
 from ..errors import BackendError, CamError
-from ..netdef import NetDef
+from ..netdef import CaffeModel, NetDef
 
 BACKENDS = ("auto", "opencv", "caffe", "onnxruntime")
 
@@ -56,7 +55,7 @@ def installed(name: str) -> bool:
     return importlib.util.find_spec(_MODULES[name]) is not None
 
 
-def create_backend(name: str, netdef: NetDef, weights: Path, spec: CamSpec,
+def create_backend(name: str, netdef: NetDef, weights: CaffeModel, spec: CamSpec,
                    gpu: int | None = None, verbose: bool = False) -> Backend:
     """Load the net into backend ``name``; ``auto`` takes the first of its order that works."""
     if name not in BACKENDS:
@@ -79,7 +78,7 @@ def create_backend(name: str, netdef: NetDef, weights: Path, spec: CamSpec,
     raise AssertionError("unreachable")
 
 
-def _create(name: str, netdef: NetDef, weights: Path, spec: CamSpec, gpu: int | None,
+def _create(name: str, netdef: NetDef, weights: CaffeModel, spec: CamSpec, gpu: int | None,
             verbose: bool) -> Backend:
     if name == "caffe":
         from .caffe import CaffeBackend

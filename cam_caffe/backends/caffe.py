@@ -18,7 +18,7 @@ import numpy as np
 
 from ..camspec import CamSpec
 from ..errors import BackendError, ModelError
-from ..netdef import NetDef
+from ..netdef import CaffeModel, NetDef
 from . import Forward, identity_or, scores_to_probs
 
 PROBE_TIMEOUT_S = 600
@@ -48,7 +48,7 @@ def set_device(caffe, gpu: int | None) -> None:
 class CaffeBackend:
     name = "caffe"
 
-    def __init__(self, netdef: NetDef, weights: Path, spec: CamSpec,
+    def __init__(self, netdef: NetDef, weights: CaffeModel, spec: CamSpec,
                  gpu: int | None = None, verbose: bool = False) -> None:
         self.spec = spec
         self.input = netdef.input_name
@@ -56,9 +56,9 @@ class CaffeBackend:
         with tempfile.TemporaryDirectory(prefix="cam-caffe-") as tmp:
             prototxt = Path(tmp) / "deploy.prototxt"
             prototxt.write_text(netdef.prototxt())
-            probe(prototxt, Path(weights), gpu, verbose)
+            probe(prototxt, weights.path, gpu, verbose)
             set_device(caffe, gpu)
-            self.net = caffe.Net(str(prototxt), caffe.TEST, weights=str(weights))
+            self.net = caffe.Net(str(prototxt), caffe.TEST, weights=str(weights.path))
         fc = self.net.params[spec.fc_layer][0].data if spec.fc_layer else None
         self.cam_weights = identity_or(fc, spec)
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..camspec import CamSpec
 from ..errors import BackendError, ModelError, OutputError
-from ..netdef import NetDef, read_bytes
+from ..netdef import CaffeModel, NetDef
 from ..output import cache_home, write_bytes
 from . import Forward, identity_or, scores_to_probs
 
@@ -48,15 +48,14 @@ def cache_key(prototxt: str, caffemodel: bytes, outputs: list[str]) -> str:
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, netdef: NetDef, weights: Path, spec: CamSpec,
+    def __init__(self, netdef: NetDef, weights: CaffeModel, spec: CamSpec,
                  gpu: int | None = None) -> None:
         ort = import_onnxruntime()
         self.spec = spec
         self.input = netdef.input_name
         self.outputs = [spec.score_blob, spec.feature_blob]
-        caffemodel = read_bytes(Path(weights), "caffemodel")
         self.model_path = cache_dir() / (
-            cache_key(netdef.prototxt(), caffemodel, self.outputs) + ".onnx")
+            cache_key(netdef.prototxt(), weights.data, self.outputs) + ".onnx")
 
         providers: list = ["CPUExecutionProvider"]
         if gpu is not None:
@@ -69,9 +68,7 @@ class OnnxRuntimeBackend:
         options.intra_op_num_threads = os.cpu_count() or 1
         options.log_severity_level = 3
 
-        from ..netdef import read_caffemodel
         from ..onnx_export import convert, layer_blobs, stored_layers
-        parsed = None
         self.session = None
         if self.model_path.is_file():
             try:
@@ -80,8 +77,7 @@ class OnnxRuntimeBackend:
             except Exception:          # a corrupt or foreign cache file: convert again
                 self.session = None
         if self.session is None:
-            parsed = read_caffemodel(weights)
-            data = convert(netdef, parsed, spec).SerializeToString()
+            data = convert(netdef, weights.net, spec).SerializeToString()
             try:
                 write_bytes(self.model_path, data)
             except OutputError:
@@ -90,7 +86,7 @@ class OnnxRuntimeBackend:
                 self.session = ort.InferenceSession(data, options, providers=providers)
             except Exception as e:
                 error = ModelError if gpu is None else BackendError
-                raise error(f"{weights}: onnxruntime cannot load the converted net: "
+                raise error(f"{weights.path}: onnxruntime cannot load the converted net: "
                             f"{_first_line(e)}") from None
         if gpu is not None and "CUDAExecutionProvider" not in self.session.get_providers():
             raise BackendError(f"--gpu {gpu}: onnxruntime could not start CUDA on device {gpu} "
@@ -98,8 +94,7 @@ class OnnxRuntimeBackend:
 
         fc = None
         if spec.fc_layer:
-            parsed = parsed or read_caffemodel(weights)
-            fc = layer_blobs(netdef, stored_layers(parsed), netdef.layer(spec.fc_layer))[0]
+            fc = layer_blobs(netdef, stored_layers(weights.net), netdef.layer(spec.fc_layer))[0]
         self.cam_weights = identity_or(fc, spec)
 
     def forward(self, batch: np.ndarray) -> Forward:

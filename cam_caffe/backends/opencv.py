@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -16,7 +15,7 @@ from google.protobuf import text_format
 from .. import proto
 from ..camspec import CamSpec
 from ..errors import BackendError, ModelError
-from ..netdef import NetDef, blob_shape, read_bytes, read_caffemodel
+from ..netdef import CaffeModel, NetDef, blob_shape
 from ..synthetic import blob as blob_of
 from . import Forward, identity_or, scores_to_probs
 
@@ -24,16 +23,16 @@ from . import Forward, identity_or, scores_to_probs
 class OpenCVBackend:
     name = "opencv"
 
-    def __init__(self, netdef: NetDef, weights: Path, spec: CamSpec,
+    def __init__(self, netdef: NetDef, weights: CaffeModel, spec: CamSpec,
                  gpu: int | None = None) -> None:
         self.spec = spec
-        prototxt, caffemodel = _for_opencv(netdef, Path(weights))
+        prototxt, caffemodel = _for_opencv(netdef, weights)
         text = np.frombuffer(prototxt.encode(), np.uint8)
         model = np.frombuffer(caffemodel, np.uint8)
         try:
             self.net = cv2.dnn.readNetFromCaffe(text, model)
         except cv2.error as e:
-            raise ModelError(f"{weights}: OpenCV cannot load the net: {_reason(e)}") from None
+            raise ModelError(f"{weights.path}: OpenCV cannot load the net: {_reason(e)}") from None
         if gpu is not None:
             if cv2.cuda.getCudaEnabledDeviceCount() <= gpu:
                 raise BackendError(f"--gpu {gpu}: this OpenCV has no CUDA device {gpu} "
@@ -60,14 +59,14 @@ class OpenCVBackend:
         return Forward(scores_to_probs(scores, self.spec), np.array(features, np.float32))
 
 
-def _for_opencv(netdef: NetDef, weights: Path) -> tuple[str, bytes]:
+def _for_opencv(netdef: NetDef, weights: CaffeModel) -> tuple[str, bytes]:
     """Prototxt text and caffemodel bytes, around two things OpenCV 4.x gets wrong.
 
     OpenCV ignores InnerProduct's ``transpose``: such weights are stored
     transposed back, with ``transpose: false``. It also ignores LRN's ``k``
     across channels (uses 1): refused rather than computed wrongly.
     """
-    data = read_bytes(weights, "caffemodel")
+    data = weights.data
     for layer in netdef.net.layer:
         if layer.type == "LRN" and layer.lrn_param.k != 1.0 \
                 and layer.lrn_param.norm_region == layer.lrn_param.ACROSS_CHANNELS:
@@ -82,7 +81,8 @@ def _for_opencv(netdef: NetDef, weights: Path) -> tuple[str, bytes]:
     for layer in net.layer:
         if layer.name in transposed:
             layer.inner_product_param.transpose = False
-    stored = read_caffemodel(weights)
+    stored = proto.NetParameter()
+    stored.CopyFrom(weights.net)                              # the shared parse stays as is
     for layer in stored.layer:
         if layer.name in transposed and layer.blobs:
             blob = layer.blobs[0]
