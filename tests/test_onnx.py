@@ -607,13 +607,44 @@ def test_cache_key_follows_weights_and_outputs(tmp_path):
     assert OnnxRuntimeBackend(model.netdef, CaffeModel(model.weights), spec).model_path == a
 
 
-def test_corrupt_cache_is_replaced(tmp_path):
+def test_backend_caches_the_optimised_graph_per_machine(tmp_path, monkeypatch):
+    """The second start loads ORT's optimised graph: it runs with the converted file
+    gone bad and the converter disabled, and computes exactly what the first did."""
+    import cam_caffe.backends.onnxruntime as backend_module
+    import cam_caffe.onnx_export as export_module
     model = Model(tmp_path, CONV)
-    path = model.onnxruntime().model_path
-    path.write_bytes(b"not an onnx file")
-    backend = model.onnxruntime()
-    assert backend.forward(model.batch(1)).probs.shape == (1, 5)
-    onnx.checker.check_model(onnx.load(str(path)))
+    first = model.onnxruntime()
+    optimized = first.optimized_path
+    tag = backend_module.machine_tag(ort)
+    assert optimized.name == f"{first.model_path.stem}.{tag}.opt.onnx" and optimized.is_file()
+    assert onnx.load(str(optimized)).graph.node != onnx.load(str(first.model_path)).graph.node
+    x = model.batch(2)
+    expected = first.forward(x).features
+    first.model_path.write_bytes(b"not an onnx file")
+    with monkeypatch.context() as patch:
+        patch.setattr(export_module, "convert", lambda *a, **k: pytest.fail("converted again"))
+        np.testing.assert_array_equal(model.onnxruntime().forward(x).features, expected)
+    # another ONNX Runtime version or CPU: an optimised file of its own
+    monkeypatch.setattr(backend_module, "machine_tag", lambda ort: "another-machine")
+    other = model.onnxruntime()
+    assert other.optimized_path.name.endswith(".another-machine.opt.onnx")
+    assert other.optimized_path.is_file() and optimized.is_file()
+    np.testing.assert_array_equal(other.forward(x).features, expected)
+    assert not list(cache_dir().glob(".*.tmp"))
+
+
+def test_corrupt_cache_files_are_replaced(tmp_path):
+    model = Model(tmp_path, CONV)
+    first = model.onnxruntime()
+    x = model.batch(1)
+    expected = first.forward(x).features
+    for corrupt in ([first.optimized_path], [first.optimized_path, first.model_path]):
+        for path in corrupt:
+            path.write_bytes(b"not an onnx file")
+        np.testing.assert_array_equal(model.onnxruntime().forward(x).features, expected)
+        onnx.checker.check_model(onnx.load(str(first.model_path)))
+        ort.InferenceSession(str(first.optimized_path), providers=["CPUExecutionProvider"])
+    assert not list(cache_dir().glob(".*.tmp"))
 
 
 def test_unwritable_cache_still_runs(tmp_path, monkeypatch):
