@@ -41,18 +41,24 @@ def write_bytes(path: str | Path, data: bytes) -> None:
     except OSError as e:
         raise OutputError(f"{path}: cannot write: {e.strerror or e}") from None
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)       # mkstemp's 0600 → the usual file mode
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)
     except OSError as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
         raise OutputError(f"{path}: cannot write: {e.strerror or e}") from None
+
+
+def publish(temporary: str | Path, path: str | Path) -> None:
+    """Rename a finished temporary file to ``path``, with the usual mode instead of
+    mkstemp's 0600."""
+    os.chmod(temporary, 0o666 & ~_UMASK)
+    os.replace(temporary, path)
 
 
 def encode_image(path: str | Path, image: np.ndarray) -> bytes:

@@ -618,6 +618,7 @@ def test_backend_caches_the_optimised_graph_per_machine(tmp_path, monkeypatch):
     tag = backend_module.machine_tag(ort)
     assert optimized.name == f"{first.model_path.stem}.{tag}.opt.onnx" and optimized.is_file()
     assert onnx.load(str(optimized)).graph.node != onnx.load(str(first.model_path)).graph.node
+    assert optimized.stat().st_mode == first.model_path.stat().st_mode    # not mkstemp's 0600
     x = model.batch(2)
     expected = first.forward(x).features
     first.model_path.write_bytes(b"not an onnx file")

@@ -21,7 +21,7 @@ import numpy as np
 from ..camspec import CamSpec
 from ..errors import BackendError, ModelError, OutputError
 from ..netdef import CaffeModel, NetDef
-from ..output import cache_home, write_bytes
+from ..output import cache_home, publish, write_bytes
 from . import Forward, identity_or, scores_to_probs
 
 
@@ -153,7 +153,7 @@ def _publish(temporary: str, path: Path) -> None:
     """Rename what ONNX Runtime wrote into ``temporary`` to ``path``; drop it if empty."""
     try:
         if os.path.getsize(temporary):
-            os.replace(temporary, path)
+            publish(temporary, path)
         else:
             os.unlink(temporary)
     except OSError:
