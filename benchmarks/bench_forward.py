@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ from common import (PROTOTXT, PYTHON, WORK, available_backends, googlenet_weight
                     table, times, title, wait_for_quiet)
 
 GFLOP = None   # per image, filled in by main()
-ORT_SETTINGS = {"threads", "opt_level", "spinning"}   # these need a new ORT session
+ORT_SETTINGS = {"threads", "opt_level", "spinning", "mem_pattern"}   # need a new session
 
 
 def configure(net, config: dict) -> dict:
@@ -55,6 +56,7 @@ def configure(net, config: dict) -> dict:
         options.intra_op_num_threads = config.get("threads") or os.cpu_count() or 1
         level = config.get("opt_level", "ORT_ENABLE_ALL")
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+        options.enable_mem_pattern = bool(config.get("mem_pattern"))   # as the backend sets it
         if config.get("spinning") is not None:
             options.add_session_config_entry("session.intra_op.allow_spinning",
                                              "1" if config["spinning"] else "0")
@@ -129,7 +131,8 @@ def child(config: dict) -> dict:
         repeat = max(3, math.ceil(config.get("images", 48) / batch))
         seconds = times(lambda: net.backend.forward(data), repeat=repeat, warmup=1)
         results[batch] = median(seconds) / batch * 1000
-    return {"ms": results, "applied": applied}
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"ms": results, "applied": applied, "peak_mib": peak_mib}
 
 
 def run_config(config: dict, env: dict[str, str] | None = None) -> dict:
@@ -239,6 +242,8 @@ VARIANTS = [
     ("ONNX Runtime: default (intra_op = nproc, ORT_ENABLE_ALL)", "onnxruntime", {}, {}),
     ("ONNX Runtime: intra_op_num_threads=1", "onnxruntime", {"threads": 1}, {}),
     ("ONNX Runtime: allow_spinning=0", "onnxruntime", {"spinning": False}, {}),
+    ("ONNX Runtime: enable_mem_pattern=True (ORT's own default)", "onnxruntime",
+     {"mem_pattern": True}, {}),
     ("ONNX Runtime: ORT_ENABLE_BASIC", "onnxruntime", {"opt_level": "ORT_ENABLE_BASIC"}, {}),
 ]
 
@@ -365,10 +370,11 @@ def variants_table(backends: list[str], images: int, peak: float) -> None:
                                  **settings}, env)
         except RuntimeError as e:
             rows.append([label, "failed: " + (str(e).strip().splitlines() or ["?"])[-1][:80],
-                         "", "", "", ""])
+                         "", "", "", "", ""])
             continue
         rows.append([label, json.dumps(result["applied"]).strip("{}").replace('"', "")]
-                    + [c for b in probe for c in cells(result["ms"][str(b)], peak)[:2]])
+                    + [c for b in probe for c in cells(result["ms"][str(b)], peak)[:2]]
+                    + [f"{result['peak_mib']:.0f}"])
     for backend, settings, env in (("opencv", {"threads": 1}, {}),
                                    ("caffe", {}, {"OPENBLAS_NUM_THREADS": "1"}),
                                    ("onnxruntime", {"threads": 1}, {})):
@@ -377,10 +383,11 @@ def variants_table(backends: list[str], images: int, peak: float) -> None:
         combined = run_parallel({"backend": backend, "batches": [16], "images": images,
                                  **settings}, env)
         rows.append([f"{backend}: 2 processes × 1 thread (throughput of both)", "1 thread each",
-                     "", ""] + cells(combined, peak)[:2])
-    title("Forward: what changes it (ms/image and GFLOP/s at batch 1 and batch 16)")
+                     "", ""] + cells(combined, peak)[:2] + [""])
+    title("Forward: what changes it (ms/image and GFLOP/s at batch 1 and batch 16, peak "
+          "RSS of the process)")
     print(table(["configuration", "in effect", "b=1 ms", "b=1 GFLOP/s", "b=16 ms",
-                 "b=16 GFLOP/s"], rows))
+                 "b=16 GFLOP/s", "peak RSS MiB"], rows))
 
 
 if __name__ == "__main__":
