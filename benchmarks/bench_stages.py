@@ -116,13 +116,15 @@ def fast_overlay(image, cam_full, lut, alpha: float = 0.7):
     return cv2.addWeighted(image, 0.2, heat, alpha, 0)
 
 
-def write_no_fsync(path: Path, data: bytes) -> None:
-    """write_bytes without the fsync: temporary file, then rename."""
+def write_fsync(path: Path, data: bytes) -> None:
+    """write_bytes with an fsync before the rename (what the package did until 2026-11-27)."""
     import os
     import tempfile
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -167,10 +169,10 @@ def options_table(path: Path, repeat: int) -> None:
          f"{len(raw_png) / 1024:.0f}"],
         ["encode", "cv2.imencode .jpg (--format jpg)", t(lambda: encode_image("x.jpg", current)),
          f"{len(jpg) / 1024:.0f}"],
-        ["write", "write_bytes: temp file + fsync + rename (package)",
+        ["write", "write_bytes: temp file + rename (package)",
          t(lambda: write_bytes(out / "a.png", png)), ""],
-        ["write", "temp file + rename, no fsync",
-         t(lambda: write_no_fsync(out / "b.png", png)), ""],
+        ["write", "temp file + fsync + rename",
+         t(lambda: write_fsync(out / "b.png", png)), ""],
     ]
     title("Render / encode / write alternatives, one 500×375 overlay (ms, median)")
     print(table(["stage", "how", "ms", "KiB"], rows))
