@@ -17,5 +17,5 @@ setup(
     ],
     extras_require={"test": ["pytest>=7", "hypothesis>=6"],
                     "onnx": ["onnx>=1.16", "onnxruntime>=1.18"]},
-    entry_points={"console_scripts": ["cam-caffe=cam_caffe.cli:main"]},
+    entry_points={"console_scripts": ["cam-caffe=cam_caffe.cli:entry"]},
 )

@@ -15,8 +15,8 @@ import shutil
 
 import numpy as np
 
-from common import (BENCH, CLI, PYTHON, ROOT, WORK, available_backends, median, run_timed,
-                    table, times, title, wait_for_quiet)
+from common import (BENCH, CLI, PYTHON, ROOT, WORK, available_backends, compile_package,
+                    median, run_timed, table, times, title, wait_for_quiet)
 
 DEMO = ROOT / "models" / "demo"
 PROTOTXT, WEIGHTS = DEMO / "deploy.prototxt", DEMO / "demo.caffemodel"
@@ -48,6 +48,7 @@ def main() -> None:
         paths.append(image_dir / f"{i:04d}_{sources[i % len(sources)].name}")
         shutil.copyfile(sources[i % len(sources)], paths[-1])
     backends = available_backends(WEIGHTS, PROTOTXT)
+    compile_package()
     wait_for_quiet()
 
     out_dir = WORK / "demo_out"

@@ -14,8 +14,9 @@ import argparse
 import shutil
 import sys
 
-from common import (BENCH, CLI, PROTOTXT, PYTHON, WORK, available_backends, googlenet_weights,
-                    make_images, median, run_timed, table, title, wait_for_quiet)
+from common import (BENCH, CLI, PROTOTXT, PYTHON, WORK, available_backends, compile_package,
+                    googlenet_weights, make_images, median, run_timed, table, title,
+                    wait_for_quiet)
 
 
 def original(paths: list, weights, out_dir) -> list[float]:
@@ -47,6 +48,7 @@ def main() -> None:
     make_images(one_dir, 1)
     variants = [("cam-caffe, default settings (--backend auto)", [])]
     variants += [(f"cam-caffe --backend {b}", ["--backend", b]) for b in available_backends()]
+    compile_package()
     wait_for_quiet()
 
     per_process = original(paths, weights, WORK / "original_out")

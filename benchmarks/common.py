@@ -154,6 +154,14 @@ def title(text: str) -> None:
     print(f"\n### {text}\n\n_{machine()}_\n", flush=True)
 
 
+def compile_package() -> None:
+    """Byte-compile cam_caffe, as ``pip install`` (not ``-e``) does: process start-up is
+    measured, and PYTHONDONTWRITEBYTECODE (set on the project's machine) would
+    otherwise recompile the package in every cam-caffe process."""
+    import compileall
+    compileall.compile_dir(ROOT / "cam_caffe", quiet=1)
+
+
 def wait_for_quiet(max_load: float | None = None, timeout_s: float = 3600) -> None:
     """Wait until the 1-minute load average is under ``max_load`` (env CAM_CAFFE_BENCH_MAX_LOAD;
     unset: do not wait), so that other jobs do not share the cores with the benchmark."""

@@ -1,13 +1,18 @@
 """End to end with real files: a generated Caffe model whose CAM is predictable."""
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
 from cam_caffe import CAMNet
+from cam_caffe import models
 from cam_caffe.cli import main
+from cam_caffe.errors import EXIT_SOME_FAILED
 from nets import square_image, write_square_net
 
 POSITIONS = [(10, 10), (10, 150), (110, 20), (60, 80), (115, 155)]
@@ -109,3 +114,28 @@ def test_closed_stdout_stops_quietly(square_net, tmp_path):
     stderr = child.stderr.read().decode()
     assert child.wait(timeout=120) == 141, stderr
     assert first.startswith(b"{") and stderr == ""
+
+
+def test_command_output_is_complete_through_a_pipe(square_net, tmp_path):
+    """The command skips the interpreter's teardown (os._exit): its buffered
+    stdout must still arrive in full, and the exit code must be main()'s."""
+    prototxt, weights, _ = square_net
+    names = [f"in{i:02d}.png" for i in range(30)]
+    for name in names:
+        cv2.imwrite(str(tmp_path / name), square_image(10, 10))
+    args = [str(tmp_path), "--prototxt", str(prototxt), "--weights", str(weights)]
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    child = subprocess.run([sys.executable, "-m", "cam_caffe", *args, "--jsonl"],
+                           capture_output=True, text=True, env=buffered)
+    assert child.returncode == 0, child.stderr
+    records = [json.loads(line) for line in child.stdout.splitlines()]
+    assert [Path(r["image"]).name for r in records] == names
+    (tmp_path / "in00.png").write_bytes(b"not an image")
+    child = subprocess.run([sys.executable, "-m", "cam_caffe", *args], capture_output=True,
+                           text=True, env=buffered)
+    assert child.returncode == main([*args, "--quiet"]) == EXIT_SOME_FAILED, child.stderr
+    assert len(child.stdout.splitlines()) >= 29 and "in00.png" in child.stderr
+    listing = subprocess.run([sys.executable, "-m", "cam_caffe", "models", "list"],
+                             capture_output=True, text=True, env=buffered)  # print, no flush
+    assert listing.returncode == 0
+    assert all(model.name in listing.stdout for model in models.list_models())
