@@ -280,8 +280,8 @@ def lrn_graph(kind: str, shape: tuple[int, ...], size: int = 5, alpha: float = 1
     """An ONNX model computing Caffe's across-channel LRN of an NCHW input, one way of four:
     ``LRN`` (the ONNX op), ``pool`` (x², AveragePool over the channel axis, then Pow: what
     onnx_export emitted in converter version 2), ``conv`` (x², a 1×1 Conv with a banded
-    C×C weight, then Pow) and ``conv-sqrt`` (same, with x^−0.75 as 1/(√s·√√s): what it
-    emits since version 3)."""
+    C×C weight, then Pow) and ``conv-sqrt`` (the same with k as the Conv's bias and
+    x^−0.75 as 1/(√s·√√s): what it emits since version 4; version 3 added k apart)."""
     from onnx import TensorProto, helper, numpy_helper
     n, c, h, w = shape
     consts = {"alpha": np.float32(alpha), "bias": np.float32(bias), "beta": np.float32(-beta),
@@ -305,8 +305,11 @@ def lrn_graph(kind: str, shape: tuple[int, ...], size: int = 5, alpha: float = 1
             for i in range(c):
                 band[i, max(0, i - (size - 1) // 2):i + size // 2 + 1] = alpha / size
             consts["band"] = band
-            nodes += [helper.make_node("Conv", ["sq", "band"], ["ma"])]
-        nodes += [helper.make_node("Add", ["ma", "bias"], ["base"])]
+            consts["k"] = np.full(c, bias, np.float32)
+            nodes += [helper.make_node("Conv", ["sq", "band"] + ["k"] * (kind == "conv-sqrt"),
+                                       ["base" if kind == "conv-sqrt" else "ma"])]
+        if kind != "conv-sqrt":
+            nodes += [helper.make_node("Add", ["ma", "bias"], ["base"])]
         if kind == "conv-sqrt":
             nodes += [helper.make_node("Sqrt", ["base"], ["r2"]),
                       helper.make_node("Sqrt", ["r2"], ["r4"]),

@@ -32,7 +32,7 @@ from .errors import BackendError, ModelError
 from .netdef import NetDef, Shape, _layer_shapes, _pair, blob_shape, param_shapes
 
 # Bump when the converter's output changes: it keys the ONNX cache of the backend.
-CONVERTER_VERSION = "3"
+CONVERTER_VERSION = "4"
 OPSET = 17
 IR_VERSION = 8          # the IR of opset 17: loadable by onnxruntime >= 1.13
 
@@ -334,14 +334,15 @@ class _Converter:
             # Caffe: x · (k + alpha · mean of x² over the n channels centred on c)^-beta.
             # The windowed channel sum is a 1×1 convolution with a banded C×C weight:
             # ONNX Runtime's own LRN kernel took a third of GoogLeNet's forward time
-            # for 0.2% of its FLOPs (benchmarks/bench_forward.py, LRN table).
+            # for 0.2% of its FLOPs (benchmarks/bench_forward.py, LRN table). k is
+            # the convolution's bias (ORT does not fuse a scalar Add into a Conv).
             c = shapes[0][1]
             band = np.zeros((c, c, 1, 1), np.float32)
             for i in range(c):
                 band[i, max(0, i - pad):i + pad + 1] = p.alpha / n
-            scaled = self.node("Conv", [square, self.const(f"{layer.name}/band", band)],
-                               name=layer.name + "/window")
-            k = p.k
+            shifted = self.node("Conv", [square, self.const(f"{layer.name}/band", band),
+                                         self.const(f"{layer.name}/k", np.full(c, p.k))],
+                                name=layer.name + "/window")
         else:
             # WITHIN_CHANNEL, as Caffe composes it: x · (1 + alpha · avgpool_n×n(x²))^-beta,
             # the average over the zero-padded n × n window (always n² cells); k is unused.
@@ -350,9 +351,8 @@ class _Converter:
                              count_include_pad=1)
             scaled = self.node("Mul", [mean, self.const(f"{layer.name}/alpha", p.alpha)],
                                name=layer.name + "/alpha")
-            k = 1.0
-        shifted = self.node("Add", [scaled, self.const(f"{layer.name}/k", k)],
-                            name=layer.name + "/shift")
+            shifted = self.node("Add", [scaled, self.const(f"{layer.name}/one", 1.0)],
+                                name=layer.name + "/shift")
         if p.beta == 0.75:
             # s^-0.75 = 1 / (√s · √√s): two square roots are far cheaper than Pow
             root2 = self.node("Sqrt", [shifted], name=layer.name + "/sqrt")
