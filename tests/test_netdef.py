@@ -5,7 +5,7 @@ import pytest
 from cam_caffe import CAMNet
 from cam_caffe.camspec import find_cam_layers
 from cam_caffe.errors import ModelError
-from cam_caffe.netdef import check_weights, load_netdef, read_caffemodel
+from cam_caffe.netdef import CaffeModel, check_weights, load_netdef, read_caffemodel
 from cam_caffe.synthetic import random_weights, save_caffemodel
 from conftest import ROOT, shared
 from nets import write_random_net
@@ -188,3 +188,18 @@ def test_fixed_pool_gives_the_input_size(tmp_path):
     text = VGG_LIKE.replace("crop_size: 24 scale", "scale").replace("crop_size: 24 mirror", "mirror")
     netdef = load_netdef(write(tmp_path, text))
     assert netdef.input_shape == (1, 3, 24, 24)          # kernel 24 × total stride 1
+
+
+@pytest.mark.parametrize("size", [1, (8 << 20) - 1, 8 << 20, (20 << 20) + 5])
+def test_caffemodel_digest_is_sha256_of_piece_hashes(tmp_path, size):
+    """The parallel digest equals the same hash computed serially with hashlib."""
+    import hashlib
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    path = tmp_path / "w.caffemodel"
+    path.write_bytes(data)
+    piece = 8 << 20
+    expected = hashlib.sha256(b"".join(hashlib.sha256(data[i:i + piece]).digest()
+                                       for i in range(0, size, piece))).hexdigest()
+    assert CaffeModel(path).digest == expected
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    assert CaffeModel(path).digest != expected

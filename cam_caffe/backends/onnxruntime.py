@@ -2,7 +2,7 @@
 
 The conversion runs once per model: the ONNX file is cached under
 ``${XDG_CACHE_HOME:-~/.cache}/cam-caffe/onnx/``, named by the SHA-256 of the
-normalised prototxt, the caffemodel bytes, the converter version and the
+normalised prototxt, the caffemodel's digest, the converter version and the
 blobs it outputs. On the CPU, the graph ONNX Runtime optimises from it (fused
 and re-laid-out for this CPU) is cached beside it, per ONNX Runtime version
 and CPU: loading that one saves about 60 ms of every start-up. A cache that
@@ -39,11 +39,11 @@ def cache_dir() -> Path:
     return cache_home("onnx")
 
 
-def cache_key(prototxt: str, caffemodel: bytes, outputs: list[str]) -> str:
+def cache_key(prototxt: str, caffemodel: CaffeModel, outputs: list[str]) -> str:
     """SHA-256 of what the ONNX file depends on (length-prefixed, so unambiguous)."""
     from ..onnx_export import CONVERTER_VERSION
     digest = hashlib.sha256()
-    for part in (prototxt.encode(), caffemodel, CONVERTER_VERSION.encode(),
+    for part in (prototxt.encode(), caffemodel.digest.encode(), CONVERTER_VERSION.encode(),
                  "\0".join(outputs).encode()):
         digest.update(len(part).to_bytes(8, "little"))
         digest.update(part)
@@ -59,7 +59,7 @@ class OnnxRuntimeBackend:
         self.spec = spec
         self.input = netdef.input_name
         self.outputs = [spec.score_blob, spec.feature_blob]
-        key = cache_key(netdef.prototxt(), weights.data, self.outputs)
+        key = cache_key(netdef.prototxt(), weights, self.outputs)
         self.model_path = cache_dir() / f"{key}.onnx"
         self.optimized_path = (cache_dir() / f"{key}.{machine_tag(ort)}.opt.onnx"
                                if gpu is None else None)
