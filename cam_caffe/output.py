@@ -4,9 +4,11 @@ folder, then a rename.
 A crash, a kill, a full disk or an unwritable folder never leaves a
 half-written file under the final name. Files are not fsync'ed (no more than
 cv2.imwrite or PIL do): that would cost 0.3 ms a file here and far more on
-network file systems, for outputs that a rerun recreates. PNG, the default output format, is encoded here rather
-than by OpenCV: the same lossless PNG in a third of the time (ISA-L's deflate
-instead of zlib's; ``benchmarks/bench_stages.py``).
+network file systems, for outputs that a rerun recreates.
+
+PNG, the default output format, is encoded here rather than by OpenCV: the
+same lossless PNG in a third of the time (ISA-L's deflate instead of zlib's;
+``benchmarks/bench_stages.py``).
 """
 from __future__ import annotations
 
