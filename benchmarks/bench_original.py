@@ -11,6 +11,7 @@ written to a temporary folder.
 from __future__ import annotations
 
 import argparse
+import random
 import shutil
 import sys
 
@@ -58,8 +59,10 @@ def main() -> None:
              f"{median(per_process):.2f}", "1×"]]
     runs: dict[str, list[float]] = {label: [] for label, _ in variants}
     starts: dict[str, list[float]] = {label: [] for label, _ in variants}
-    for _ in range(args.repeat):        # round robin: a slow spell hits every variant alike
-        for label, extra in variants:
+    for round_ in range(args.repeat):   # every variant once a round, in a shuffled order:
+        order = list(variants)          # neither a slow spell nor the variant run just
+        random.Random(round_).shuffle(order)     # before favours one of them
+        for label, extra in order:
             runs[label].append(cli(image_dir, weights, WORK / "cli_out", extra))
             starts[label].append(cli(one_dir, weights, WORK / "cli_out", extra))
     for label, _ in variants:
@@ -67,7 +70,7 @@ def main() -> None:
         rows.append([label, 1, f"{seconds:.2f}", f"{1000 * seconds / args.images:.0f}",
                      f"{median(starts[label]):.2f}", f"**{total / seconds:.1f}×**"])
     title(f"End to end, {args.images} images (500×375 JPEG) → PNG overlays, GoogLeNet-CAM "
-          f"(cam-caffe: median of {args.repeat} runs, variants in turn)")
+          f"(cam-caffe: median of {args.repeat} runs, variants shuffled in each round)")
     print(table(["method", "processes", "wall s (all images)", "ms/image",
                  "wall s for 1 image (start-up + 1)", "speed-up (target ≥30×)"], rows))
 

@@ -78,6 +78,11 @@ class OnnxRuntimeBackend:
         # (GoogLeNet-CAM at batch 16: 444 instead of 289 MiB peak, 40k more page
         # faults on the second batch) for the same speed (benchmarks/bench_forward.py).
         options.enable_mem_pattern = gpu is not None
+        if gpu is None:
+            # Idle ORT threads spinning for work took the CPU that cam-caffe's batch
+            # workers (decode, render, encode) need: 64 images 1.43 → 1.37 s. The price
+            # is a slower lone batch-1 forward (14.6 → 16.5 ms): start-up dwarfs it.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
         from ..onnx_export import convert, layer_blobs, stored_layers
         self.session = _open_cached(ort, self.optimized_path, options, providers)
