@@ -117,6 +117,19 @@ def test_image_conversions(tmp_path):
     assert tuple(out[0, 0]) == (0, 0, 255) and tuple(out[1, 1]) == (255, 255, 255)
 
 
+@pytest.mark.parametrize("name", ["img1.jpg", "img2.jpg", "test.jpg"])
+def test_jpeg_decodes_as_opencv_does(tmp_path, name):
+    """Real photos: the same BGR pixels as OpenCV's own decoder, in a writable array."""
+    path = shared("googlenet_cam", name)
+    out = load_image(path)
+    np.testing.assert_array_equal(out, cv2.imread(str(path)))
+    assert out.flags.writeable and out.flags.c_contiguous
+    palette = Image.open(path).convert("P")            # a converted mode takes the same path
+    palette.save(tmp_path / "p.png")
+    np.testing.assert_array_equal(load_image(tmp_path / "p.png"),
+                                  np.asarray(palette.convert("RGB"))[..., ::-1])
+
+
 def test_exif_orientation_is_applied(tmp_path):
     array = np.zeros((10, 20, 3), np.uint8)
     array[:, :10] = 255                                 # left half white
