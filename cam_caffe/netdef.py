@@ -109,7 +109,7 @@ def read_prototxt(path: str | Path) -> "proto.NetParameter":
 
 class CaffeModel:
     """A caffemodel file, read and parsed at most once: the weight check and the
-    backend share it (its bytes key the ONNX cache, its layers give CAM weights)."""
+    backend share it (its digest keys the ONNX cache, its layers give CAM weights)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
