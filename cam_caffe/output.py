@@ -40,8 +40,7 @@ def write_bytes(path: str | Path, data: bytes) -> None:
     """Atomically write ``data`` to ``path``, creating its folder."""
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = temporary_beside(path)
     except OSError as e:
         raise OutputError(f"{path}: cannot write: {e.strerror or e}") from None
     try:
@@ -54,6 +53,13 @@ def write_bytes(path: str | Path, data: bytes) -> None:
         except OSError:
             pass
         raise OutputError(f"{path}: cannot write: {e.strerror or e}") from None
+
+
+def temporary_beside(path: Path) -> tuple[int, str]:
+    """A new temporary file ``.<name>.*.tmp`` in ``path``'s folder (created if
+    missing): (open descriptor, name). OSError when the folder is not writable."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
 
 
 def publish(temporary: str | Path, path: str | Path) -> None:

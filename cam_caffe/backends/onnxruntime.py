@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ import numpy as np
 from ..camspec import CamSpec
 from ..errors import BackendError, ModelError, OutputError
 from ..netdef import CaffeModel, NetDef
-from ..output import cache_home, publish, write_bytes
+from ..output import cache_home, publish, temporary_beside, write_bytes
 from . import Forward, identity_or, scores_to_probs
 
 
@@ -87,7 +86,7 @@ class OnnxRuntimeBackend:
         from ..onnx_export import convert, layer_blobs, stored_layers
         self.session = _open_cached(ort, self.optimized_path, options, providers)
         if self.session is None:
-            saved = _temporary_beside(self.optimized_path)
+            saved = _empty_temporary(self.optimized_path)
             if saved:
                 options.optimized_model_filepath = saved
             self.session = _open_cached(ort, self.model_path, options, providers)
@@ -144,14 +143,13 @@ def _open_cached(ort, path: Path | None, options, providers: list):
         return None
 
 
-def _temporary_beside(path: Path | None) -> str | None:
-    """An empty temporary file next to ``path``; None when there is no such cache."""
+def _empty_temporary(path: Path | None) -> str | None:
+    """An empty temporary file next to ``path`` for ORT to write; None when there is
+    no such cache or it cannot be written."""
     if path is None:
         return None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
-                                         dir=path.parent)
+        fd, temporary = temporary_beside(path)
     except OSError:
         return None
     os.close(fd)
