@@ -15,8 +15,8 @@ import shutil
 
 import numpy as np
 
-from common import (BENCH, CLI, PYTHON, ROOT, WORK, available_backends, compile_package,
-                    median, run_timed, table, times, title, wait_for_quiet)
+from common import (CLI, ROOT, WORK, available_backends, compile_package, median,
+                    original_script_seconds, run_timed, table, times, title, wait_for_quiet)
 
 DEMO = ROOT / "models" / "demo"
 PROTOTXT, WEIGHTS = DEMO / "deploy.prototxt", DEMO / "demo.caffemodel"
@@ -54,9 +54,7 @@ def main() -> None:
     out_dir = WORK / "demo_out"
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir()
-    per_process = [run_timed([PYTHON, str(BENCH / "original_script.py"), str(PROTOTXT),
-                              str(WEIGHTS), str(p), str(out_dir / f"{p.stem}.png"),
-                              "0,0,0"])[0] for p in paths]
+    per_process = original_script_seconds(PROTOTXT, WEIGHTS, paths, out_dir, ["0,0,0"])
     total = sum(per_process)
     rows = [["original script, 1 process per image", f"{total:.1f}",
              f"{1000 * total / len(paths):.0f}", "1×"]]

@@ -24,7 +24,7 @@ import numpy as np
 
 import sgemm_peak
 from common import (PROTOTXT, PYTHON, WORK, available_backends, googlenet_weights, median,
-                    table, times, title, wait_for_quiet)
+                    run_json, table, times, title, wait_for_quiet)
 
 GFLOP = None   # per image, filled in by main()
 ORT_SETTINGS = {"threads", "opt_level", "spinning", "mem_pattern"}   # need a new session
@@ -138,12 +138,9 @@ def child(config: dict) -> dict:
 
 
 def run_config(config: dict, env: dict[str, str] | None = None) -> dict:
-    command = [PYTHON, __file__, "--child", json.dumps(config)]
-    out = subprocess.run(command, capture_output=True, text=True,
-                         env={**os.environ, **(env or {})})
-    if out.returncode != 0:
-        raise RuntimeError(f"{config} failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """One configuration in a child process (``env`` added to this environment)."""
+    return run_json([PYTHON, __file__, "--child", json.dumps(config)],
+                    {**os.environ, **(env or {})})
 
 
 def run_parallel(config: dict, env: dict[str, str], processes: int = 2) -> float:

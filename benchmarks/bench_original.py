@@ -15,16 +15,9 @@ import random
 import shutil
 import sys
 
-from common import (BENCH, CLI, PROTOTXT, PYTHON, WORK, available_backends, compile_package,
-                    googlenet_weights, make_images, median, run_timed, table, title,
+from common import (CLI, PROTOTXT, WORK, available_backends, compile_package, googlenet_weights,
+                    make_images, median, original_script_seconds, run_timed, table, title,
                     wait_for_quiet)
-
-
-def original(paths: list, weights, out_dir) -> list[float]:
-    """Seconds of each image's own process."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return [run_timed([PYTHON, str(BENCH / "original_script.py"), str(PROTOTXT), str(weights),
-                       str(p), str(out_dir / f"{p.stem}.png")])[0] for p in paths]
 
 
 def cli(image_dir, weights, out_dir, extra: list[str]) -> float:
@@ -52,7 +45,7 @@ def main() -> None:
     compile_package()
     wait_for_quiet()
 
-    per_process = original(paths, weights, WORK / "original_out")
+    per_process = original_script_seconds(PROTOTXT, weights, paths, WORK / "original_out")
     total = sum(per_process)
     rows = [["original script, 1 process per image", args.images, f"{total:.1f}",
              f"{1000 * total / args.images:.0f} (median process {1000 * median(per_process):.0f})",

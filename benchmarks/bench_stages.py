@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 from common import (PROTOTXT, PYTHON, WORK, available_backends, googlenet_weights, make_images,
-                    median, table, title, wait_for_quiet)
+                    median, run_json, table, title, wait_for_quiet)
 
 STAGES = ("decode", "preprocess", "forward", "CAM", "upsample", "boxes", "render", "encode",
           "write")
@@ -196,10 +195,8 @@ def main() -> None:
     wait_for_quiet()
     rows = []
     for backend in backends:
-        out = subprocess.run([PYTHON, __file__, "--child", backend, "--images", str(args.images),
-                              "--repeat", str(args.repeat), "--batches", args.batches],
-                             capture_output=True, text=True, check=True)
-        results = json.loads(out.stdout.strip().splitlines()[-1])
+        results = run_json([PYTHON, __file__, "--child", backend, "--images", str(args.images),
+                            "--repeat", str(args.repeat), "--batches", args.batches])
         for batch in batches:
             r = results[str(batch)]
             s = r["stages"]

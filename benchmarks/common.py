@@ -110,6 +110,15 @@ def run_json(command: Sequence[str], env: dict[str, str] | None = None) -> objec
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def original_script_seconds(prototxt: Path, weights: Path, paths: Sequence[Path],
+                            out_dir: Path, extra: Sequence[str] = ()) -> list[float]:
+    """The original script's way: one ``original_script.py`` process per image; the
+    seconds of each (process start included)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [run_timed([PYTHON, str(BENCH / "original_script.py"), str(prototxt), str(weights),
+                       str(p), str(out_dir / f"{p.stem}.png"), *extra])[0] for p in paths]
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A markdown table; floats as given (format them before)."""
     lines = ["| " + " | ".join(headers) + " |",

@@ -15,12 +15,11 @@ import ctypes
 import ctypes.util
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 
-from common import PYTHON, median, table, times, title
+from common import PYTHON, median, run_json, table, times, title
 
 SYSTEM_OPENBLAS = "libopenblas.so.0"
 TUNING_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
@@ -97,8 +96,7 @@ def measure(sizes: tuple[int, ...] = (1024, 2048, 4096), repeat: int = 5) -> lis
                            ("OPENBLAS_CORETYPE/L2_SIZE unset", cleaned)):
             command = [PYTHON, __file__, "--child", library, "--sizes",
                        ",".join(map(str, sizes)), "--repeat", str(repeat)]
-            out = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
-            result = json.loads(out.stdout.strip().splitlines()[-1])
+            result = run_json(command, env)
             result.update(library=library, env=label)
             cases.append(result)
     return cases
