@@ -144,13 +144,14 @@ echo "    $WHEEL"
 "${PIP[@]}" install -q --no-index --no-deps --no-compile --target "$STAGE/site" "$WHEEL"
 SO="$STAGE/site/caffe/_caffe.so"
 [ -f "$SO" ] || die "$SO missing from the wheel"
-CUDA_LIBS_DIRS="$(ls -d "${XDG_CACHE_HOME:-$HOME/.cache}"/cam-caffe/pycaffe/cuda-libs/*/lib 2>/dev/null | tr '\n' ':')"
+CUDA_LIBS_CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/cam-caffe/pycaffe/cuda-libs"   # install_pycaffe.sh's
+CUDA_LIBS_DIRS="$(ls -d "$CUDA_LIBS_CACHE"/*/lib 2>/dev/null | tr '\n' ':')"
 case "$(basename "$WHEEL")" in
   *cudnn*) CUDNN_WHEEL=1 ;;
   *) CUDNN_WHEEL=0 ;;
 esac
 if [ "$CUDNN_WHEEL" = 1 ] && [ "$SLIM" = 0 ]; then
-  CUDNN_LIB="$(ls -d "${XDG_CACHE_HOME:-$HOME/.cache}"/cam-caffe/pycaffe/cuda-libs/nvidia-cudnn-*/lib | tail -n 1)"
+  CUDNN_LIB="$(ls -d "$CUDA_LIBS_CACHE"/nvidia-cudnn-*/lib | tail -n 1)"
   [ -e "$CUDNN_LIB/libcudnn.so.9" ] || die "no cuDNN libraries in the cache (run install_pycaffe.sh --cuda)"
   cp -a "$CUDNN_LIB"/libcudnn*.so.9 "$STAGE/cudnn/"
 fi
