@@ -41,8 +41,8 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     prototxt, weights_path, _, entry = model_files(args)
-    size = args.input_size or (entry.input_size if entry else None)
-    netdef = load_netdef(prototxt, input_size=size)
+    input_size = args.input_size or (entry.input_size if entry else None)
+    netdef = load_netdef(prototxt, input_size=input_size)
     weights = read_caffemodel(weights_path)
     check_weights(netdef, weights, weights_path)
     spec = find_cam_layers(netdef, args.feature_blob, args.fc_layer)

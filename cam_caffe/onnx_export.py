@@ -187,8 +187,8 @@ class _Converter:
              name: str | None = None, **attrs) -> str:
         """Append one node; returns its (first) output name."""
         outputs = outputs or [self.fresh(f"{name or op}:out")]
-        self.nodes.append(self.helper.make_node(op, inputs, outputs,
-                                                name=self.fresh(name or op, self.node_names), **attrs))
+        node_name = self.fresh(name or op, self.node_names)
+        self.nodes.append(self.helper.make_node(op, inputs, outputs, name=node_name, **attrs))
         return outputs[0]
 
     def const(self, base: str, array, dtype=np.float32) -> str:

@@ -19,7 +19,6 @@ from test_netdef import NO_CAM
 from test_parity import TINY
 
 
-
 def run_cli(*args, preexec=None, wrapper=()):
     child = subprocess.run([*wrapper, sys.executable, "-m", "cam_caffe", *map(str, args)],
                            capture_output=True, text=True, preexec_fn=preexec, timeout=300)

@@ -9,8 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from cam_caffe import CAMNet
-from cam_caffe import models
+from cam_caffe import CAMNet, models
 from cam_caffe.cli import main
 from cam_caffe.errors import EXIT_SOME_FAILED
 from nets import square_image, write_square_net
