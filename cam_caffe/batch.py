@@ -17,10 +17,13 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from collections import deque
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Iterator, TextIO
 
 import cv2
 import numpy as np
@@ -221,11 +224,48 @@ def print_record(record: dict, out: TextIO) -> None:
                   file=out)
 
 
-def run_batch(net: CAMNet, inputs: list[Input], options: Options,
-              out: TextIO | None = None) -> Report:
-    """Process ``inputs`` in batches; decoding of the next batch overlaps this one's forward."""
-    out = out or sys.stdout
-    report = Report()
+@dataclass
+class ChunkResult:
+    """What one chunk of inputs gave: the records of the images done (in input
+    order) and the images that failed, with why."""
+
+    size: int
+    records: list[dict] = field(default_factory=list)
+    failed: list[tuple[Path, CamError]] = field(default_factory=list)
+
+
+def process_chunk(net: CAMNet, chunk: list[Input], options: Options, pool: Executor,
+                  forward_lock: AbstractContextManager | None = None) -> ChunkResult:
+    """One chunk end to end: decode its images on ``pool``, one forward pass and the
+    CAMs (holding ``forward_lock`` if given), then boxes, renders and files on
+    ``pool``. A bad image is reported in the result; the others go on.
+
+    The single-process run and the Dask workers both run every chunk through here.
+    """
+    result = ChunkResult(len(chunk))
+    decoding = [(item, pool.submit(net.load, item.path)) for item in chunk]
+    loaded = []
+    for item, future in decoding:
+        try:
+            loaded.append((item, future.result()))
+        except CamError as e:
+            result.failed.append((item.path, e))
+    with forward_lock or nullcontext():
+        predictions = net.predict([image for _, image in loaded], options.classes,
+                                  options.top_k, options.ten_crop)
+    rendering = [(item, pool.submit(process, net, item, image, prediction, options))
+                 for (item, image), prediction in zip(loaded, predictions)]
+    for item, future in rendering:
+        try:
+            result.records.append(future.result())
+        except CamError as e:
+            result.failed.append((item.path, e))
+    return result
+
+
+def pending_inputs(inputs: list[Input], options: Options, report: Report) -> list[Input]:
+    """The inputs to process: those whose outputs would overwrite an input fail, and
+    with ``skip_existing`` those whose outputs all exist are skipped."""
     protected = {item.path.resolve() for item in inputs}
     maps = len(options.classes) if options.classes else options.top_k
     todo = []
@@ -240,49 +280,45 @@ def run_batch(net: CAMNet, inputs: list[Input], options: Options,
                 report.skipped += 1
                 continue
         todo.append(item)
+    return todo
+
+
+def local_chunks(net: CAMNet, chunks: list[list[Input]],
+                 options: Options) -> Iterator[ChunkResult]:
+    """Each chunk's result in order, two chunks in flight: while one runs its forward
+    pass (one at a time, on the GPU or on the cores the workers leave free), worker
+    threads decode the other's images or render, encode and write them."""
+    workers = max(2, min(8, (os.cpu_count() or 2) - 1))
+    forward_lock = threading.Lock()
+    with ThreadPoolExecutor(max_workers=workers) as pool, ThreadPoolExecutor(2) as lanes:
+        in_flight: deque[Future] = deque()
+        for chunk in chunks:
+            in_flight.append(lanes.submit(process_chunk, net, chunk, options, pool,
+                                          forward_lock))
+            if len(in_flight) == 2:
+                yield in_flight.popleft().result()
+        while in_flight:
+            yield in_flight.popleft().result()
+
+
+def run_batch(net: CAMNet, inputs: list[Input], options: Options,
+              out: TextIO | None = None) -> Report:
+    """Process ``inputs`` in chunks of ``options.batch_size``; records go to ``out``
+    in input order as chunks finish."""
+    out = out or sys.stdout
+    report = Report()
+    todo = pending_inputs(inputs, options, report)
     chunks = [todo[i:i + options.batch_size] for i in range(0, len(todo), options.batch_size)]
     progress = Progress(len(todo), sys.stderr.isatty() and not options.quiet)
     handled = 0
-
-    def finish(pending: list[tuple[Input, Future]]) -> None:
-        """Collect one batch's records in input order, then report them."""
-        for item, future in pending:
-            try:
-                record = future.result()
-            except CamError as e:
-                report.failed.append((item.path, e))
-                continue
-            report.done += 1
+    for result in local_chunks(net, chunks, options):
+        report.failed.extend(result.failed)
+        report.done += len(result.records)
+        for record in result.records:
             if options.jsonl:
                 print(json.dumps(record), file=out, flush=True)
             elif not options.quiet:
                 print_record(record, out)
-
-    # Workers decode the next batch and render/encode/write the previous one
-    # while the main thread runs this batch's forward pass (on the GPU, or on
-    # the cores the workers leave free): cores - 1 of them, 2 to 8.
-    workers = max(2, min(8, (os.cpu_count() or 2) - 1))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        def submit(chunk: list[Input]) -> list[tuple[Input, Future]]:
-            return [(item, pool.submit(net.load, item.path)) for item in chunk]
-
-        upcoming = submit(chunks[0]) if chunks else []
-        pending: list[tuple[Input, Future]] = []
-        for k in range(len(chunks)):
-            current = upcoming
-            upcoming = submit(chunks[k + 1]) if k + 1 < len(chunks) else []
-            loaded = []
-            for item, future in current:
-                try:
-                    loaded.append((item, future.result()))
-                except CamError as e:
-                    report.failed.append((item.path, e))
-            results = net.predict([image for _, image in loaded], options.classes,
-                                  options.top_k, options.ten_crop)
-            finish(pending)
-            pending = [(item, pool.submit(process, net, item, image, result, options))
-                       for (item, image), result in zip(loaded, results)]
-            handled += len(current)
-            progress.update(handled)
-        finish(pending)
+        handled += result.size
+        progress.update(handled)
     return report
