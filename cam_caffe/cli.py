@@ -21,12 +21,9 @@ from .models import DEFAULT_MODEL, Model
 from .output import write_image
 from .render import DEFAULT_ALPHA, STYLES
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_PROTOTXT = PROJECT_ROOT / "prototxt" / "deploy_googlenetCAM.prototxt"
-DEFAULT_WEIGHTS = PROJECT_ROOT / "models" / "imagenet_googlenetCAM_train_iter_120000.caffemodel"
+# The original script's layout, in a source checkout: the official weights in models/.
+DEFAULT_WEIGHTS = models.PROJECT_ROOT / "models" / models.get(DEFAULT_MODEL).weights.filename
 DEFAULT_BATCH = 16
-WEIGHTS_URL = ("http://cnnlocalization.csail.mit.edu/demoCAM/models/"
-               "imagenet_googlenetCAM_train_iter_120000.caffemodel")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -170,12 +167,13 @@ def model_files(args: argparse.Namespace) -> tuple[Path, Path, Path | None, Mode
     name = args.model or DEFAULT_MODEL
     entry = models.get(name)
     if name == DEFAULT_MODEL and DEFAULT_WEIGHTS.is_file():   # the original script's layout
-        return DEFAULT_PROTOTXT, DEFAULT_WEIGHTS, None, entry
-    if name == DEFAULT_MODEL and not models.is_downloaded(name):
-        raise ModelError(f"the GoogLeNet-CAM weights are not there: run 'cam-caffe models "
-                         f"download {name}', or get {WEIGHTS_URL} into models/, or pass "
-                         "--model demo, or --prototxt and --weights")
-    prototxt, weights, labels = models.model_path(name)
+        return models.file_path(entry, entry.prototxt), DEFAULT_WEIGHTS, None, entry
+    try:
+        prototxt, weights, labels = models.model_path(name)
+    except ModelError as e:
+        if name != DEFAULT_MODEL:
+            raise
+        raise ModelError(f"{e}, or pass --model demo, or --prototxt and --weights") from None
     return prototxt, weights, labels, entry
 
 

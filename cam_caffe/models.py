@@ -11,6 +11,10 @@ weights parse as a caffemodel that fits the prototxt, and that the labels count
 the net's classes. A bad file is deleted; an interrupted one is kept as
 ``<file>.part`` and resumed (HTTP Range) by the next try.
 
+The files cam-caffe ships (the demo model, the GoogLeNet-CAM prototxt) are
+read from the installed package (``cam_caffe/data/``) or, in a source
+checkout, from its ``models/`` and ``prototxt/``: :func:`data_root`.
+
 ``CAM_CAFFE_MODEL_BASE_URL`` (or ``--base-url``) fetches every remote file of a
 model from that folder instead, by its file name: a mirror, or a test server.
 """
@@ -25,6 +29,7 @@ import time
 import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Iterator
 
@@ -32,7 +37,7 @@ from . import __version__
 from .errors import EXIT_OK, ModelError, OutputError
 from .output import cache_home
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parent.parent    # a source checkout's top level
 BASE_URL_ENV = "CAM_CAFFE_MODEL_BASE_URL"
 DEFAULT_MODEL = "googlenet-cam"
 
@@ -60,7 +65,7 @@ USER_AGENT = f"cam-caffe/{__version__} (+urllib)"
 
 @dataclass(frozen=True)
 class FileSpec:
-    """One file of a model: a URL, or a path relative to the project root."""
+    """One file of a model: a URL, or a path relative to :func:`data_root`."""
 
     location: str
     size: int | None = None          # bytes, where known
@@ -102,7 +107,7 @@ class Model:
 
     @property
     def local(self) -> bool:
-        """True when every file is in the project (nothing to download)."""
+        """True when every file ships with cam-caffe (nothing to download)."""
         return not any(f.remote for _, f in self.files())
 
     @property
@@ -154,7 +159,7 @@ REGISTRY: dict[str, Model] = {m.name: m for m in [
                "Places205 mean pixel as used with the Places205 Caffe models"),
     Model(
         name="demo",
-        description="small demo net shipped with the project (models/demo/)",
+        description="small demo net shipped with cam-caffe (models/demo/)",
         prototxt=FileSpec("models/demo/deploy.prototxt"),
         weights=FileSpec("models/demo/demo.caffemodel"),
         labels=FileSpec("models/demo/labels.txt"),
@@ -192,11 +197,22 @@ def model_dir(name: str) -> Path:
     return cache_root() / get(name).name
 
 
+def data_root() -> Path:
+    """The folder holding the files cam-caffe ships, by their paths in the checkout.
+
+    An installed wheel carries ``models/demo/*`` and ``prototxt/*`` as package
+    data under ``cam_caffe/data/``; a source checkout (and its editable
+    install) has them at its top level.
+    """
+    packaged = resources.files(__package__) / "data"
+    return packaged if isinstance(packaged, Path) and packaged.is_dir() else PROJECT_ROOT
+
+
 def file_path(model: Model, spec: FileSpec) -> Path:
-    """Where ``spec`` of ``model`` lives: the cache for URLs, the project for paths."""
+    """Where ``spec`` of ``model`` lives: the cache for URLs, :func:`data_root` for paths."""
     if spec.remote:
         return cache_root() / model.name / spec.filename
-    return PROJECT_ROOT / spec.location
+    return data_root() / spec.location
 
 
 def _paths(model: Model) -> tuple[Path, Path, Path | None]:
@@ -259,7 +275,7 @@ def download(name: str, base_url: str | None = None, progress: bool = True,
         if missing:
             raise ModelError(f"model '{name}' is not present: "
                              f"{', '.join(str(p) for p in missing)} missing "
-                             "(it is part of the project, not downloaded)")
+                             "(it ships with cam-caffe, it is not downloaded)")
         _verify_model(model, *_paths(model))
         return _paths(model)
     folder = cache_root() / model.name

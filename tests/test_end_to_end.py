@@ -92,10 +92,13 @@ def test_missing_default_weights_is_one_clear_line(tmp_path):
     image_path = tmp_path / "in.png"
     cv2.imwrite(str(image_path), square_image(0, 0))
     child = subprocess.run([sys.executable, "-m", "cam_caffe", str(image_path)],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True,
+                           env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
     assert child.returncode == 3
     assert "Traceback" not in child.stderr
-    assert "cnnlocalization.csail.mit.edu" in child.stderr
+    folder = tmp_path / "cache" / "cam-caffe" / "models" / "googlenet-cam"
+    assert f" in {folder}); run: cam-caffe models download googlenet-cam, or pass --model demo" \
+        in child.stderr
     assert len(child.stderr.strip().splitlines()) == 1
 
 

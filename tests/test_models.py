@@ -7,6 +7,7 @@ test touches the outside network.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import socket
 import threading
@@ -14,17 +15,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import cv2
 import numpy as np
 import pytest
 
-from cam_caffe import models
+from cam_caffe import cli, models
 from cam_caffe.cli import main
 from cam_caffe.errors import EXIT_MODEL, ModelError
 from cam_caffe.models import FileSpec, Model
 from cam_caffe.netdef import load_netdef
 from cam_caffe.synthetic import random_weights, save_caffemodel
 from conftest import ROOT
-from nets import SQUARE_LABELS, SQUARE_PROTOTXT
+from nets import SQUARE_LABELS, SQUARE_PROTOTXT, square_image, write_square_net
 
 # The same layer names with other sizes: a caffemodel of "another net".
 OTHER_PROTOTXT = SQUARE_PROTOTXT.replace("num_output: 2 kernel_size: 1",
@@ -228,6 +230,42 @@ def test_demo_model_absent_then_present(tmp_path, monkeypatch, blobs, capsys):
     assert main(["models", "list"]) == 0
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("demo "))
     assert "local" in line
+
+
+def test_default_model_missing_error_is_true(server, tmp_path, monkeypatch, capsys):
+    """Without its files, the main command names what is missing and the absolute folder;
+    copying the files there, or running the command it names, makes it run."""
+    register(monkeypatch, "http://models.invalid/cam", name=models.DEFAULT_MODEL)
+    monkeypatch.setattr(cli, "DEFAULT_WEIGHTS", tmp_path / "no-checkout-weights.caffemodel")
+    square = dict(zip(["tiny.prototxt", "tiny.caffemodel", "tiny.txt"],
+                      (p.read_bytes() for p in write_square_net(tmp_path))))
+    image = tmp_path / "square.png"
+    cv2.imwrite(str(image), square_image(60, 80))
+    folder = cache(models.DEFAULT_MODEL)
+    assert main([str(image), "--jsonl"]) == EXIT_MODEL
+    assert capsys.readouterr().err == (
+        f"cam-caffe: error: model 'googlenet-cam' is not downloaded (missing tiny.prototxt, "
+        f"tiny.txt, tiny.caffemodel in {folder}); run: cam-caffe models download googlenet-cam, "
+        "or pass --model demo, or --prototxt and --weights\n")
+
+    def runs() -> None:
+        assert main([str(image), "--jsonl"]) == 0
+        record = json.loads(capsys.readouterr().out)
+        assert record["model"]["weights"] == str(folder / "tiny.caffemodel")
+        assert record["top_k"][0]["label"] == "square"
+
+    folder.mkdir(parents=True)
+    for name, data in square.items():          # copied into the folder it names
+        (folder / name).write_bytes(data)
+    runs()
+    for name in square:                         # or the command it names
+        (folder / name).unlink()
+    server.files.update(square)
+    monkeypatch.setenv(models.BASE_URL_ENV, server.url)
+    assert main(["models", "download", "googlenet-cam", "-q"]) == 0
+    capsys.readouterr()
+    runs()
+    assert main([str(image), "--model", "demo", "--jsonl"]) == 0   # the other way out
 
 
 # ---------------------------------------------------------------- downloads that work
