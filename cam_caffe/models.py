@@ -1,15 +1,16 @@
-"""Known CAM models, and verified downloads of their files: ``cam-caffe models …``.
+"""Known CAM models, and checked downloads of their files: ``cam-caffe models …``.
 
     cam-caffe models list
     cam-caffe models download googlenet-cam [--base-url URL]
     cam-caffe models path googlenet-cam
 
 Files go to ``${XDG_CACHE_HOME:-~/.cache}/cam-caffe/models/<name>/``. A download
-lands under its final name only once verified: its size and SHA-256 where the
+lands under its final name only once checked: its size and SHA-256 where the
 registry knows them, and always that the prototxt has a CAM structure, that the
 weights parse as a caffemodel that fits the prototxt, and that the labels count
 the net's classes. A bad file is deleted; an interrupted one is kept as
-``<file>.part`` and resumed (HTTP Range) by the next try.
+``<file>.part`` and resumed (HTTP Range) by the next try. A file put into that
+folder by hand is used as it is, and checked by the next download.
 
 The files cam-caffe ships (the demo model, the GoogLeNet-CAM prototxt) are
 read from the installed package (``cam_caffe/data/``) or, in a source
@@ -262,12 +263,12 @@ def source_url(spec: FileSpec, base_url: str | None = None) -> str:
 
 def download(name: str, base_url: str | None = None, progress: bool = True,
              force: bool = False) -> tuple[Path, Path, Path | None]:
-    """Fetch and verify the files of ``name``; return (prototxt, weights, labels).
+    """Fetch and check the files of ``name``; return (prototxt, weights, labels).
 
-    Files already present are kept (``force`` fetches them again). ``base_url``
-    (default: ``$CAM_CAFFE_MODEL_BASE_URL``) fetches every remote file from
-    that folder by its name. ``progress`` draws a bar on stderr when it is a
-    terminal. A project-local model is only verified.
+    Files already present are checked and kept (``force`` fetches them again).
+    ``base_url`` (default: ``$CAM_CAFFE_MODEL_BASE_URL``) fetches every remote
+    file from that folder by its name. ``progress`` draws a bar on stderr when
+    it is a terminal. A model that ships with cam-caffe is only checked.
     """
     model = get(name)
     if model.local:
@@ -293,11 +294,13 @@ def download(name: str, base_url: str | None = None, progress: bool = True,
                 part = final.with_name(final.name + ".part")
                 if force and part.exists():
                     part.unlink()
-                _fetch(url, part, file.size, show, file.filename)
-                _check_file(kind, model, file, part, final, url, netdef, spec)
+                _fetch(url, part, final, file.size, show)
+                _check_download(kind, model, file, part, final, url, netdef, spec)
                 _publish(part, final)
             elif not final.is_file():
                 raise ModelError(f"{final}: {kind} file of model '{name}' is missing")
+            elif file.remote:                      # there already: maybe put there by hand
+                _check_present(kind, model, file, final, netdef, spec)
             if kind == "prototxt":
                 netdef, spec = _check_prototxt(model, final)
     return _paths(model)
@@ -307,22 +310,29 @@ class _Interrupted(Exception):
     """A transfer that stopped early and may be resumed."""
 
 
-def _fetch(url: str, part: Path, expected: int | None, show: bool, label: str) -> None:
-    """Download ``url`` into ``part``, resuming what is there; retry interruptions."""
+def _fetch(url: str, part: Path, final: Path, expected: int | None, show: bool) -> None:
+    """Download ``url`` into ``part`` (the ``.part`` of ``final``), resuming what is
+    there; retry interruptions."""
     for attempt in range(1, RETRIES + 1):
         try:
-            _fetch_once(url, part, expected, show, label)
+            _fetch_once(url, part, final, expected, show)
             return
         except _Interrupted as e:
             if attempt == RETRIES:
                 have = part.stat().st_size if part.exists() else 0
                 kept = (f"{have} bytes kept in {part}, run the command again to resume"
-                        if have else "run the command again to retry")
+                        if have else f"run the command again to retry, or {_elsewhere(final)}")
                 raise ModelError(f"{url}: download interrupted ({e}); {kept}") from None
             time.sleep(RETRY_DELAY * attempt)
 
 
-def _fetch_once(url: str, part: Path, expected: int | None, show: bool, label: str) -> None:
+def _elsewhere(final: Path) -> str:
+    """How else to get ``final`` when its server does not give it."""
+    return (f"fetch it from a mirror with --base-url URL (or ${BASE_URL_ENV}), "
+            f"or copy it to {final} and run the command again")
+
+
+def _fetch_once(url: str, part: Path, final: Path, expected: int | None, show: bool) -> None:
     # imported here: every cam-caffe run imports this module, few download (-15 ms start-up)
     import http.client
     import urllib.error
@@ -349,11 +359,14 @@ def _fetch_once(url: str, part: Path, expected: int | None, show: bool, label: s
             raise _Interrupted("the partial file does not match the server's; restarting")
         if e.code >= 500 or e.code in (408, 429):
             raise _Interrupted(f"HTTP {e.code} {e.reason}") from None
-        raise ModelError(f"{url}: HTTP {e.code} {e.reason}") from None
+        raise ModelError(f"{url}: HTTP {e.code} {e.reason}; {_elsewhere(final)}") from None
     except urllib.error.URLError as e:
         if isinstance(e.reason, (TimeoutError, ConnectionResetError, ConnectionAbortedError)):
             raise _Interrupted(_reason(e.reason)) from None
-        raise ModelError(f"{url}: cannot download: {_reason(e.reason)}") from None
+        if urllib.parse.urlsplit(url).scheme == "file":
+            raise ModelError(f"{url}: cannot read: {_reason(e.reason)}") from None
+        raise ModelError(f"{url}: cannot reach the server ({_reason(e.reason)}); "
+                         f"{_elsewhere(final)}") from None
     except (TimeoutError, ConnectionError, http.client.HTTPException) as e:
         raise _Interrupted(_reason(e)) from None
     except ValueError as e:                       # a malformed URL
@@ -373,7 +386,7 @@ def _fetch_once(url: str, part: Path, expected: int | None, show: bool, label: s
             total = length
         if total is None and length is not None and mode == "ab":
             total = have + length
-        bar = _Progress(label, total) if show else None
+        bar = _Progress(final.name, total) if show else None
         try:
             with open(part, mode) as f:
                 try:
@@ -428,30 +441,45 @@ def _publish(part: Path, final: Path) -> None:
 
 # ---------------------------------------------------------------- verification
 
-def _check_file(kind: str, model: Model, file: FileSpec, part: Path, final: Path, url: str,
-                netdef, spec) -> None:
-    """Verify a downloaded ``part`` file; delete it and raise ModelError on any problem."""
+def _check_file(kind: str, model: Model, file: FileSpec, path: Path, netdef, spec) -> None:
+    """Size and SHA-256 where known, and the structure of one file of ``model``
+    (``netdef``, ``spec``: its prototxt, for the weights and labels)."""
+    size = path.stat().st_size
+    if file.size is not None and size != file.size:
+        problem = (f"truncated: got {size} of {file.size} bytes" if size < file.size
+                   else f"too large: got {size} bytes, expected {file.size}")
+        raise ModelError(f"{path}: {problem}")
+    if file.sha256 is not None:
+        digest = _sha256(path)
+        if digest != file.sha256.lower():
+            raise ModelError(f"{path}: checksum mismatch: SHA-256 is {digest}, "
+                             f"expected {file.sha256.lower()}")
+    if kind == "prototxt":
+        _check_prototxt(model, path)
+    elif kind == "labels":
+        _check_labels(path, spec)
+    else:
+        _check_weights(netdef, path)
+
+
+def _check_download(kind: str, model: Model, file: FileSpec, part: Path, final: Path, url: str,
+                    netdef, spec) -> None:
+    """Check a downloaded ``part`` file; delete it and raise ModelError on any problem."""
     try:
-        size = part.stat().st_size
-        if file.size is not None and size != file.size:
-            problem = (f"truncated: got {size} of {file.size} bytes" if size < file.size
-                       else f"too large: got {size} bytes, expected {file.size}")
-            raise ModelError(f"{final}: {problem}")
-        if file.sha256 is not None:
-            digest = _sha256(part)
-            if digest != file.sha256.lower():
-                raise ModelError(f"{final}: checksum mismatch: SHA-256 is {digest}, "
-                                 f"expected {file.sha256.lower()}")
-        if kind == "prototxt":
-            _check_prototxt(model, part)
-        elif kind == "labels":
-            _check_labels(part, spec)
-        else:
-            _check_weights(netdef, part)
+        _check_file(kind, model, file, part, netdef, spec)
     except ModelError as e:
         part.unlink(missing_ok=True)
         message = str(e).replace(str(part), str(final))
         raise ModelError(f"{message} (downloaded from {url}; the file was deleted)") from None
+
+
+def _check_present(kind: str, model: Model, file: FileSpec, path: Path, netdef, spec) -> None:
+    """Check a file that was there before this download; keep it, say how to replace it."""
+    try:
+        _check_file(kind, model, file, path, netdef, spec)
+    except ModelError as e:
+        raise ModelError(f"{e} (it was there before this download: delete it, or use --force, "
+                         "to download it again)") from None
 
 
 def _check_prototxt(model: Model, path: Path):
@@ -591,11 +619,11 @@ class _Progress:
 def build_parser():
     from .cli import ArgumentParser      # here, not at the top: cli may import this module
     p = ArgumentParser(prog="cam-caffe models",
-                       description="List, download (verified) and locate known CAM models.")
+                       description="List, download (checked) and locate known CAM models.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     sub.add_parser("list", help="the known models, and whether they are downloaded")
-    d = sub.add_parser("download", help="download and verify a model's files")
+    d = sub.add_parser("download", help="download a model's files and check them")
     d.add_argument("names", nargs="*", metavar="NAME",
                    help=f"models to download (default {DEFAULT_MODEL})")
     d.add_argument("--base-url", metavar="URL",
@@ -615,6 +643,16 @@ def _status(model: Model) -> str:
     return "yes" if present else "no"
 
 
+def checked(model: Model) -> str:
+    """What a download of ``model`` checks: "verified" only against published checksums."""
+    if model.local:
+        return "structure checked (ships with cam-caffe)"
+    unsummed = [kind for kind, file in model.files() if file.remote and file.sha256 is None]
+    if unsummed:
+        return f"structure checked (no published checksum for its {', '.join(unsummed)})"
+    return "verified (published SHA-256) and structure checked"
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "list":
@@ -632,7 +670,7 @@ def main(argv: list[str]) -> int:
         for name in args.names or [DEFAULT_MODEL]:
             prototxt, weights, labels = download(name, base_url=args.base_url,
                                                  progress=not args.quiet, force=args.force)
-            print(f"{name}: verified")
+            print(f"{name}: {checked(get(name))}")
             _print_paths(prototxt, weights, labels)
         return EXIT_OK
     _print_paths(*model_path(args.name))

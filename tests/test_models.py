@@ -278,7 +278,8 @@ def test_download_through_the_cli(server, blobs, monkeypatch, capsys):
              sha256=hashlib.sha256(good).hexdigest())
     assert main(["models", "download", "tiny", "--base-url", server.url + "/"]) == 0
     out = capsys.readouterr().out
-    assert "tiny: verified" in out
+    # Only the weights have a published checksum: not "verified".
+    assert "tiny: structure checked (no published checksum for its prototxt, labels)\n" in out
     folder = cache("tiny")
     assert (folder / "tiny.caffemodel").read_bytes() == good
     assert (folder / "tiny.prototxt").read_bytes() == blobs["tiny.prototxt"]
@@ -484,12 +485,66 @@ def test_404_through_the_cli_is_one_line(server, blobs, monkeypatch, capsys):
     assert f"{server.url}/missing.caffemodel: HTTP 404" in err
 
 
-def test_connection_refused(blobs, monkeypatch):
-    with socket.socket() as s:                    # a port nothing listens on
+def _unreachable() -> str:
+    """The URL of a local port nothing listens on: a server that cannot be reached."""
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_connection_refused(blobs, monkeypatch):
+    url = _unreachable()
     register(monkeypatch, url)
-    with pytest.raises(ModelError, match=rf"^{re.escape(url)}/tiny\.prototxt: cannot download: "):
+    with pytest.raises(ModelError, match=rf"^{re.escape(url)}/tiny\.prototxt: cannot reach the "
+                                         r"server \(Connection refused\); "):
         models.download("tiny", progress=False)
     assert leftovers() == []
+
+
+def test_offline_download_says_how_to_get_the_files_and_that_works(blobs, monkeypatch, capsys):
+    """Offline: the one-line error names --base-url and the absolute path to copy the
+    file to; files copied there are checked and used without contacting the server."""
+    url = _unreachable()
+    register(monkeypatch, url)
+    folder = cache("tiny")
+    for name in ["tiny.prototxt", "tiny.txt", "tiny.caffemodel"]:   # the download order
+        assert main(["models", "download", "tiny"]) == EXIT_MODEL
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert err == (f"cam-caffe: error: {url}/{name}: cannot reach the server (Connection "
+                       f"refused); fetch it from a mirror with --base-url URL (or "
+                       f"${models.BASE_URL_ENV}), or copy it to {folder / name} and run the "
+                       "command again\n")
+        assert folder.is_absolute()
+        (folder / name).write_bytes(blobs[name])              # do what it says
+    assert main(["models", "download", "tiny"]) == 0
+    assert capsys.readouterr().out.startswith("tiny: structure checked (no published checksum")
+    assert models.model_path("tiny")[1] == folder / "tiny.caffemodel"
+    assert leftovers() == ["tiny.caffemodel", "tiny.prototxt", "tiny.txt"]
+
+
+def test_a_bad_file_put_there_by_hand_is_reported_and_kept(blobs, monkeypatch):
+    register(monkeypatch, _unreachable())
+    folder = cache("tiny")
+    folder.mkdir(parents=True)
+    for name in ["tiny.prototxt", "tiny.txt"]:
+        (folder / name).write_bytes(blobs[name])
+    (folder / "tiny.caffemodel").write_bytes(blobs["other.caffemodel"])   # another net's
+    with pytest.raises(ModelError, match=r"tiny\.caffemodel: does not fit its prototxt .*"
+                                         r"\(it was there before this download: delete it, "
+                                         r"or use --force, to download it again\)$"):
+        models.download("tiny", progress=False)
+    assert (folder / "tiny.caffemodel").read_bytes() == blobs["other.caffemodel"]
+
+
+def test_verified_only_with_published_checksums(monkeypatch):
+    good = hashlib.sha256(b"x").hexdigest()
+    tiny = register(monkeypatch, "http://models.invalid", sha256=good)
+    assert models.checked(tiny) == "structure checked (no published checksum for its prototxt, labels)"
+    all_summed = Model(name="x", description="", prototxt=FileSpec("http://h/p", None, good),
+                       weights=FileSpec("http://h/w", None, good), labels=None,
+                       num_classes=None, mean=None)
+    assert models.checked(all_summed) == "verified (published SHA-256) and structure checked"
+    assert models.checked(models.get("googlenet-cam")) == \
+        "structure checked (no published checksum for its labels, weights)"
+    assert models.checked(models.get("demo")) == "structure checked (ships with cam-caffe)"
