@@ -30,7 +30,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse that raises CamError instead of exiting, so errors stay one line."""
 
     def error(self, message: str) -> None:
-        raise CamError(f"{message} (see cam-caffe --help)", EXIT_USAGE)
+        raise CamError(f"{message} (see {self.prog} --help)", EXIT_USAGE)
 
 
 def _size(text: str) -> tuple[int, int]:

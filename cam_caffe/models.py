@@ -654,7 +654,11 @@ def checked(model: Model) -> str:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not argv:                                   # `cam-caffe models`: its own help
+        parser.print_help()
+        return EXIT_OK
+    args = parser.parse_args(argv)
     if args.command == "list":
         models = list_models()
         width = max(len(m.name) for m in models) + 2

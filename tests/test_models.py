@@ -548,3 +548,11 @@ def test_verified_only_with_published_checksums(monkeypatch):
     assert models.checked(models.get("googlenet-cam")) == \
         "structure checked (no published checksum for its labels, weights)"
     assert models.checked(models.get("demo")) == "structure checked (ships with cam-caffe)"
+
+
+def test_models_alone_shows_its_own_help(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: cam-caffe models ") and "download" in out and "path" in out
+    assert main(["models", "nosuch"]) == 2
+    assert "(see cam-caffe models --help)" in capsys.readouterr().err
