@@ -540,7 +540,8 @@ def test_a_bad_file_put_there_by_hand_is_reported_and_kept(blobs, monkeypatch):
 def test_verified_only_with_published_checksums(monkeypatch):
     good = hashlib.sha256(b"x").hexdigest()
     tiny = register(monkeypatch, "http://models.invalid", sha256=good)
-    assert models.checked(tiny) == "structure checked (no published checksum for its prototxt, labels)"
+    assert models.checked(tiny) == \
+        "structure checked (no published checksum for its prototxt, labels)"
     all_summed = Model(name="x", description="", prototxt=FileSpec("http://h/p", None, good),
                        weights=FileSpec("http://h/w", None, good), labels=None,
                        num_classes=None, mean=None)

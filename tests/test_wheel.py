@@ -67,16 +67,17 @@ def installed(tmp_path_factory) -> Installed:
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(*NOT_COPIED))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
     build = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-                            "-w", str(dist), str(src)], capture_output=True, text=True)
+                            "-w", str(dist), str(src)], capture_output=True, text=True,
+                           timeout=300)
     assert build.returncode == 0, build.stdout + build.stderr
     (wheel,) = dist.glob("cam_caffe-*.whl")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(base / "venv")],
-                   check=True)
+                   check=True, timeout=120)
     (base / "work").mkdir()
     env = Installed(base)
     install = subprocess.run([*pip, "--python", str(env.venv / "bin" / "python"), "install",
                               "--no-deps", "--no-index", str(wheel)],
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, timeout=300)
     assert install.returncode == 0, install.stdout + install.stderr
     # The dependencies: the project's venv, after the install (pip must not see its cam-caffe).
     (env.site / "borrowed-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
