@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -49,6 +50,11 @@ class Prediction:
         return raw if size is None else upsample(raw, size)
 
 
+def absolute(path: str | Path) -> Path:
+    """``path`` made absolute (not resolved: symbolic links stay as named)."""
+    return Path(os.path.abspath(path))
+
+
 class CAMNet:
     """A Caffe CAM network loaded into one backend."""
 
@@ -58,6 +64,13 @@ class CAMNet:
                  feature_blob: str | None = None, fc_layer: str | None = None,
                  allow_python_layers: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
                  verbose: bool = False) -> None:
+        # What rebuilds this net in another process (a Dask worker): paths made absolute.
+        self.arguments = dict(
+            prototxt=absolute(prototxt), weights=absolute(weights), backend=backend, gpu=gpu,
+            mean=absolute(mean) if mean and Path(mean).is_file() else mean, scale=scale,
+            input_size=input_size, labels=absolute(labels) if labels else None,
+            feature_blob=feature_blob, fc_layer=fc_layer,
+            allow_python_layers=allow_python_layers, max_pixels=max_pixels, verbose=verbose)
         self.netdef = load_netdef(prototxt, input_size=input_size,
                                   allow_python_layers=allow_python_layers)
         weights = self.weights = Path(weights)

@@ -20,10 +20,10 @@ import time
 import threading
 from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import TYPE_CHECKING, Iterator, TextIO
 
 import cv2
 import numpy as np
@@ -35,6 +35,9 @@ from .inputs import Input
 from .labels import class_name
 from .output import write_bytes, write_image
 from .render import DEFAULT_ALPHA, heatmap, overlay_paper, overlay_seed
+
+if TYPE_CHECKING:
+    import distributed
 
 SAVE_KINDS = ("overlay", "heatmap", "npy", "json")
 
@@ -60,6 +63,11 @@ class Options:
     batch_size: int = 16
     jsonl: bool = False
     quiet: bool = False
+
+    @property
+    def maps(self) -> int:
+        """How many maps each image gets: one per class asked for, else the top-k."""
+        return len(self.classes) if self.classes else self.top_k
 
 
 @dataclass
@@ -267,11 +275,10 @@ def pending_inputs(inputs: list[Input], options: Options, report: Report) -> lis
     """The inputs to process: those whose outputs would overwrite an input fail, and
     with ``skip_existing`` those whose outputs all exist are skipped."""
     protected = {item.path.resolve() for item in inputs}
-    maps = len(options.classes) if options.classes else options.top_k
     todo = []
     for item in inputs:
         if options.output_dir is not None:
-            paths = output_paths(item, options, maps).values()
+            paths = output_paths(item, options, options.maps).values()
             if any(p.resolve() in protected for p in paths):
                 report.failed.append((item.path, OutputError(
                     f"{item.path}: an output would overwrite an input image")))
@@ -301,24 +308,32 @@ def local_chunks(net: CAMNet, chunks: list[list[Input]],
             yield in_flight.popleft().result()
 
 
-def run_batch(net: CAMNet, inputs: list[Input], options: Options,
-              out: TextIO | None = None) -> Report:
-    """Process ``inputs`` in chunks of ``options.batch_size``; records go to ``out``
-    in input order as chunks finish."""
+def run_batch(net: CAMNet, inputs: list[Input], options: Options, out: TextIO | None = None,
+              client: distributed.Client | str | None = None) -> Report:
+    """Process ``inputs`` in chunks of ``options.batch_size``, in this process or, with
+    ``client`` (a ``distributed.Client`` or a ``--dask`` address), on a Dask cluster
+    (``cluster.py``). Records go to ``out`` as chunks finish: in input order here, in
+    the order chunks complete on a cluster."""
     out = out or sys.stdout
     report = Report()
     todo = pending_inputs(inputs, options, report)
     chunks = [todo[i:i + options.batch_size] for i in range(0, len(todo), options.batch_size)]
     progress = Progress(len(todo), sys.stderr.isatty() and not options.quiet)
+    if client is None:
+        results = local_chunks(net, chunks, options)
+    else:
+        from .cluster import cluster_chunks
+        results = cluster_chunks(client, net, chunks, options)
     handled = 0
-    for result in local_chunks(net, chunks, options):
-        report.failed.extend(result.failed)
-        report.done += len(result.records)
-        for record in result.records:
-            if options.jsonl:
-                print(json.dumps(record), file=out, flush=True)
-            elif not options.quiet:
-                print_record(record, out)
-        handled += result.size
-        progress.update(handled)
+    with closing(results):       # stop the chunks in flight even when printing fails
+        for result in results:
+            report.failed.extend(result.failed)
+            report.done += len(result.records)
+            for record in result.records:
+                if options.jsonl:
+                    print(json.dumps(record), file=out, flush=True)
+                elif not options.quiet:
+                    print_record(record, out)
+            handled += result.size
+            progress.update(handled)
     return report

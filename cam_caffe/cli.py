@@ -12,6 +12,7 @@ from .api import CAMNet, Prediction
 from .backends import BACKENDS
 from .batch import SAVE_KINDS, Options, print_record, process, render_overlay, run_batch
 from .boxes import Box
+from .cluster import check_address, dask_client
 from .errors import (EXIT_BROKEN_PIPE, EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, CamError,
                      ModelError)
 from .image import DEFAULT_MAX_PIXELS
@@ -59,6 +60,13 @@ def parse_shard_arg(text: str) -> tuple[int, int]:
         return parse_shard(text)
     except CamError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def parse_dask(text: str) -> str:
+    try:
+        return check_address(text)
+    except CamError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--dask ")) from None
 
 
 def parse_save(text: str) -> tuple[str, ...]:
@@ -124,6 +132,9 @@ def build_parser() -> ArgumentParser:
                      help="process only shard I of N (0 <= I < N), for job arrays")
     run.add_argument("--skip-existing", action="store_true",
                      help="skip images whose outputs all exist (resume a run)")
+    run.add_argument("--dask", type=parse_dask, metavar="ADDRESS",
+                     help="run the batch on a Dask cluster: local[:N] (N worker processes "
+                          "here, default one per core), tcp://host:port or a scheduler file")
     out = p.add_argument_group("output")
     out.add_argument("-o", "--output", type=Path, metavar="OUT",
                      help="write the first map's overlay to OUT (png, jpg, …); one image only")
@@ -253,6 +264,8 @@ def run(argv: list[str]) -> int:
         inputs = [item for item in inputs if in_shard(item, args.shard)]
     if not inputs:
         raise CamError("no input images found", EXIT_INPUT)
+    if args.dask and (args.output or args.show):
+        raise CamError("--dask runs a batch: use --output-dir instead of -o/--show")
     if (args.output or args.show) and len(inputs) > 1:
         raise CamError(f"-o and --show take one image, got {len(inputs)}; use --output-dir")
     net = load_net(args)
@@ -260,7 +273,11 @@ def run(argv: list[str]) -> int:
     if args.output or args.show:
         single(net, inputs[0], options, args)
         return EXIT_OK
-    report = run_batch(net, inputs, options)
+    if args.dask:
+        with dask_client(args.dask, quiet=not args.verbose) as client:
+            report = run_batch(net, inputs, options, client=client)
+    else:
+        report = run_batch(net, inputs, options)
     for _, error in report.failed:
         print(f"cam-caffe: error: {error}", file=sys.stderr)
     if report.failed:

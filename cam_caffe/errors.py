@@ -9,6 +9,7 @@ EXIT_MODEL = 3         # the model files cannot be used
 EXIT_INPUT = 4         # no usable input image at all
 EXIT_OUTPUT = 5        # an output could not be written
 EXIT_BACKEND = 6       # the backend failed (missing library, GPU, crash)
+EXIT_CLUSTER = 7       # the Dask cluster cannot be used or was lost (--dask)
 EXIT_INTERNAL = 70     # a bug in cam-caffe (CAM_CAFFE_DEBUG=1 shows the traceback)
 EXIT_BROKEN_PIPE = 141  # stdout was closed by its reader (128 + SIGPIPE, as shells report)
 
@@ -22,6 +23,10 @@ class CamError(Exception):
         super().__init__(message)
         if exit_code is not None:
             self.exit_code = exit_code
+
+    def __reduce__(self):
+        """Pickled with its exit code (a Dask worker's errors reach the client)."""
+        return type(self), (str(self), self.exit_code)
 
 
 class ModelError(CamError):
@@ -46,3 +51,9 @@ class BackendError(CamError):
     """A backend that is missing or failed."""
 
     exit_code = EXIT_BACKEND
+
+
+class ClusterError(CamError):
+    """A Dask cluster that cannot be reached, or whose scheduler went away."""
+
+    exit_code = EXIT_CLUSTER

@@ -17,6 +17,7 @@ import struct
 import tempfile
 import zlib
 from pathlib import Path
+from typing import Iterable
 
 import cv2
 import numpy as np
@@ -60,6 +61,26 @@ def temporary_beside(path: Path) -> tuple[int, str]:
     missing): (open descriptor, name). OSError when the folder is not writable."""
     path.parent.mkdir(parents=True, exist_ok=True)
     return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+
+
+def remove_temporaries(targets: Iterable[Path]) -> None:
+    """Remove the temporaries that :func:`temporary_beside` made for ``targets`` and
+    a killed writer left behind. Only while no writer of those targets runs."""
+    by_folder: dict[Path, set[str]] = {}
+    for target in targets:
+        by_folder.setdefault(target.parent, set()).add(target.name)
+    for folder, names in by_folder.items():
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:     # .<name>.<8 random characters>.tmp
+            name = entry.name
+            if name.startswith(".") and name.endswith(".tmp") and name[1:-13] in names:
+                try:
+                    os.unlink(entry.path)
+                except OSError:
+                    pass
 
 
 def publish(temporary: str | Path, path: str | Path) -> None:

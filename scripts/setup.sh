@@ -29,5 +29,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 echo "==> installing cam-caffe into .venv"
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,onnx]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,onnx,dask]"
 echo "==> done: .venv/bin/cam-caffe --help"

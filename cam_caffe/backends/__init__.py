@@ -12,6 +12,7 @@ exposes the CAM weights (C × K).
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from dataclasses import dataclass
 from typing import Protocol
@@ -48,6 +49,14 @@ class Backend(Protocol):
 AUTO_ORDER = ("onnxruntime", "opencv", "caffe")
 AUTO_ORDER_GPU = ("caffe", "onnxruntime")
 _MODULES = {"caffe": "caffe", "onnxruntime": "onnxruntime", "opencv": "cv2"}
+
+
+def cpu_threads() -> int:
+    """Threads for a CPU forward pass: ``OMP_NUM_THREADS`` when it is a positive
+    integer (a Dask worker's nanny sets 1: one worker process per core), else one
+    per core."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else os.cpu_count() or 1
 
 
 def installed(name: str) -> bool:

@@ -21,7 +21,7 @@ from ..camspec import CamSpec
 from ..errors import BackendError, ModelError, OutputError
 from ..netdef import CaffeModel, NetDef
 from ..output import cache_home, publish, temporary_beside, write_bytes
-from . import Forward, identity_or, scores_to_probs
+from . import Forward, cpu_threads, identity_or, scores_to_probs
 
 
 def import_onnxruntime():
@@ -71,7 +71,7 @@ class OnnxRuntimeBackend:
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": gpu}))
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = os.cpu_count() or 1
+        options.intra_op_num_threads = cpu_threads()
         options.log_severity_level = 3
         # On the CPU, the memory pattern only cost: a second set of activation buffers
         # (GoogLeNet-CAM at batch 16: 444 instead of 289 MiB peak, 40k more page

@@ -5,7 +5,6 @@ layer that writes it (with Caffe's in-place ReLU: ``CAM_relu``, not ``CAM_conv``
 """
 from __future__ import annotations
 
-import os
 import re
 
 import cv2
@@ -17,7 +16,7 @@ from ..camspec import CamSpec
 from ..errors import BackendError, ModelError
 from ..netdef import CaffeModel, NetDef, blob_shape
 from ..synthetic import blob as blob_of
-from . import Forward, identity_or, scores_to_probs
+from . import Forward, cpu_threads, identity_or, scores_to_probs
 
 
 class OpenCVBackend:
@@ -40,7 +39,7 @@ class OpenCVBackend:
             cv2.cuda.setDevice(gpu)
             self.net.setPreferableBackend(cv2.dnn.DNN_BACKEND_CUDA)
             self.net.setPreferableTarget(cv2.dnn.DNN_TARGET_CUDA)
-        cv2.setNumThreads(os.cpu_count() or 1)
+        cv2.setNumThreads(cpu_threads())
         self.outputs = [spec.score_layer, spec.feature_layer]
         try:               # OpenCV creates layers lazily: fail now, not on the first image
             self.net.setInput(np.zeros(netdef.input_shape, np.float32))
