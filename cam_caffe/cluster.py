@@ -79,18 +79,24 @@ def dask_client(address: str, quiet: bool = False) -> Iterator[distributed.Clien
             workers = int(local.group(1) or len(os.sched_getaffinity(0)))
             cluster = distributed.LocalCluster(
                 n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                dashboard_address=None, silence_logs=logging.CRITICAL if quiet else logging.WARN)
+                dashboard_address="127.0.0.1:0",
+                silence_logs=logging.CRITICAL if quiet else logging.WARN)
             client = distributed.Client(cluster)
         elif "://" in address:
             client = distributed.Client(address)
         else:
             client = distributed.Client(scheduler_file=address)
-    except (OSError, TimeoutError, ValueError, KeyError) as e:
+    except (OSError, TimeoutError, ValueError, KeyError, RuntimeError) as e:
         if cluster is not None:
             cluster.close()
         logging.disable(logged)
+        # RuntimeError: a local worker process did not start, typically a script's
+        # code that the fresh Python of a worker runs again when it imports the script.
+        hint = (" (a Python script that starts a local cluster needs the "
+                "'if __name__ == \"__main__\":' guard)" if isinstance(e, RuntimeError) else "")
         raise ClusterError(f"--dask {address}: cannot start or reach the cluster: "
-                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                           f"{hint}") from None
     try:
         yield client
     finally:

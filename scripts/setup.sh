@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up cam-caffe on Debian 12 / Ubuntu: a virtual environment in .venv with
-# the package, its test tools and the ONNX extras. Installs python3 and
+# the package, its test tools, the ONNX and the Dask extras. Installs python3 and
 # python3-venv with apt when they are missing (as root, or through sudo).
 # Usage: scripts/setup.sh
 set -euo pipefail
