@@ -1,7 +1,12 @@
-"""Shared fixtures: paths to ../shared, tiny generated nets, and the pycaffe rule.
+"""Shared fixtures: paths to ../shared, tiny generated nets, the pycaffe rule, and a
+private home.
 
-Tests that need ../shared skip only when it is absent, and fail instead under
-CI=true. Tests that need pycaffe never skip under CI=true.
+``IN_CI`` is the one definition of "in CI" (``CI=true``, any case): tests that need
+../shared skip only when it is absent, and fail instead in CI; tests that need
+pycaffe never skip in CI. Every test runs with ``HOME`` and ``XDG_CACHE_HOME`` in a
+temporary folder of the session, so no test reads or writes the user's caches
+(ONNX models, downloads) or dotfiles; ``USER_CACHE`` is the user's real cache root,
+for the few tests that read what scripts/install_pycaffe.sh left there.
 """
 from __future__ import annotations
 
@@ -12,7 +17,23 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "fixtures"
-IN_CI = os.environ.get("CI") == "true"
+IN_CI = os.environ.get("CI", "").lower() == "true"
+USER_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_home(tmp_path_factory):
+    """HOME and XDG_CACHE_HOME in a session temporary folder (children inherit them)."""
+    home = tmp_path_factory.mktemp("home")
+    saved = {name: os.environ.get(name) for name in ("HOME", "XDG_CACHE_HOME")}
+    os.environ["HOME"] = str(home)
+    os.environ["XDG_CACHE_HOME"] = str(home / ".cache")
+    yield home
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def shared(*parts: str) -> Path:

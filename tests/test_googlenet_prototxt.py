@@ -21,6 +21,8 @@ import pytest
 from google.protobuf import text_format
 from google.protobuf.message import Message
 
+from conftest import IN_CI
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 OFFICIAL = SHARED / "fixtures" / "googlenet_cam" / "deploy_googlenetCAM.prototxt"
@@ -52,7 +54,7 @@ def _parse(path: Path) -> Message:
 def official() -> Message:
     if not SHARED.is_dir():
         reason = f"shared fixtures folder {SHARED} is absent (upstream prototxt not available)"
-        if os.environ.get("CI", "").lower() == "true":
+        if IN_CI:
             pytest.fail(f"CI=true but {reason}")
         pytest.skip(reason)
     assert OFFICIAL.is_file(), f"{SHARED} exists but the upstream fixture {OFFICIAL} is missing"

@@ -13,13 +13,13 @@ from ``../shared/fixtures``.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
+from conftest import IN_CI
+
 if IN_CI:       # CI installs the "onnx" extra: a missing package is an error there
     import onnx
     import onnxruntime as ort
@@ -434,12 +434,22 @@ def test_pooling_matches_caffe_loops(tmp_path, name):
     assert_close(model.onnxruntime().forward(x).features, expected, name)
 
 
-def test_pooling_sizes_differ_from_floor_rounding():
-    """The cases above do test Caffe's rounding: floor would give other sizes."""
-    assert caffe_pool(np.zeros((1, 1, 7, 7)), (2, 2), (2, 2), (0, 0), "MAX").shape[2:] == (4, 4)
-    assert caffe_pool(np.zeros((1, 1, 8, 8)), (3, 3), (2, 2), (1, 1), "AVE").shape[2:] == (5, 5)
-    assert caffe_pool(np.zeros((1, 1, 5, 5)), (3, 3), (3, 3), (1, 1), "AVE").shape[2:] == (2, 2)
-    assert (7 - 2) // 2 + 1 == 3 and (8 + 2 - 3) // 2 + 1 == 4
+# The output size of each case, worked out by hand from Caffe's rule (see POOL_CASES):
+# ceil rounding, then one window less where the last would start in the padding;
+# floor for ceil_mode: false. Floor rounding would give 3x3, 4x4, 2x2, 5x4 and 4x4.
+POOL_SIZES = {"7_k2_s2": (4, 4), "8_k3_s2_p1": (5, 5), "5_k3_s3_p1": (2, 2),
+              "10x11_rect": (6, 4), "floor": (4, 4)}
+
+
+@pytest.mark.parametrize("name", sorted(POOL_CASES))
+def test_pooling_output_sizes_are_caffes(tmp_path, name):
+    """cam-caffe's shape inference, and the NumPy reference above, give Caffe's sizes."""
+    shape, params, args = POOL_CASES[name]
+    path = tmp_path / "pool.prototxt"
+    path.write_text(pool_net(*shape, params))
+    expected = POOL_SIZES[name.split("_", 1)[1]]
+    assert load_netdef(path).shapes["pool"][2:] == expected
+    assert caffe_pool(np.zeros((1, 1, *shape[1:])), *args).shape[2:] == expected
 
 
 def test_lrn_matches_caffe_formula(tmp_path):
