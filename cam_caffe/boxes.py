@@ -84,16 +84,19 @@ def eroded_mask(heatmap: np.ndarray, threshold: int) -> np.ndarray:
 
 
 def contour_boxes(mask: np.ndarray) -> list[Box]:
-    """Bounding boxes of all contours, outer and hole (RETR_CCOMP), clipped as dt_box does."""
+    """Bounding boxes of all contours, outer and hole (RETR_CCOMP), clipped as dt_box does.
+
+    A contour that starts inside the 5-pixel margin dt_box cuts off at the right or
+    bottom gets a negative or zero size there; such a box is dropped here.
+    """
     height, width = mask.shape
     contours, _ = cv2.findContours(mask, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     boxes = []
     for contour in contours:
         x, y, w, h = cv2.boundingRect(contour)
-        boxes.append(Box(int(np.clip(x, 0, width - DT_MARGIN)),
-                         int(np.clip(y, 0, height - DT_MARGIN)),
-                         int(np.clip(w, 0, width - x - DT_MARGIN)),
-                         int(np.clip(h, 0, height - y - DT_MARGIN))))
+        w, h = min(w, width - x - DT_MARGIN), min(h, height - y - DT_MARGIN)
+        if w > 0 and h > 0:
+            boxes.append(Box(x, y, w, h))
     return boxes
 
 
