@@ -176,3 +176,19 @@ def test_batch_cli_exit_codes_in_a_subprocess(square_net, tmp_path):
                            capture_output=True, text=True)
     assert child.returncode == 4 and "Traceback" not in child.stderr
     assert f"{bad}: " in child.stderr
+
+
+def test_shard_membership_does_not_depend_on_where_the_tree_is(tmp_path):
+    """The same relative tree under two roots (as on two machines of a job array)
+    splits the same way: membership follows the output stem, not the absolute path."""
+    for root in ("a", "elsewhere/b"):
+        for i in range(40):
+            folder = tmp_path / root / f"sub{i % 3}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{i}.png").write_bytes(b"")
+    split = {}
+    for root in ("a", "elsewhere/b"):
+        items = collect([str(tmp_path / root)])
+        split[root] = {str(i.stem): k for i in items for k in range(4) if in_shard(i, (k, 4))}
+        assert len(split[root]) == 40 and len(set(split[root].values())) == 4
+    assert split["a"] == split["elsewhere/b"]

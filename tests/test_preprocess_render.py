@@ -181,3 +181,16 @@ def test_png_encoder_rejects_other_images():
         encode_png(np.zeros((4, 4, 4), np.uint8))
     with pytest.raises(ValueError, match="uint8 BGR or grey"):
         encode_png(np.zeros((4, 4), np.float32))
+
+
+def test_default_mean_is_the_ilsvrc_mean_in_bgr_order():
+    """Without --mean (and none in the prototxt) a 3-channel net subtracts ImageNet's
+    mean, in Caffe's BGR order: the channel means of BVLC's mean image, rounded."""
+    ilsvrc = np.load(shared("imagenet", "ilsvrc_2012_mean.npy"))
+    default = parse_mean(None)
+    np.testing.assert_allclose(default, ilsvrc.mean(axis=(1, 2)), atol=0.5)
+    assert default.tolist() == [104.0, 117.0, 123.0]
+    image = np.zeros((4, 4, 3), np.uint8)
+    image[..., 0] = 200                                     # blue (BGR), as decoded
+    batch = Preprocessor((4, 4), default)([image])
+    np.testing.assert_allclose(batch[0, :, 0, 0], [200 - 104, -117, -123])
