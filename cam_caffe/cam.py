@@ -1,8 +1,16 @@
 """Class Activation Maps: CAM_c = Σ_k w_ck · F_k, for many images and classes at once."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import cv2
 import numpy as np
+
+from .camspec import CamSpec
+from .netdef import NetDef, layer_blobs, stored_layers
+
+if TYPE_CHECKING:
+    from . import proto
 
 
 def class_activation_maps(features: np.ndarray, weights: np.ndarray,
@@ -16,6 +24,18 @@ def class_activation_maps(features: np.ndarray, weights: np.ndarray,
     selected = weights[classes]                                  # (N, M, K)
     maps = np.matmul(selected, features.reshape(n, k, h * w))    # (N, M, h*w)
     return maps.reshape(n, -1, h, w)
+
+
+def cam_weights(netdef: NetDef, weights: "proto.NetParameter", spec: CamSpec) -> np.ndarray:
+    """The CAM head's W as (C, K) float32, read from the parsed caffemodel ``weights``;
+    the identity for a head without FC (global pooling straight into Softmax)."""
+    if spec.fc_layer is None:
+        return np.eye(spec.num_classes, dtype=np.float32)
+    fc = layer_blobs(netdef, stored_layers(weights), netdef.layer(spec.fc_layer))[0]
+    fc = fc.reshape(fc.shape[0], -1)
+    if fc.shape == (spec.channels, spec.num_classes) != (spec.num_classes, spec.channels):
+        fc = fc.T                          # InnerProduct with transpose: true
+    return np.ascontiguousarray(fc, np.float32)
 
 
 def upsample(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -1,10 +1,14 @@
-"""Find the layers a Class Activation Map needs: feature blob → global average pool → FC.
+"""Find the layers the maps need: the target (feature) blob, the class scores, the CAM head.
 
 CAM needs the blob that enters a global average pooling (its value after any
 in-place layers, as Caffe's blob holds it), and the InnerProduct that maps the
 pooled vector to class scores: CAM_c = Σ_k w_ck · F_k. A net whose pooled
 feature goes straight into a Softmax (NIN, SqueezeNet) has one feature channel
 per class, so its weights are the identity.
+
+The other methods (Grad-CAM, Score-CAM, …) work on any classification net:
+:func:`find_target` takes the CAM blob where the net has the CAM head, else
+the last blob with a spatial size > 1 that the class scores depend on.
 """
 from __future__ import annotations
 
@@ -30,6 +34,9 @@ class CamSpec:
     num_classes: int
     channels: int           # K
     feature_size: tuple[int, int]   # (h, w)
+    logit_blob: str = ""    # the class scores before the final Softmax (= score_blob if none)
+    logit_layer: str = ""
+    cam_head: bool = True   # False: no GAP → FC head at feature_blob (no `cam` method)
 
 
 def _is_global_average(netdef: NetDef, layer) -> bool:
@@ -97,7 +104,8 @@ def find_cam_layers(netdef: NetDef, feature_blob: str | None = None,
         channels = shape[1] if shape else 0
         score_blob, score_layer, softmax = _score_output(netdef, pool.top[0])
         return CamSpec(feature, netdef.producers[feature], None, score_blob, score_layer,
-                       softmax, channels, channels, tuple(shape[2:]) if shape else (0, 0))
+                       softmax, channels, channels, tuple(shape[2:]) if shape else (0, 0),
+                       *_logit(netdef, score_blob, softmax))
     return _spec(netdef, feature, fc)
 
 
@@ -111,7 +119,8 @@ def _spec(netdef: NetDef, feature: str, fc) -> CamSpec:
                          f"but feature blob '{feature}' has {shape[1]} channels")
     score_blob, score_layer, softmax = _score_output(netdef, fc.top[0])
     return CamSpec(feature, netdef.producers[feature], fc.name, score_blob, score_layer,
-                   softmax, fc.inner_product_param.num_output, shape[1], tuple(shape[2:]))
+                   softmax, fc.inner_product_param.num_output, shape[1], tuple(shape[2:]),
+                   *_logit(netdef, score_blob, softmax))
 
 
 def _explicit(netdef: NetDef, feature_blob: str | None, fc_layer: str) -> CamSpec:
@@ -127,3 +136,85 @@ def _explicit(netdef: NetDef, feature_blob: str | None, fc_layer: str) -> CamSpe
     if feature_blob not in netdef.shapes:
         raise ModelError(f"{netdef.path}: no blob named '{feature_blob}'")
     return _spec(netdef, feature_blob, fc)
+
+
+def _logit(netdef: NetDef, score_blob: str, softmax: bool) -> tuple[str, str]:
+    """(blob, layer) of the logits: the final Softmax's input, else the score blob."""
+    blob = netdef.layer(netdef.producers[score_blob]).bottom[0] if softmax else score_blob
+    return blob, netdef.producers[blob]
+
+
+def find_target(netdef: NetDef, feature_blob: str | None = None,
+                fc_layer: str | None = None) -> CamSpec:
+    """The spec of any classification net: its CAM head where it has one (and
+    ``feature_blob`` is that head's blob), else ``feature_blob`` or, by default, the
+    last blob with a spatial size > 1 that the class scores depend on (no CAM head).
+
+    Raises ModelError listing the candidate blobs for an unusable ``feature_blob``.
+    """
+    try:
+        return find_cam_layers(netdef, feature_blob, fc_layer)
+    except ModelError:
+        if fc_layer:
+            raise
+    score_blob, score_layer, softmax = _final_scores(netdef)
+    logit_blob, logit_layer = _logit(netdef, score_blob, softmax)
+    candidates = spatial_blobs(netdef, logit_blob)
+    if not candidates:
+        raise ModelError(f"{netdef.path}: no blob with a spatial size > 1 feeds the class "
+                         f"scores '{logit_blob}'")
+    if feature_blob is None:
+        feature_blob = candidates[-1]
+    elif feature_blob not in candidates:
+        shape = netdef.shapes.get(feature_blob)
+        why = ("no blob of that name" if feature_blob not in netdef.shapes
+               else f"its spatial size is 1 ({'x'.join(map(str, shape[2:]))})"
+               if shape and len(shape) == 4 and shape[2] * shape[3] == 1
+               else f"the class scores '{logit_blob}' do not depend on it"
+               if shape and len(shape) == 4 else f"it is not an N×C×H×W blob ({shape})")
+        listed = candidates[-12:]
+        more = f" and {len(candidates) - 12} earlier" if len(candidates) > 12 else ""
+        raise ModelError(f"{netdef.path}: --feature-blob '{feature_blob}': {why}; candidates "
+                         f"(input to output): {', '.join(listed)}{more}")
+    shape = netdef.shapes[feature_blob]
+    return CamSpec(feature_blob, netdef.producers[feature_blob], None, score_blob, score_layer,
+                   softmax, netdef.shapes[logit_blob][1], shape[1], tuple(shape[2:]),
+                   logit_blob, logit_layer, cam_head=False)
+
+
+def _final_scores(netdef: NetDef) -> tuple[str, str, bool]:
+    """The net's class scores: the last blob nothing reads (a Softmax's output or not)."""
+    read = {b for layer in netdef.net.layer for b in layer.bottom if b not in layer.top}
+    outputs = [top for layer in netdef.net.layer for top in layer.top
+               if top not in read and top != netdef.input_name]
+    if not outputs:
+        raise ModelError(f"{netdef.path}: the net has no output blob")
+    blob = outputs[-1]
+    shape = netdef.shapes.get(blob)
+    if shape is None or len(shape) < 2 or any(d != 1 for d in shape[2:]):
+        raise ModelError(f"{netdef.path}: the output blob '{blob}' is not a vector of class "
+                         f"scores (shape {shape})")
+    layer = netdef.layer(netdef.producers[blob])
+    return blob, layer.name, layer.type == "Softmax"
+
+
+def spatial_blobs(netdef: NetDef, output: str) -> list[str]:
+    """Blobs that ``output`` depends on with shape N×C×H×W, H·W > 1, input to output."""
+    needed, stack = set(), [output]
+    while stack:
+        blob = stack.pop()
+        if blob in needed or blob == netdef.input_name:
+            continue
+        needed.add(blob)
+        for layer in netdef.net.layer:
+            if blob in layer.top:
+                stack.extend(layer.bottom)
+    order = []
+    for layer in netdef.net.layer:
+        for top in layer.top:
+            shape = netdef.shapes.get(top)
+            if (top in needed and shape and len(shape) == 4 and shape[2] * shape[3] > 1):
+                if top in order:
+                    order.remove(top)        # in-place: placed at its last writer
+                order.append(top)
+    return order

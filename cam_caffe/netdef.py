@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
+
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 
@@ -326,10 +328,11 @@ def _drop_losses(net: "proto.NetParameter") -> None:
     _replace_layers(net, kept)
 
 
-def _with_input(net: "proto.NetParameter", name: str, shape: Shape) -> "proto.NetParameter":
-    """A copy of ``net`` whose first layer is an Input layer of ``shape``."""
+def _with_input(net: "proto.NetParameter", name: str, shape: Shape,
+                layer_name: str | None = None) -> "proto.NetParameter":
+    """A copy of ``net`` whose first layer is an Input layer of ``shape`` (top ``name``)."""
     out = proto.NetParameter(name=net.name)
-    layer = out.layer.add(name=name, type="Input", top=[name])
+    layer = out.layer.add(name=layer_name or name, type="Input", top=[name])
     layer.input_param.shape.add(dim=list(shape))
     out.layer.extend(net.layer)
     return out
@@ -578,3 +581,61 @@ def check_weights(netdef: NetDef, weights: "proto.NetParameter", weights_path: P
     if learnable and not matched:
         raise ModelError(f"{weights_path}: does not fit {netdef.path}: "
                          "no layer of the prototxt has weights in this caffemodel")
+
+
+def stored_layers(weights: "proto.NetParameter") -> dict[str, object]:
+    """The caffemodel's layers that hold blobs, by name (Caffe copies weights by name)."""
+    return {l.name: l for l in weights.layer if l.blobs}
+
+
+def layer_blobs(netdef: NetDef, stored: dict[str, object], layer) -> list[np.ndarray]:
+    """The blobs of ``layer`` (``stored``: from :func:`stored_layers`) as float32 arrays.
+
+    They get the shapes Caffe gives the layer's parameters, so legacy 4-D blob
+    shapes (``1 × 1 × out × in`` for an InnerProduct) come out right.
+    """
+    source = stored.get(layer.name)
+    if source is None:
+        raise ModelError(f"{netdef.path}: layer '{layer.name}' ({layer.type}) has no weights "
+                         "in the caffemodel")
+    expected = param_shapes(netdef, layer) or []
+    arrays = []
+    for i, b in enumerate(source.blobs):
+        data = np.array(b.data if len(b.data) else b.double_data, np.float32)
+        shape = expected[i] if i < len(expected) else blob_shape(b)
+        if data.size != math.prod(shape):
+            raise ModelError(f"layer '{layer.name}' blob {i} holds {data.size} values, "
+                             f"its shape {list(shape)} needs {math.prod(shape)}")
+        arrays.append(data.reshape(shape))
+    return arrays
+
+
+def tail(netdef: NetDef, blob: str, outputs: list[str]) -> NetDef:
+    """The part of ``netdef`` after ``blob`` that ``outputs`` need, as a net whose input
+    is ``blob`` (its value after any in-place layers, as the next layer reads it).
+
+    Raises ModelError when those layers also read a blob computed before ``blob``
+    that does not come from it (``blob`` does not cut the net there).
+    """
+    layers = list(netdef.net.layer)
+    last = max(i for i, layer in enumerate(layers) if blob in layer.top)
+    needed, kept = set(outputs), []
+    for layer in reversed(layers[last + 1:]):
+        if any(top in needed for top in layer.top):
+            kept.append(layer)
+            needed.difference_update(layer.top)
+            needed.update(layer.bottom)
+    needed.discard(blob)
+    if needed:
+        raise ModelError(
+            f"{netdef.path}: the layers after blob '{blob}' also read blob "
+            f"'{sorted(needed)[0]}', computed before it: choose a blob that every path to "
+            "the class scores goes through")
+    shape = netdef.shapes[blob]
+    names = {layer.name for layer in layers}
+    input_layer = next(f"{blob}/input{i or ''}" for i in range(len(names) + 1)
+                       if f"{blob}/input{i or ''}" not in names)   # weights never match it
+    net = _with_input(proto.NetParameter(name=netdef.net.name), blob, shape, input_layer)
+    net.layer.extend(reversed(kept))
+    shapes, producers = infer_shapes(net, netdef.path)
+    return NetDef(net, netdef.path, blob, shape, shapes, producers)
