@@ -50,7 +50,7 @@ def stage_times(net, paths: list[Path], batch_size: int, out_dir: Path) -> dict[
         out = net.backend.forward(batch)
         t3 = clock()
         chosen = net._choose(out.probs, None, 1)
-        cams = class_activation_maps(out.features, net.backend.cam_weights, chosen)
+        cams = class_activation_maps(out.features, net.cam_weights, chosen)
         results = [Prediction(out.probs[i], [int(c) for c in chosen[i]], cams[i],
                               images[i].shape[:2]) for i in range(len(images))]
         t4 = clock()

@@ -16,9 +16,10 @@ from typing import Sequence
 import numpy as np
 
 from .backends import Backend, create_backend
-from .cam import class_activation_maps, upsample
-from .camspec import CamSpec, find_cam_layers
+from .cam import cam_weights, upsample
+from .camspec import CamSpec, find_target
 from .errors import CamError, ModelError
+from .methods import GRADIENT_METHODS, METHODS, Evidence, compute
 from .image import DEFAULT_MAX_PIXELS, load_image
 from .labels import class_name, read_labels
 from .netdef import CaffeModel, check_weights, load_netdef
@@ -28,11 +29,11 @@ from .tencrop import merge_ten_crops, ten_crops
 
 @dataclass
 class Prediction:
-    """One image's result: probabilities and raw CAMs at feature resolution."""
+    """One image's result: probabilities and raw maps at feature resolution."""
 
     probs: np.ndarray             # (C,) float32
-    classes: list[int]            # the classes whose CAMs were computed, in order
-    cams: np.ndarray              # (len(classes), h, w) float32, raw Σ_k w_ck F_k
+    classes: list[int]            # the classes whose maps were computed, in order
+    cams: np.ndarray              # (len(classes), h, w) float32, the method's raw maps
     image_size: tuple[int, int]   # (H, W) of the original image
     labels: list[str] | None = None
 
@@ -56,21 +57,29 @@ def absolute(path: str | Path) -> Path:
 
 
 class CAMNet:
-    """A Caffe CAM network loaded into one backend."""
+    """A Caffe classification network loaded into one backend, with its CAM method.
+
+    ``method`` (``cam_caffe.methods.METHODS``): by default ``cam`` where the net
+    has the CAM head at ``feature_blob``, else ``gradcam``. ``batch_size`` is
+    the rows per extra forward of Score-CAM and Ablation-CAM; ``progress``
+    shows their progress bar.
+    """
 
     def __init__(self, prototxt: str | Path, weights: str | Path, *, backend: str = "auto",
                  gpu: int | None = None, mean: str | None = None, scale: float | None = None,
                  input_size: tuple[int, int] | None = None, labels: str | Path | None = None,
                  feature_blob: str | None = None, fc_layer: str | None = None,
                  allow_python_layers: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 verbose: bool = False) -> None:
+                 verbose: bool = False, method: str | None = None, batch_size: int = 16,
+                 progress: bool = False) -> None:
         # What rebuilds this net in another process (a Dask worker): paths made absolute.
         self.arguments = dict(
             prototxt=absolute(prototxt), weights=absolute(weights), backend=backend, gpu=gpu,
             mean=absolute(mean) if mean and Path(mean).is_file() else mean, scale=scale,
             input_size=input_size, labels=absolute(labels) if labels else None,
             feature_blob=feature_blob, fc_layer=fc_layer,
-            allow_python_layers=allow_python_layers, max_pixels=max_pixels, verbose=verbose)
+            allow_python_layers=allow_python_layers, max_pixels=max_pixels, verbose=verbose,
+            method=method, batch_size=batch_size)   # no progress bar in other processes
         self.netdef = load_netdef(prototxt, input_size=input_size,
                                   allow_python_layers=allow_python_layers)
         weights = self.weights = Path(weights)
@@ -78,7 +87,17 @@ class CAMNet:
             raise ModelError(f"{weights}: weights file not found")
         model = CaffeModel(weights)       # read and parsed once, for the check and the backend
         check_weights(self.netdef, model.net, weights)
-        self.spec: CamSpec = find_cam_layers(self.netdef, feature_blob, fc_layer)
+        self.spec: CamSpec = find_target(self.netdef, feature_blob, fc_layer)
+        self.method = method or ("cam" if self.spec.cam_head else "gradcam")
+        if self.method not in METHODS:
+            raise CamError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.method == "cam" and not self.spec.cam_head:
+            raise ModelError(f"{self.netdef.path}: --method cam needs a global average pooling "
+                             f"→ InnerProduct head after blob '{self.spec.feature_blob}'; "
+                             "the other methods (gradcam, scorecam, …) work on any net")
+        self.cam_weights = cam_weights(self.netdef, model.net, self.spec) \
+            if self.method == "cam" else None
+        self.batch_size, self.progress = batch_size, progress
         self.labels = read_labels(labels) if labels else None
         if self.labels and len(self.labels) != self.spec.num_classes:
             raise ModelError(f"{labels}: has {len(self.labels)} labels, "
@@ -95,7 +114,8 @@ class CAMNet:
                                        channels)
         self.max_pixels = max_pixels
         self.backend: Backend = create_backend(backend, self.netdef, model, self.spec,
-                                               gpu=gpu, verbose=verbose)
+                                               gpu=gpu, verbose=verbose,
+                                               gradients=self.method in GRADIENT_METHODS)
         self.backend_name = self.backend.name
 
     @property
@@ -119,11 +139,21 @@ class CAMNet:
             return []
         if ten_crop:
             return self._predict_ten_crop(images, classes, top_k)
-        out = self.backend.forward(self.preprocess(list(images)))
+        batch = self.preprocess(list(images))
+        out = self.backend.forward(batch)
         chosen = self._choose(out.probs, classes, top_k)
-        cams = class_activation_maps(out.features, self.backend.cam_weights, chosen)
+        cams = self._maps(batch, out, chosen)
         return [Prediction(out.probs[i], [int(c) for c in chosen[i]], cams[i],
                            images[i].shape[:2], self.labels) for i in range(len(images))]
+
+    def _maps(self, batch: np.ndarray, out, classes: np.ndarray) -> np.ndarray:
+        """The method's raw maps (N, M, h, w) of ``classes`` (N, M) for one forward ``out``."""
+        evidence = Evidence(out.features, classes, batch,
+                            lambda: self.backend.gradients(classes),
+                            lambda inputs: self.backend.forward(inputs).logits,
+                            self.backend.tail_logits, out.logits, self.cam_weights,
+                            self.batch_size, self.progress)
+        return compute(self.method, evidence)
 
     def _choose(self, probs: np.ndarray, classes: Sequence[int] | None, top_k: int) -> np.ndarray:
         if classes is not None:
@@ -137,11 +167,11 @@ class CAMNet:
             raise CamError(f"--ten-crop needs a square net input, this one is {height}x{width}")
         resize = round(height * 256 / 224)
         crops = [crop for image in images for crop in ten_crops(image, resize, height)]
-        out = self.backend.forward(self.preprocess(crops))
+        batch = self.preprocess(crops)
+        out = self.backend.forward(batch)
         probs = out.probs.reshape(len(images), 10, -1).mean(axis=1)
         chosen = self._choose(probs, classes, top_k)
-        cams = class_activation_maps(out.features, self.backend.cam_weights,
-                                     np.repeat(chosen, 10, axis=0))
+        cams = self._maps(batch, out, np.repeat(chosen, 10, axis=0))
         results = []
         for i, image in enumerate(images):
             per_crop = cams[10 * i:10 * i + 10]                     # (10, M, h, w)

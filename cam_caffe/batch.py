@@ -16,7 +16,6 @@ import io
 import json
 import os
 import sys
-import time
 import threading
 from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -34,6 +33,7 @@ from .errors import EXIT_OK, EXIT_SOME_FAILED, CamError, OutputError
 from .inputs import Input
 from .labels import class_name
 from .output import write_bytes, write_image
+from .progress import Progress
 from .render import DEFAULT_ALPHA, heatmap, overlay_paper, overlay_seed
 
 if TYPE_CHECKING:
@@ -173,6 +173,8 @@ def process(net: CAMNet, item: Input, image: np.ndarray, result: Prediction,
         "size": {"width": size[1], "height": size[0]},
         "model": {"prototxt": str(net.netdef.path), "weights": str(net.weights)},
         "backend": net.backend_name,
+        "method": net.method,
+        "feature_blob": net.spec.feature_blob,
         "ten_crop": options.ten_crop,
         "top_k": [{"class": c, "label": label, "prob": round(p, 6)}
                   for c, label, p in result.top(options.top_k)],
@@ -202,24 +204,6 @@ def process(net: CAMNet, item: Input, image: np.ndarray, result: Prediction,
     if "json" in options.save:
         write_bytes(paths["json"], (json.dumps(record, indent=2) + "\n").encode())
     return record
-
-
-class Progress:
-    """A one-line progress bar on stderr, shown only on a terminal."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled, self.start = total, enabled, time.monotonic()
-
-    def update(self, count: int) -> None:
-        if not self.enabled or not self.total:
-            return
-        rate = count / max(time.monotonic() - self.start, 1e-9)
-        filled = round(30 * count / self.total)
-        sys.stderr.write(f"\r[{'#' * filled}{' ' * (30 - filled)}] {count}/{self.total} "
-                         f"{rate:.1f} img/s")
-        if count == self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
 
 
 def print_record(record: dict, out: TextIO) -> None:

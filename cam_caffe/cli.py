@@ -18,6 +18,7 @@ from .errors import (EXIT_BROKEN_PIPE, EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_
 from .image import DEFAULT_MAX_PIXELS
 from .inputs import Input, collect, in_shard, parse_shard
 from .labels import class_name, resolve_class
+from .methods import METHODS
 from .models import DEFAULT_MODEL, Model
 from .output import write_image
 from .render import DEFAULT_ALPHA, STYLES
@@ -98,6 +99,7 @@ def build_parser() -> ArgumentParser:
                         "default: the top-k classes")
     p.add_argument("--top-k", type=_positive_int, default=1, metavar="K",
                    help="report the K most probable classes and map them (default 1)")
+    add_method_argument(p)
     model = p.add_argument_group("model")
     model.add_argument("--model", metavar="NAME",
                        help=f"a registered model (cam-caffe models list; default {DEFAULT_MODEL})")
@@ -112,7 +114,9 @@ def build_parser() -> ArgumentParser:
                        help="multiply (pixel - mean) by S (e.g. 0.00390625)")
     model.add_argument("--input-size", type=_size, metavar="HxW",
                        help="input size for nets that do not declare one")
-    model.add_argument("--feature-blob", metavar="NAME", help="CAM feature blob (override)")
+    model.add_argument("--feature-blob", metavar="NAME",
+                       help="the blob whose maps are weighted (default: the CAM head's, else "
+                            "the last blob with a spatial size > 1 the classifier reads)")
     model.add_argument("--fc-layer", metavar="NAME", help="CAM InnerProduct layer (override)")
     model.add_argument("--allow-python-layers", action="store_true",
                        help="allow Python layers (they run code from the model files)")
@@ -123,7 +127,8 @@ def build_parser() -> ArgumentParser:
     run.add_argument("--gpu", type=int, metavar="ID", help="run on CUDA device ID")
     run.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
                      metavar="N", help=f"refuse larger images (default {DEFAULT_MAX_PIXELS})")
-    run.add_argument("--verbose", action="store_true", help="show the backend's log")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="say which blob and backend were chosen; show the backend's log")
     run.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH, metavar="B",
                      help=f"images per forward pass (default {DEFAULT_BATCH})")
     run.add_argument("--ten-crop", action="store_true",
@@ -167,6 +172,15 @@ def build_parser() -> ArgumentParser:
     return p
 
 
+def add_method_argument(parser: argparse.ArgumentParser) -> None:
+    """``--method``, shared by cam-caffe and cam-caffe evaluate."""
+    parser.add_argument(
+        "--method", choices=METHODS, metavar="NAME",
+        help="how maps are made: " + ", ".join(METHODS) + " (default: cam where the net has "
+             "the global-average-pooling head, else gradcam); gradient methods need "
+             "--backend caffe or onnxruntime")
+
+
 def model_files(args: argparse.Namespace) -> tuple[Path, Path, Path | None, Model | None]:
     """(prototxt, weights, labels, registry entry) the arguments name."""
     if args.prototxt or args.weights:
@@ -197,11 +211,18 @@ def load_net(args: argparse.Namespace) -> CAMNet:
         scale = scale if scale is not None else entry.scale
     if entry is not None:
         size = size or entry.input_size
-    return CAMNet(prototxt, weights, backend=args.backend, gpu=args.gpu, mean=mean,
-                  scale=scale, input_size=size, labels=args.labels or labels,
-                  feature_blob=args.feature_blob, fc_layer=args.fc_layer,
-                  allow_python_layers=args.allow_python_layers, max_pixels=args.max_pixels,
-                  verbose=args.verbose)
+    net = CAMNet(prototxt, weights, backend=args.backend, gpu=args.gpu, mean=mean,
+                 scale=scale, input_size=size, labels=args.labels or labels,
+                 feature_blob=args.feature_blob, fc_layer=args.fc_layer,
+                 allow_python_layers=args.allow_python_layers, max_pixels=args.max_pixels,
+                 verbose=args.verbose, method=args.method, batch_size=args.batch_size,
+                 progress=sys.stderr.isatty() and not getattr(args, "quiet", False))
+    if args.verbose:
+        spec = net.spec
+        print(f"cam-caffe: method {net.method} at blob '{spec.feature_blob}' "
+              f"({spec.channels}x{spec.feature_size[0]}x{spec.feature_size[1]}), class "
+              f"scores '{spec.logit_blob}', backend {net.backend_name}", file=sys.stderr)
+    return net
 
 
 def show(net: CAMNet, image, result: Prediction, class_id: int, colormap: str,

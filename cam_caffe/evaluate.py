@@ -32,8 +32,8 @@ from pathlib import Path
 from .backends import BACKENDS
 from .batch import Options, run_batch
 from .boxes import Box
-from .cli import (DEFAULT_BATCH, ArgumentParser, _positive_int, _size, load_net, model_files,
-                  parse_levels)
+from .cli import (DEFAULT_BATCH, ArgumentParser, _positive_int, _size, add_method_argument,
+                  load_net, model_files, parse_levels)
 from .errors import EXIT_INPUT, EXIT_OK, EXIT_SOME_FAILED, CamError
 from .image import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
 from .inputs import collect
@@ -195,6 +195,7 @@ def build_parser() -> ArgumentParser:
     m.add_argument("--mean", metavar="M")
     m.add_argument("--scale", type=float, metavar="S")
     m.add_argument("--input-size", type=_size, metavar="HxW")
+    add_method_argument(m)
     m.add_argument("--feature-blob", metavar="NAME")
     m.add_argument("--fc-layer", metavar="NAME")
     m.add_argument("--allow-python-layers", action="store_true")
@@ -203,7 +204,7 @@ def build_parser() -> ArgumentParser:
     m.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH, metavar="B")
     m.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS, metavar="N")
     m.add_argument("--ten-crop", action="store_true")
-    m.add_argument("--verbose", action="store_true")
+    m.add_argument("-v", "--verbose", action="store_true")
     return p
 
 
@@ -246,14 +247,14 @@ def main(argv: list[str]) -> int:
     if not hits:
         raise CamError("no image could be evaluated", EXIT_INPUT)
     result = {"images": len(hits), "failed": len(report.failed), "no_ground_truth": unmatched,
-              "boxes": args.boxes, **error_rates(hits)}
+              "method": net.method, "boxes": args.boxes, **error_rates(hits)}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         method = (f"paper, threshold {args.box_threshold:g}" if args.boxes == "paper"
                   else f"dt, levels {','.join(map(str, args.dt_thresholds))}")
         print(f"{len(hits)} images ({len(report.failed)} failed, {unmatched} without ground "
-              f"truth); boxes: {method}; IoU >= {IOU}")
+              f"truth); maps: {net.method}; boxes: {method}; IoU >= {IOU}")
         print(f"{'error':<16}{'top-1':>8}{'top-5':>8}")
         for name, key in (("classification", "cls"), ("localization", "loc")):
             print(f"{name:<16}{100 * result[f'top1_{key}_error']:7.2f}%"

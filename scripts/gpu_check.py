@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from cam_caffe.backends.caffe import CaffeBackend, import_caffe, set_device
-    from cam_caffe.cam import class_activation_maps
+    from cam_caffe.cam import cam_weights, class_activation_maps
     from cam_caffe.camspec import find_cam_layers
     from cam_caffe.errors import CamError
     from cam_caffe.netdef import CaffeModel, load_netdef
@@ -229,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         save_caffemodel(netdef, random_weights(netdef, seed=args.seed), weights)
         print(f"gpu_check: wrote random weights in {time.perf_counter() - t0:.1f} s",
               file=sys.stderr)
+        fc = cam_weights(netdef, CaffeModel(weights).net, spec)
         try:
             cpu = CaffeBackend(netdef, CaffeModel(weights), spec, gpu=None,
                                verbose=args.verbose)
@@ -255,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         set_device(caffe, gpu)
         out = dev.forward(batch)
         top1 = ref.probs.argmax(axis=1)[:, None]
-        cams_ref = class_activation_maps(ref.features, cpu.cam_weights, top1)
-        cams_gpu = class_activation_maps(out.features, dev.cam_weights, top1)
+        cams_ref = class_activation_maps(ref.features, fc, top1)
+        cams_gpu = class_activation_maps(out.features, fc, top1)
         results["compare"] = {
             "images": len(batch),
             "prob_max_abs": float(np.abs(out.probs - ref.probs).max()),

@@ -1,6 +1,8 @@
 """Backends run the net. Each one, for a preprocessed batch, returns the class
-probabilities and the CAM feature maps (what Caffe's feature blob holds), and
-exposes the CAM weights (C × K).
+probabilities, the logits and the target blob's maps (what Caffe's blob holds),
+and offers what the CAM methods build on (``cam_caffe.methods``): the logits
+for given target-blob values (the net's tail), and, except OpenCV, the
+gradients of given classes' logits at the target blob.
 
 - ``caffe``: pycaffe, CPU or CUDA (``--gpu``).
 - ``opencv``: OpenCV's DNN module (``cv2.dnn.readNetFromCaffe``), pip-only.
@@ -26,11 +28,15 @@ from ..netdef import CaffeModel, NetDef
 BACKENDS = ("auto", "opencv", "caffe", "onnxruntime")
 
 
+GRADIENT_BACKENDS = ("caffe", "onnxruntime")
+
+
 @dataclass
 class Forward:
     """One batch's outputs."""
 
     probs: np.ndarray      # (N, C) float32, rows sum to 1; the caller's to keep
+    logits: np.ndarray     # (N, C) float32, the final Softmax's input (or the scores)
     # (N, K, h, w) float32; may be the backend's own buffer (pycaffe's blob),
     # valid until that backend's next forward: use it (CAMs) before then
     features: np.ndarray
@@ -40,10 +46,16 @@ class Backend(Protocol):
     """The narrow interface every backend implements."""
 
     name: str
-    cam_weights: np.ndarray   # (C, K) float32
 
     def forward(self, batch: np.ndarray) -> Forward:
         """Run a (N, C, H, W) float32 batch."""
+
+    def gradients(self, classes: np.ndarray) -> np.ndarray:
+        """∂logit_c/∂A, float32 (N, M, K, h, w), for ``classes`` (N, M) of each image of
+        the last forward's batch, A the target blob as the next layer reads it."""
+
+    def tail_logits(self, features: np.ndarray) -> np.ndarray:
+        """Logits (B, C) of the net run from given target-blob values (B, K, h, w)."""
 
 
 AUTO_ORDER = ("onnxruntime", "opencv", "caffe")
@@ -65,19 +77,23 @@ def installed(name: str) -> bool:
 
 
 def create_backend(name: str, netdef: NetDef, weights: CaffeModel, spec: CamSpec,
-                   gpu: int | None = None, verbose: bool = False) -> Backend:
-    """Load the net into backend ``name``; ``auto`` takes the first of its order that works."""
+                   gpu: int | None = None, verbose: bool = False,
+                   gradients: bool = False) -> Backend:
+    """Load the net into backend ``name``; ``auto`` takes the first of its order that works
+    (of those that compute gradients, with ``gradients``)."""
     if name not in BACKENDS:
         raise BackendError(f"--backend {name!r}: choose one of {', '.join(BACKENDS)}")
     if name != "auto":
-        return _create(name, netdef, weights, spec, gpu, verbose)
-    candidates = [b for b in (AUTO_ORDER if gpu is None else AUTO_ORDER_GPU) if installed(b)]
+        return _create(name, netdef, weights, spec, gpu, verbose, gradients)
+    order = AUTO_ORDER if gpu is None else AUTO_ORDER_GPU
+    candidates = [b for b in order if installed(b)
+                  and (not gradients or b in GRADIENT_BACKENDS)]
     if not candidates:
         raise BackendError("no backend installed: pip install opencv-python-headless, "
                            "or run scripts/install_pycaffe.sh")
     for candidate in candidates:
         try:
-            return _create(candidate, netdef, weights, spec, gpu, verbose)
+            return _create(candidate, netdef, weights, spec, gpu, verbose, gradients)
         except CamError as error:      # e.g. a layer ONNX export does not support
             if candidate == candidates[-1]:
                 raise
@@ -88,29 +104,41 @@ def create_backend(name: str, netdef: NetDef, weights: CaffeModel, spec: CamSpec
 
 
 def _create(name: str, netdef: NetDef, weights: CaffeModel, spec: CamSpec, gpu: int | None,
-            verbose: bool) -> Backend:
+            verbose: bool, gradients: bool) -> Backend:
     if name == "caffe":
         from .caffe import CaffeBackend
         return CaffeBackend(netdef, weights, spec, gpu=gpu, verbose=verbose)
     if name == "onnxruntime":
         from .onnxruntime import OnnxRuntimeBackend
-        return OnnxRuntimeBackend(netdef, weights, spec, gpu=gpu)
+        return OnnxRuntimeBackend(netdef, weights, spec, gpu=gpu, gradients=gradients)
+    if gradients:
+        raise no_gradients(name)
     from .opencv import OpenCVBackend
     return OpenCVBackend(netdef, weights, spec, gpu=gpu)
-
-
-def identity_or(weights: np.ndarray | None, spec: CamSpec) -> np.ndarray:
-    """CAM weights as (C, K) float32; identity for nets without an FC layer."""
-    if weights is None:
-        return np.eye(spec.num_classes, dtype=np.float32)
-    weights = np.asarray(weights, np.float32).reshape(weights.shape[0], -1)
-    if weights.shape == (spec.channels, spec.num_classes) != (spec.num_classes, spec.channels):
-        weights = weights.T                # InnerProduct with transpose: true
-    return np.ascontiguousarray(weights)
 
 
 def scores_to_probs(scores: np.ndarray, spec: CamSpec) -> np.ndarray:
     """(N, C) probabilities from the score blob (softmax applied if the net has none)."""
     from ..cam import softmax
-    scores = np.asarray(scores, np.float32).reshape(scores.shape[0], -1)
+    scores = rows(scores)
     return scores.copy() if spec.softmax else softmax(scores)
+
+
+def rows(array: np.ndarray) -> np.ndarray:
+    """(N, …) as (N, C) float32 (class scores of a Caffe blob N×C×1×1)."""
+    return np.asarray(array, np.float32).reshape(array.shape[0], -1)
+
+
+def one_hot(classes: np.ndarray, num_classes: int) -> np.ndarray:
+    """(N, M) class ids → (M, N, C) float32 seeds: row i of seed m selects classes[i, m]."""
+    n, m = classes.shape
+    seeds = np.zeros((m, n, num_classes), np.float32)
+    seeds[np.arange(m)[:, None], np.arange(n)[None, :], classes.T] = 1.0
+    return seeds
+
+
+def no_gradients(name: str) -> CamError:
+    """The error of a backend without a backward pass (a usage error)."""
+    return CamError(f"the {name} backend has no backward pass: gradient methods "
+                    f"(gradcam, gradcam++, xgradcam, layercam) need --backend "
+                    f"{' or '.join(GRADIENT_BACKENDS)}")

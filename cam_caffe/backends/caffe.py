@@ -15,11 +15,13 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from google.protobuf import text_format
 
+from .. import proto
 from ..camspec import CamSpec
 from ..errors import BackendError, ModelError
-from ..netdef import CaffeModel, NetDef
-from . import Forward, identity_or, scores_to_probs
+from ..netdef import CaffeModel, NetDef, param_shapes, tail
+from . import Forward, one_hot, rows, scores_to_probs
 
 PROBE_TIMEOUT_S = 600
 
@@ -51,28 +53,87 @@ class CaffeBackend:
     def __init__(self, netdef: NetDef, weights: CaffeModel, spec: CamSpec,
                  gpu: int | None = None, verbose: bool = False) -> None:
         self.spec = spec
+        self.netdef, self.weights = netdef, weights
         self.input = netdef.input_name
-        caffe = import_caffe(verbose)
+        self.caffe = import_caffe(verbose)
+        self.tail_net = None
         with tempfile.TemporaryDirectory(prefix="cam-caffe-") as tmp:
             prototxt = Path(tmp) / "deploy.prototxt"
-            prototxt.write_text(netdef.prototxt())
+            prototxt.write_text(backward_ready(netdef))
             probe(prototxt, weights.path, gpu, verbose)
-            set_device(caffe, gpu)
-            self.net = caffe.Net(str(prototxt), caffe.TEST, weights=str(weights.path))
-        fc = self.net.params[spec.fc_layer][0].data if spec.fc_layer else None
-        self.cam_weights = identity_or(fc, spec)
+            set_device(self.caffe, gpu)
+            self.net = self.caffe.Net(str(prototxt), self.caffe.TEST,
+                                      weights=str(weights.path))
+        self.backward_end = first_reader(self.net, spec.feature_blob)
 
     def forward(self, batch: np.ndarray) -> Forward:
-        blob = self.net.blobs[self.input]
-        if blob.data.shape != batch.shape:
-            blob.reshape(*batch.shape)
-            self.net.reshape()
-        blob.data[...] = batch
-        self.net.forward()
+        run(self.net, self.input, batch)
         scores = self.net.blobs[self.spec.score_blob].data
+        logits = rows(self.net.blobs[self.spec.logit_blob].data).copy()
         features = self.net.blobs[self.spec.feature_blob].data
         # the features stay in the blob (no 51 MB copy per batch of 64): see Forward
-        return Forward(scores_to_probs(scores, self.spec), features)
+        return Forward(scores_to_probs(scores, self.spec), logits, features)
+
+    def gradients(self, classes: np.ndarray) -> np.ndarray:
+        """One backward pass per column of ``classes``, from the logits' layer down to
+        the first layer reading the target blob (not through the in-place layers that
+        share it, so the gradient is the one at the blob's value as that layer reads it)."""
+        logits = self.net.blobs[self.spec.logit_blob]
+        target = self.net.blobs[self.spec.feature_blob]
+        grads = np.empty((classes.shape[0], classes.shape[1], *target.data.shape[1:]),
+                         np.float32)
+        for m, seed in enumerate(one_hot(classes, logits.data.reshape(len(classes), -1).shape[1])):
+            logits.diff[...] = seed.reshape(logits.diff.shape)
+            self.net.backward(start=self.spec.logit_layer, end=self.backward_end)
+            grads[:, m] = target.diff
+        return grads
+
+    def tail_logits(self, features: np.ndarray) -> np.ndarray:
+        if self.tail_net is None:
+            part = tail(self.netdef, self.spec.feature_blob, [self.spec.logit_blob])
+            with tempfile.TemporaryDirectory(prefix="cam-caffe-") as tmp:
+                prototxt = Path(tmp) / "tail.prototxt"
+                prototxt.write_text(part.prototxt())
+                self.tail_net = self.caffe.Net(str(prototxt), self.caffe.TEST,
+                                               weights=str(self.weights.path))
+        run(self.tail_net, self.spec.feature_blob, features)
+        return rows(self.tail_net.blobs[self.spec.logit_blob].data).copy()
+
+
+def run(net, input_name: str, batch: np.ndarray) -> None:
+    """Forward ``batch`` through ``net``, reshaping it to the batch's size first."""
+    blob = net.blobs[input_name]
+    if blob.data.shape != batch.shape:
+        blob.reshape(*batch.shape)
+        net.reshape()
+    blob.data[...] = batch
+    net.forward()
+
+
+def backward_ready(netdef: NetDef) -> str:
+    """The net's prototxt with ``force_backward`` (gradients reach every blob) and every
+    learnable blob's ``lr_mult`` 0 (Caffe then skips the weight gradients)."""
+    net = proto.NetParameter()
+    net.CopyFrom(netdef.net)
+    net.force_backward = True
+    for layer in net.layer:
+        shapes = param_shapes(netdef, layer) or []
+        while len(layer.param) < len(shapes):
+            layer.param.add()
+        for spec in layer.param:
+            spec.lr_mult = spec.decay_mult = 0.0
+    return text_format.MessageToString(net)
+
+
+def first_reader(net, blob: str) -> str:
+    """The first layer of Caffe's net (its Split layers included) that reads ``blob``'s
+    final value and is not an in-place layer on it: where a backward pass ends."""
+    names = list(net._layer_names)
+    writers = [i for i, name in enumerate(names) if blob in net.top_names[name]]
+    for name in names[writers[-1] + 1:]:
+        if blob in net.bottom_names[name] and blob not in net.top_names[name]:
+            return name
+    raise ModelError(f"no layer reads blob '{blob}'")
 
 
 def probe(prototxt: Path, weights: Path, gpu: int | None, verbose: bool) -> None:

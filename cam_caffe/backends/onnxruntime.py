@@ -19,9 +19,9 @@ import numpy as np
 
 from ..camspec import CamSpec
 from ..errors import BackendError, ModelError, OutputError
-from ..netdef import CaffeModel, NetDef
+from ..netdef import CaffeModel, NetDef, tail
 from ..output import cache_home, publish, temporary_beside, write_bytes
-from . import Forward, cpu_threads, identity_or, scores_to_probs
+from . import Forward, cpu_threads, one_hot, rows, scores_to_probs
 
 
 def import_onnxruntime():
@@ -53,11 +53,14 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, netdef: NetDef, weights: CaffeModel, spec: CamSpec,
-                 gpu: int | None = None) -> None:
+                 gpu: int | None = None, gradients: bool = False) -> None:
         ort = import_onnxruntime()
         self.spec = spec
+        self.netdef, self.weights, self.gpu = netdef, weights, gpu
         self.input = netdef.input_name
-        self.outputs = [spec.score_blob, spec.feature_blob]
+        self.outputs = list(dict.fromkeys([spec.score_blob, spec.logit_blob, spec.feature_blob]))
+        self.tails: dict[bool, object] = {}     # tail sessions: with the gradient or without
+        self.features: np.ndarray | None = None
         key = cache_key(netdef.prototxt(), weights, self.outputs)
         self.model_path = cache_dir() / f"{key}.onnx"
         self.optimized_path = (cache_dir() / f"{key}.{machine_tag(ort)}.opt.onnx"
@@ -69,21 +72,10 @@ class OnnxRuntimeBackend:
                 raise BackendError(f"--gpu {gpu}: this onnxruntime has no CUDA support "
                                    "(install onnxruntime-gpu instead of onnxruntime)")
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": gpu}))
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = cpu_threads()
-        options.log_severity_level = 3
-        # On the CPU, the memory pattern only cost: a second set of activation buffers
-        # (GoogLeNet-CAM at batch 16: 444 instead of 289 MiB peak, 40k more page
-        # faults on the second batch) for the same speed (benchmarks/bench_forward.py).
-        options.enable_mem_pattern = gpu is not None
-        if gpu is None:
-            # Idle ORT threads spinning for work took the CPU that cam-caffe's batch
-            # workers (decode, render, encode) need: 64 images 1.43 → 1.37 s. The price
-            # is a slower lone batch-1 forward (14.6 → 16.5 ms): start-up dwarfs it.
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
-        from ..onnx_export import convert, layer_blobs, stored_layers
+        options = session_options(ort, gpu)
+        self.ort, self.providers = ort, providers
+        from ..onnx_export import convert
         self.session = _open_cached(ort, self.optimized_path, options, providers)
         if self.session is None:
             saved = _empty_temporary(self.optimized_path)
@@ -91,35 +83,89 @@ class OnnxRuntimeBackend:
                 options.optimized_model_filepath = saved
             self.session = _open_cached(ort, self.model_path, options, providers)
             if self.session is None:
-                data = convert(netdef, weights.net, spec).SerializeToString()
+                data = convert(netdef, weights.net, spec, self.outputs).SerializeToString()
                 try:
                     write_bytes(self.model_path, data)
                 except OutputError:
                     pass               # read-only home, full disk: run from memory
-                try:
-                    self.session = ort.InferenceSession(data, options, providers=providers)
-                except Exception as e:
-                    error = ModelError if gpu is None else BackendError
-                    raise error(f"{weights.path}: onnxruntime cannot load the converted net: "
-                                f"{_first_line(e)}") from None
+                self.session = self._session(data, options)
             if saved:
                 _publish(saved, self.optimized_path)
         if gpu is not None and "CUDAExecutionProvider" not in self.session.get_providers():
             raise BackendError(f"--gpu {gpu}: onnxruntime could not start CUDA on device {gpu} "
                                "(missing CUDA/cuDNN libraries?)")
+        if gradients:          # a layer without a VJP fails now (auto then takes pycaffe)
+            self._tail(gradient=True)
 
-        fc = None
-        if spec.fc_layer:
-            fc = layer_blobs(netdef, stored_layers(weights.net), netdef.layer(spec.fc_layer))[0]
-        self.cam_weights = identity_or(fc, spec)
-
-    def forward(self, batch: np.ndarray) -> Forward:
+    def _session(self, data: bytes, options):
         try:
-            scores, features = self.session.run(
-                self.outputs, {self.input: np.ascontiguousarray(batch, np.float32)})
+            return self.ort.InferenceSession(data, options, providers=self.providers)
+        except Exception as e:
+            error = ModelError if self.gpu is None else BackendError
+            raise error(f"{self.weights.path}: onnxruntime cannot load the converted net: "
+                        f"{_first_line(e)}") from None
+
+    def _run(self, session, outputs: list[str], feeds: dict) -> list[np.ndarray]:
+        try:
+            return session.run(outputs, feeds)
         except Exception as e:
             raise BackendError(f"onnxruntime forward failed: {_first_line(e)}") from None
-        return Forward(scores_to_probs(scores, self.spec), np.asarray(features, np.float32))
+
+    def forward(self, batch: np.ndarray) -> Forward:
+        values = dict(zip(self.outputs, self._run(
+            self.session, self.outputs, {self.input: np.ascontiguousarray(batch, np.float32)})))
+        self.features = np.asarray(values[self.spec.feature_blob], np.float32)
+        return Forward(scores_to_probs(values[self.spec.score_blob], self.spec),
+                       rows(values[self.spec.logit_blob]), self.features)
+
+    def _tail(self, gradient: bool):
+        """The ONNX session of the net after the target blob (its input), outputting the
+        logits, and with ``gradient`` also the gradient of Σ seed · logits at its input."""
+        if gradient not in self.tails:
+            from ..onnx_export import convert
+            spec = self.spec
+            part = tail(self.netdef, spec.feature_blob, [spec.logit_blob])
+            model = convert(part, self.weights.net, outputs=[spec.logit_blob],
+                            gradient=spec.feature_blob if gradient else None)
+            self.tails[gradient] = self._session(model.SerializeToString(),
+                                                 session_options(self.ort, self.gpu))
+        return self.tails[gradient]
+
+    def gradients(self, classes: np.ndarray) -> np.ndarray:
+        """The tail run once on the target blob repeated for each column of ``classes``,
+        with one-hot seeds: the exported VJPs give ∂logit_c/∂A for all of them."""
+        from ..onnx_export import gradient_names
+        features = self.features
+        n, m = classes.shape
+        seeds = one_hot(classes, self.spec.num_classes).reshape(m * n, -1)
+        seed_name, grad_name = gradient_names(self.spec.logit_blob, self.spec.feature_blob)
+        grads, = self._run(self._tail(True), [grad_name], {
+            self.spec.feature_blob: np.concatenate([features] * m), seed_name: seeds})
+        grads = np.asarray(grads, np.float32).reshape(m, n, *features.shape[1:])
+        return np.ascontiguousarray(grads.transpose(1, 0, *range(2, grads.ndim)))
+
+    def tail_logits(self, features: np.ndarray) -> np.ndarray:
+        logits, = self._run(self._tail(False), [self.spec.logit_blob],
+                            {self.spec.feature_blob: np.ascontiguousarray(features, np.float32)})
+        return rows(logits)
+
+
+def session_options(ort, gpu: int | None):
+    """ONNX Runtime's options for cam-caffe's sessions."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = cpu_threads()
+    options.log_severity_level = 3
+    # On the CPU, the memory pattern only cost: a second set of activation buffers
+    # (GoogLeNet-CAM at batch 16: 444 instead of 289 MiB peak, 40k more page
+    # faults on the second batch) for the same speed (benchmarks/bench_forward.py).
+    options.enable_mem_pattern = gpu is not None
+    if gpu is None:
+        # Idle ORT threads spinning for work took the CPU that cam-caffe's batch
+        # workers (decode, render, encode) need: 64 images 1.43 → 1.37 s. The price
+        # is a slower lone batch-1 forward (14.6 → 16.5 ms): start-up dwarfs it.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
 
 
 def machine_tag(ort) -> str:

@@ -14,9 +14,9 @@ from google.protobuf import text_format
 from .. import proto
 from ..camspec import CamSpec
 from ..errors import BackendError, ModelError
-from ..netdef import CaffeModel, NetDef, blob_shape
+from ..netdef import CaffeModel, NetDef, blob_shape, tail
 from ..synthetic import blob as blob_of
-from . import Forward, cpu_threads, identity_or, scores_to_probs
+from . import Forward, cpu_threads, no_gradients, rows, scores_to_probs
 
 
 class OpenCVBackend:
@@ -25,37 +25,66 @@ class OpenCVBackend:
     def __init__(self, netdef: NetDef, weights: CaffeModel, spec: CamSpec,
                  gpu: int | None = None) -> None:
         self.spec = spec
-        prototxt, caffemodel = _for_opencv(netdef, weights)
-        text = np.frombuffer(prototxt.encode(), np.uint8)
-        model = np.frombuffer(caffemodel, np.uint8)
-        try:
-            self.net = cv2.dnn.readNetFromCaffe(text, model)
-        except cv2.error as e:
-            raise ModelError(f"{weights.path}: OpenCV cannot load the net: {_reason(e)}") from None
+        self.netdef, self.weights, self.gpu = netdef, weights, gpu
+        self.tail_net = None
+        self.net = _load(netdef, weights)
         if gpu is not None:
             if cv2.cuda.getCudaEnabledDeviceCount() <= gpu:
                 raise BackendError(f"--gpu {gpu}: this OpenCV has no CUDA device {gpu} "
                                    "(opencv-python-headless is CPU-only); use --backend caffe")
             cv2.cuda.setDevice(gpu)
-            self.net.setPreferableBackend(cv2.dnn.DNN_BACKEND_CUDA)
-            self.net.setPreferableTarget(cv2.dnn.DNN_TARGET_CUDA)
+            _on_cuda(self.net)
         cv2.setNumThreads(cpu_threads())
-        self.outputs = [spec.score_layer, spec.feature_layer]
+        self.outputs = list(dict.fromkeys([spec.score_layer, spec.logit_layer,
+                                           spec.feature_layer]))
         try:               # OpenCV creates layers lazily: fail now, not on the first image
             self.net.setInput(np.zeros(netdef.input_shape, np.float32))
             self.net.forward(self.outputs)
         except cv2.error as e:
             raise ModelError(f"{netdef.path}: OpenCV cannot run the net: {_reason(e)}") from None
-        fc = self.net.getParam(spec.fc_layer, 0) if spec.fc_layer else None
-        self.cam_weights = identity_or(fc, spec)
 
     def forward(self, batch: np.ndarray) -> Forward:
-        self.net.setInput(np.ascontiguousarray(batch, np.float32))
-        try:
-            scores, features = self.net.forward(self.outputs)
-        except cv2.error as e:
-            raise BackendError(f"OpenCV forward failed: {_reason(e)}") from None
-        return Forward(scores_to_probs(scores, self.spec), np.array(features, np.float32))
+        values = dict(zip(self.outputs, _run(self.net, batch, self.outputs)))
+        spec = self.spec
+        return Forward(scores_to_probs(values[spec.score_layer], spec),
+                       rows(values[spec.logit_layer]),
+                       np.array(values[spec.feature_layer], np.float32))
+
+    def gradients(self, classes: np.ndarray) -> np.ndarray:
+        raise no_gradients(self.name)
+
+    def tail_logits(self, features: np.ndarray) -> np.ndarray:
+        """The tail's logits: a second OpenCV net, from the target blob to the logits."""
+        if self.tail_net is None:
+            self.tail_net = _load(tail(self.netdef, self.spec.feature_blob,
+                                       [self.spec.logit_blob]), self.weights)
+            if self.gpu is not None:
+                _on_cuda(self.tail_net)
+        logits, = _run(self.tail_net, features, [self.spec.logit_layer])
+        return rows(logits)
+
+
+def _load(netdef: NetDef, weights: CaffeModel):
+    prototxt, caffemodel = _for_opencv(netdef, weights)
+    text = np.frombuffer(prototxt.encode(), np.uint8)
+    model = np.frombuffer(caffemodel, np.uint8)
+    try:
+        return cv2.dnn.readNetFromCaffe(text, model)
+    except cv2.error as e:
+        raise ModelError(f"{weights.path}: OpenCV cannot load the net: {_reason(e)}") from None
+
+
+def _on_cuda(net) -> None:
+    net.setPreferableBackend(cv2.dnn.DNN_BACKEND_CUDA)
+    net.setPreferableTarget(cv2.dnn.DNN_TARGET_CUDA)
+
+
+def _run(net, batch: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
+    net.setInput(np.ascontiguousarray(batch, np.float32))
+    try:
+        return net.forward(outputs)
+    except cv2.error as e:
+        raise BackendError(f"OpenCV forward failed: {_reason(e)}") from None
 
 
 def _for_opencv(netdef: NetDef, weights: CaffeModel) -> tuple[str, bytes]:
