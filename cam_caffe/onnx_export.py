@@ -29,13 +29,18 @@ import numpy as np
 from . import proto
 from .camspec import CamSpec, find_cam_layers
 from .errors import BackendError, ModelError
-from .netdef import NetDef, Shape, _layer_shapes, _pair, blob_shape, param_shapes
+from .netdef import (NetDef, Shape, _layer_shapes, _pair, layer_blobs,  # noqa: F401 (API)
+                     stored_layers)
 
 # Bump when the converter's output changes: it keys the ONNX cache of the backend.
 CONVERTER_VERSION = "4"
 OPSET = 17
 IR_VERSION = 8          # the IR of opset 17: loadable by onnxruntime >= 1.13
 
+# Layer types whose vector–Jacobian product ``_Converter`` emits (``gradient=``).
+VJP = ("BatchNorm", "Bias", "Concat", "Convolution", "Dropout", "Eltwise", "Flatten",
+       "InnerProduct", "LRN", "Pooling", "ReLU", "Reshape", "Scale", "Sigmoid", "Softmax",
+       "Split", "TanH")
 # Layer types handled by ``_Converter`` (besides Input, which becomes the graph input).
 SUPPORTED = ("AbsVal", "BatchNorm", "Bias", "BNLL", "Concat", "Convolution", "Deconvolution",
              "Dropout", "ELU", "Eltwise", "Flatten", "InnerProduct", "LRN", "Pooling", "Power",
@@ -52,19 +57,24 @@ def _onnx():
 
 
 def convert(netdef: NetDef, weights: "proto.NetParameter", spec: CamSpec | None = None,
-            outputs: Sequence[str] | None = None, check: bool = True):
+            outputs: Sequence[str] | None = None, check: bool = True,
+            gradient: str | None = None):
     """The ONNX ModelProto of ``netdef`` with ``weights`` (a parsed caffemodel).
 
     ``outputs`` are Caffe blob names; by default the CAM's score and feature
     blobs from ``spec`` (found with :func:`find_cam_layers` when not given).
-    Raises ModelError for layers or parameters ONNX cannot express here.
+    With ``gradient`` (a blob name), the model also takes a seed S shaped like
+    the first output y and outputs ∂(Σ S·y)/∂B at blob B = ``gradient``, as
+    the next layer reads it (names: :func:`gradient_names`): with a one-hot
+    seed, the gradient of one class's logit. Raises ModelError for layers or
+    parameters ONNX cannot express here, or without a VJP on the way.
     """
     onnx = _onnx()
     if outputs is None:
         spec = spec or find_cam_layers(netdef)
         outputs = [spec.score_blob, spec.feature_blob]
     outputs = list(dict.fromkeys(outputs))
-    model = _Converter(onnx, netdef, weights).run(outputs)
+    model = _Converter(onnx, netdef, weights).run(outputs, gradient)
     if spec is not None:
         meta = {"cam_caffe.converter_version": CONVERTER_VERSION,
                 "cam_caffe.score_blob": spec.score_blob,
@@ -82,31 +92,9 @@ def convert(netdef: NetDef, weights: "proto.NetParameter", spec: CamSpec | None 
     return model
 
 
-def stored_layers(weights: "proto.NetParameter") -> dict[str, object]:
-    """The caffemodel's layers that hold blobs, by name (Caffe copies weights by name)."""
-    return {l.name: l for l in weights.layer if l.blobs}
-
-
-def layer_blobs(netdef: NetDef, stored: dict[str, object], layer) -> list[np.ndarray]:
-    """The blobs of ``layer`` (``stored``: from :func:`stored_layers`) as float32 arrays.
-
-    They get the shapes Caffe gives the layer's parameters, so legacy 4-D blob
-    shapes (``1 × 1 × out × in`` for an InnerProduct) come out right.
-    """
-    source = stored.get(layer.name)
-    if source is None:
-        raise ModelError(f"{netdef.path}: layer '{layer.name}' ({layer.type}) has no weights "
-                         "in the caffemodel")
-    expected = param_shapes(netdef, layer) or []
-    arrays = []
-    for i, b in enumerate(source.blobs):
-        data = np.array(b.data if len(b.data) else b.double_data, np.float32)
-        shape = expected[i] if i < len(expected) else blob_shape(b)
-        if data.size != math.prod(shape):
-            raise ModelError(f"layer '{layer.name}' blob {i} holds {data.size} values, "
-                             f"its shape {list(shape)} needs {math.prod(shape)}")
-        arrays.append(data.reshape(shape))
-    return arrays
+def gradient_names(output: str, blob: str) -> tuple[str, str]:
+    """(seed input, gradient output) names of a model converted with ``gradient=blob``."""
+    return f"{output}:seed", f"{blob}:grad"
 
 
 class _Converter:
@@ -122,6 +110,8 @@ class _Converter:
         self.shapes: dict[str, Shape | None] = {}      # ONNX tensor → shape at batch 1
         self.taken: set[str] = set()                   # tensor names
         self.node_names: set[str] = set()
+        self.saved: dict[tuple[str, str], str] = {}    # (layer, what) → tensor, for VJPs
+        self.done: list[tuple] = []                    # (layer, ins, tops, input shapes)
         for layer in netdef.net.layer:
             self.taken.update(layer.top)
             self.taken.update(layer.bottom)
@@ -180,7 +170,7 @@ class _Converter:
                 continue
             needed.add(index)
             stack.extend(producer[t] for t in io[index][0])
-        return layers, io, needed, [current[b] for b in outputs]
+        return layers, io, needed, [current[b] for b in outputs], current
 
     # ------------------------------------------------------------ emitting
     def node(self, op: str, inputs: list[str], outputs: list[str] | None = None,
@@ -197,8 +187,8 @@ class _Converter:
             np.ascontiguousarray(np.asarray(array, dtype)), name))
         return name
 
-    def run(self, outputs: list[str]):
-        layers, io, needed, final = self._plan(outputs)
+    def run(self, outputs: list[str], gradient: str | None = None):
+        layers, io, needed, final, current = self._plan(outputs)
         h = self.helper
         graph_inputs = []
         for index, layer in enumerate(layers):
@@ -233,9 +223,16 @@ class _Converter:
                                  f"'{layer.type}' cannot be converted to ONNX: {e}") from None
             for top, shape in zip(tops, out_shapes):
                 self.shapes[top] = shape
+            self.done.append((layer, ins, tops, in_shapes))
         graph_outputs = [h.make_tensor_value_info(t, self.onnx.TensorProto.FLOAT,
                                                   ["N", *self.shapes[t][1:]])
                          for t in final]
+        if gradient is not None:
+            seed, grad = self._gradient(final[0], current[gradient], gradient)
+            graph_inputs.append(h.make_tensor_value_info(
+                seed, self.onnx.TensorProto.FLOAT, ["N", *self.shapes[final[0]][1:]]))
+            graph_outputs.append(h.make_tensor_value_info(
+                grad, self.onnx.TensorProto.FLOAT, ["N", *self.shapes[current[gradient]][1:]]))
         graph = h.make_graph(self.nodes, self.netdef.net.name or "caffe", graph_inputs,
                              graph_outputs, initializer=self.initializers)
         model = h.make_model(graph, producer_name="cam-caffe",
@@ -261,6 +258,7 @@ class _Converter:
         dil = list(p.dilation) or [1]
         blobs = self.params(layer)
         inputs = [ins[0], self.const(f"{layer.name}/weight", blobs[0])]
+        self.saved[layer.name, "weight"] = inputs[1]
         if p.bias_term:
             inputs.append(self.const(f"{layer.name}/bias", blobs[1]))
         op = "Conv" if layer.type == "Convolution" else "ConvTranspose"
@@ -340,7 +338,8 @@ class _Converter:
             band = np.zeros((c, c, 1, 1), np.float32)
             for i in range(c):
                 band[i, max(0, i - pad):i + pad + 1] = p.alpha / n
-            shifted = self.node("Conv", [square, self.const(f"{layer.name}/band", band),
+            self.saved[layer.name, "band"] = self.const(f"{layer.name}/band", band)
+            shifted = self.node("Conv", [square, self.saved[layer.name, "band"],
                                          self.const(f"{layer.name}/k", np.full(c, p.k))],
                                 name=layer.name + "/window")
         else:
@@ -359,10 +358,13 @@ class _Converter:
             root4 = self.node("Sqrt", [root2], name=layer.name + "/sqrt2")
             denominator = self.node("Mul", [root2, root4], name=layer.name + "/denominator")
             self.node("Div", [ins[0], denominator], tops, layer.name)
+            self.saved[layer.name, "denominator"] = denominator
         else:
             power = self.node("Pow", [shifted, self.const(f"{layer.name}/beta", -p.beta)],
                               name=layer.name + "/pow")
             self.node("Mul", [ins[0], power], tops, layer.name)
+            self.saved[layer.name, "power"] = power
+        self.saved[layer.name, "shifted"] = shifted
 
     def _relu(self, layer, ins, tops, shapes):
         slope = layer.relu_param.negative_slope
@@ -435,6 +437,7 @@ class _Converter:
             if len(shapes[0]) != 2:
                 flat = self.node("Flatten", ins[:1], name=layer.name + "/flatten", axis=1)
             inputs = [flat, self.const(f"{layer.name}/weight", weight)]
+            self.saved[layer.name, "weight"] = inputs[1]
             if bias is not None:
                 inputs.append(self.const(f"{layer.name}/bias", bias))
             self.node("Gemm", inputs, tops, layer.name, transB=0 if p.transpose else 1)
@@ -479,13 +482,15 @@ class _Converter:
                 other = self.node("Unsqueeze", [other, self.const(
                     "axes", list(range(other_dims, other_dims + extra)), np.int64)],
                     name=layer.name + "/unsqueeze")
+            self.saved[layer.name, "factor"] = other
             first = self.node(op, [ins[0], other], tops if not bias_term else None, layer.name)
             blobs = self.params(layer) if bias_term else []
         else:
             blobs = self.params(layer)
             value = blobs[0]
             value = value.reshape(value.shape + (1,) * (ndim - axis - value.ndim))
-            first = self.node(op, [ins[0], self.const(f"{layer.name}/{op.lower()}", value)],
+            self.saved[layer.name, "factor"] = self.const(f"{layer.name}/{op.lower()}", value)
+            first = self.node(op, [ins[0], self.saved[layer.name, "factor"]],
                               tops if not bias_term else None, layer.name)
             blobs = blobs[1:]
         if bias_term:
@@ -555,6 +560,257 @@ class _Converter:
         else:            # the batch is lumped into the first dim: infer it
             target = [-1] + out[1:]
         self.node("Reshape", [ins[0], self.const("shape", target, np.int64)], tops, layer.name)
+
+    # ------------------------------------------------------ gradients (VJPs)
+    def _gradient(self, output: str, target: str, blob: str) -> tuple[str, str]:
+        """Nodes computing ∂(Σ seed·output)/∂target by the layers' vector–Jacobian
+        products, last layer first, summing where a tensor feeds several layers."""
+        seed, grad = gradient_names(output, blob)
+        self.taken.update((seed, grad))
+        depends = self.depends = {target}
+        for layer, ins, tops, _ in self.done:
+            if any(t in depends for t in ins):
+                depends.update(tops)
+        grads: dict[str, list[str]] = {output: [seed]}
+        for layer, ins, tops, shapes in reversed(self.done):
+            upstream = [self._sum(grads.pop(t)) for t in tops if grads.get(t)]
+            if not upstream or not any(t in depends for t in ins):
+                continue
+            handler = getattr(self, "_vjp_" + layer.type.lower(), None)
+            if handler is None:
+                raise ModelError(
+                    f"{self.netdef.path}: layer '{layer.name}' of type '{layer.type}' has no "
+                    f"gradient in the ONNX export (VJPs: {', '.join(VJP)}); "
+                    "use --backend caffe")
+            g = upstream[0] if len(upstream) == 1 else self._sum(upstream)
+            try:
+                results = handler(layer, ins, tops, shapes, g)
+            except _Unsupported as e:
+                raise ModelError(f"{self.netdef.path}: layer '{layer.name}' of type "
+                                 f"'{layer.type}': no gradient in the ONNX export for {e}; "
+                                 "use --backend caffe") from None
+            for x, gx in zip(ins, results):
+                if gx is not None and x in depends:
+                    grads.setdefault(x, []).append(gx)
+        if not grads.get(target):
+            raise ModelError(f"{self.netdef.path}: '{output}' does not depend on blob '{blob}'")
+        self.node("Identity", [self._sum(grads[target])], [grad], blob + "/grad")
+        return seed, grad
+
+    def _sum(self, tensors: list[str]) -> str:
+        total = tensors[0]
+        for other in tensors[1:]:
+            total = self.node("Add", [total, other], name="grad/sum")
+        return total
+
+    def _g(self, layer, op: str, inputs: list[str], **attrs) -> str:
+        """One node of ``layer``'s VJP."""
+        return self.node(op, inputs, name=f"{layer.name}/grad/{op}", **attrs)
+
+    def _as_input(self, layer, g: str, x: str) -> str:
+        """``g`` reshaped to ``x``'s shape (any batch)."""
+        return self._g(layer, "Reshape", [g, self._g(layer, "Shape", [x])])
+
+    def _pad_end(self, layer, g: str, rows: int, cols: int) -> str:
+        if not (rows or cols):
+            return g
+        pads = self.const("pads", [0, 0, 0, 0, 0, 0, rows, cols], np.int64)
+        return self._g(layer, "Pad", [g, pads])
+
+    def _vjp_innerproduct(self, layer, ins, tops, shapes, g):
+        p = layer.inner_product_param
+        if p.axis % len(shapes[0]) != 1:
+            raise _Unsupported(f"axis {p.axis}")
+        flat = self._g(layer, "Gemm", [g, self.saved[layer.name, "weight"]],
+                       transB=1 if p.transpose else 0)
+        return [self._as_input(layer, flat, ins[0]) if len(shapes[0]) != 2 else flat]
+
+    def _vjp_convolution(self, layer, ins, tops, shapes, g):
+        """The transposed convolution with the same weights, padded back to H × W."""
+        p = layer.convolution_param
+        (kh, kw), (sh, sw), (ph, pw) = (_pair(p, "kernel", 0), _pair(p, "stride", 1),
+                                        _pair(p, "pad", 0))
+        dil = list(p.dilation) or [1]
+        dh, dw = dil[0], dil[-1]
+        _, _, hgt, wid = shapes[0]
+        oh = (hgt + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        ow = (wid + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        back = self._g(layer, "ConvTranspose", [g, self.saved[layer.name, "weight"]],
+                       kernel_shape=[kh, kw], strides=[sh, sw], pads=[ph, pw, ph, pw],
+                       dilations=[dh, dw], group=p.group)
+        return [self._pad_end(layer, back, hgt - (sh * (oh - 1) + dh * (kh - 1) + 1 - 2 * ph),
+                              wid - (sw * (ow - 1) + dw * (kw - 1) + 1 - 2 * pw))]
+
+    def _vjp_relu(self, layer, ins, tops, shapes, g):
+        """Caffe's: g · (x > 0) + slope · g · (x ≤ 0)."""
+        slope = layer.relu_param.negative_slope
+        positive = self._g(layer, "Greater", [ins[0], self.const("zero", 0.0)])
+        other = self._g(layer, "Mul", [g, self.const("slope", slope)]) if slope \
+            else self.const("zero", 0.0)
+        return [self._g(layer, "Where", [positive, g, other])]
+
+    def _vjp_sigmoid(self, layer, ins, tops, shapes, g):
+        y = tops[0]
+        one_minus = self._g(layer, "Sub", [self.const("one", 1.0), y])
+        return [self._g(layer, "Mul", [g, self._g(layer, "Mul", [y, one_minus])])]
+
+    def _vjp_tanh(self, layer, ins, tops, shapes, g):
+        y = tops[0]
+        one_minus = self._g(layer, "Sub", [self.const("one", 1.0),
+                                           self._g(layer, "Mul", [y, y])])
+        return [self._g(layer, "Mul", [g, one_minus])]
+
+    def _vjp_pooling(self, layer, ins, tops, shapes, g):
+        """MAX: the gradient added at each window's first maximum (ONNX MaxPool's
+        indices, scattered with ScatterElements' add). AVE: each output's gradient
+        times its window's 1 / Caffe's divisor, spread over the window by a transposed
+        depthwise convolution of ones."""
+        p = layer.pooling_param
+        n, c, hgt, wid = shapes[0]
+        if p.global_pooling:
+            (kh, kw), (sh, sw), (ph, pw) = (hgt, wid), (1, 1), (0, 0)
+        else:
+            (kh, kw), (sh, sw), (ph, pw) = (_pair(p, "kernel", 0), _pair(p, "stride", 1),
+                                            _pair(p, "pad", 0))
+        padded = bool(ph or pw)
+        oh = caffe_pool_size(hgt, kh, sh, ph, p.ceil_mode, padded)
+        ow = caffe_pool_size(wid, kw, sw, pw, p.ceil_mode, padded)
+        if p.global_pooling:
+            oh = ow = 1
+        end_h = max(0, (oh - 1) * sh + kh - hgt - ph)
+        end_w = max(0, (ow - 1) * sw + kw - wid - pw)
+        full_h = (hgt + ph + end_h - kh) // sh + 1
+        full_w = (wid + pw + end_w - kw) // sw + 1
+        attrs = dict(kernel_shape=[kh, kw], strides=[sh, sw], pads=[ph, pw, end_h, end_w])
+        if p.pool == p.MAX:
+            indices = self.fresh(f"{layer.name}/grad/indices")
+            self.node("MaxPool", [ins[0]], [self.fresh(f"{layer.name}/grad/max"), indices],
+                      f"{layer.name}/grad/MaxPool", **attrs)
+            if (full_h, full_w) != (oh, ow):
+                indices = self._g(layer, "Slice", [
+                    indices, self.const("starts", [0, 0], np.int64),
+                    self.const("ends", [oh, ow], np.int64), self.const("axes", [2, 3], np.int64)])
+            flat = self.const("flat", [-1], np.int64)
+            zeros = self._g(layer, "ConstantOfShape", [self._g(layer, "Shape", [
+                self._g(layer, "Reshape", [ins[0], flat])])])
+            scattered = self._g(layer, "ScatterElements", [
+                zeros, self._g(layer, "Reshape", [indices, flat]),
+                self._g(layer, "Reshape", [g, flat])], axis=0, reduction="add")
+            return [self._as_input(layer, scattered, ins[0])]
+        ratio = np.outer(_ave_ratio(hgt, kh, sh, ph, oh), _ave_ratio(wid, kw, sw, pw, ow))
+        if p.global_pooling:
+            ratio = np.ones((1, 1))
+        weighted = self._g(layer, "Mul", [g, self.const(
+            f"{layer.name}/grad/divisor", (ratio / (kh * kw)).reshape(1, 1, oh, ow))])
+        weighted = self._pad_end(layer, weighted, full_h - oh, full_w - ow)
+        back = self._g(layer, "ConvTranspose", [weighted, self.const(
+            f"{layer.name}/grad/window", np.ones((c, 1, kh, kw)))], group=c, **attrs)
+        return [self._pad_end(layer, back, hgt - (sh * (full_h - 1) + kh - ph - end_h),
+                              wid - (sw * (full_w - 1) + kw - pw - end_w))]
+
+    def _vjp_lrn(self, layer, ins, tops, shapes, g):
+        """Caffe's: g · s^-β − (2αβ/n) · x · Σ_window(g · y / s),
+        s = k + α/n Σ_window x² (across channels; within a channel the window is
+        n × n and the sum's 1/n², as in the forward's average)."""
+        p = layer.lrn_param
+        x, y = ins[0], tops[0]
+        shifted = self.saved[layer.name, "shifted"]
+        if (layer.name, "denominator") in self.saved:
+            direct = self._g(layer, "Div", [g, self.saved[layer.name, "denominator"]])
+        else:
+            direct = self._g(layer, "Mul", [g, self.saved[layer.name, "power"]])
+        ratio = self._g(layer, "Div", [self._g(layer, "Mul", [g, y]), shifted])
+        if p.norm_region == p.ACROSS_CHANNELS:
+            window = self._g(layer, "Conv", [ratio, self.saved[layer.name, "band"]])
+            factor = 2 * p.beta                         # the band holds α/n
+        else:
+            pad = (p.local_size - 1) // 2
+            window = self._g(layer, "AveragePool", [ratio], kernel_shape=[p.local_size] * 2,
+                             strides=[1, 1], pads=[pad] * 4, count_include_pad=1)
+            factor = 2 * p.alpha * p.beta
+        cross = self._g(layer, "Mul", [x, self._g(layer, "Mul", [
+            window, self.const("factor", factor)])])
+        return [self._g(layer, "Sub", [direct, cross])]
+
+    def _vjp_concat(self, layer, ins, tops, shapes, g):
+        p = layer.concat_param
+        axis = p.axis if p.HasField("axis") else p.concat_dim if p.HasField("concat_dim") else 1
+        axis %= len(shapes[0])
+        sizes = self.const("split", [s[axis] for s in shapes], np.int64)
+        outputs = [self.fresh(f"{layer.name}/grad/{i}") for i in range(len(ins))]
+        self.node("Split", [g, sizes], outputs, f"{layer.name}/grad/Split", axis=axis)
+        return outputs
+
+    def _vjp_eltwise(self, layer, ins, tops, shapes, g):
+        """SUM: coefficient · g. PROD: g · the product of the others. MAX: g where the
+        input won Caffe's comparison (ties: the second of the first two, else the first)."""
+        p = layer.eltwise_param
+        if p.operation == p.SUM:
+            coeffs = list(p.coeff) or [1.0] * len(ins)
+            return [g if c == 1.0 else self._g(layer, "Mul", [g, self.const("coeff", c)])
+                    for c in coeffs]
+        if p.operation == p.PROD:
+            grads = []
+            for i in range(len(ins)):
+                others = [x for j, x in enumerate(ins) if j != i]
+                grads.append(self._g(layer, "Mul", [g, self._product(layer, others)]))
+            return grads
+        wins = [self._g(layer, "Greater", [ins[0], ins[1]])]
+        wins.append(self._g(layer, "Not", [wins[0]]))
+        best = self._g(layer, "Max", ins[:2])
+        for x in ins[2:]:
+            won = self._g(layer, "Greater", [x, best])
+            lost = self._g(layer, "Not", [won])
+            wins = [self._g(layer, "And", [w, lost]) for w in wins] + [won]
+            best = self._g(layer, "Max", [best, x])
+        zero = self.const("zero", 0.0)
+        return [self._g(layer, "Where", [w, g, zero]) for w in wins]
+
+    def _product(self, layer, tensors: list[str]) -> str:
+        total = tensors[0]
+        for x in tensors[1:]:
+            total = self._g(layer, "Mul", [total, x])
+        return total
+
+    def _vjp_batchnorm(self, layer, ins, tops, shapes, g):
+        blobs = self.params(layer)
+        factor = float(blobs[2].ravel()[0])
+        factor = 0.0 if factor == 0 else 1.0 / factor
+        var = blobs[1].ravel() * factor
+        scale = (1.0 / np.sqrt(var + layer.batch_norm_param.eps))
+        scale = scale.reshape((-1,) + (1,) * (len(shapes[0]) - 2))
+        return [self._g(layer, "Mul", [g, self.const(f"{layer.name}/grad/scale", scale)])]
+
+    def _second_bottom_fixed(self, ins) -> None:
+        if len(ins) > 1 and ins[1] in self.depends:
+            raise _Unsupported("a second bottom that depends on the target blob")
+
+    def _vjp_scale(self, layer, ins, tops, shapes, g):
+        self._second_bottom_fixed(ins)
+        return [self._g(layer, "Mul", [g, self.saved[layer.name, "factor"]]), None]
+
+    def _vjp_bias(self, layer, ins, tops, shapes, g):
+        self._second_bottom_fixed(ins)
+        return [g, None]
+
+    def _vjp_dropout(self, layer, ins, tops, shapes, g):
+        return [g]
+
+    def _vjp_split(self, layer, ins, tops, shapes, g):
+        return [g]             # the tops' gradients were summed into g
+
+    def _vjp_flatten(self, layer, ins, tops, shapes, g):
+        return [self._as_input(layer, g, ins[0])]
+
+    _vjp_reshape = _vjp_flatten
+
+    def _vjp_softmax(self, layer, ins, tops, shapes, g):
+        """y · (g − Σ_axis g·y)."""
+        y = tops[0]
+        axis = layer.softmax_param.axis % len(shapes[0])
+        total = self._g(layer, "ReduceSum", [self._g(layer, "Mul", [g, y]),
+                                             self.const("axes", [axis], np.int64)], keepdims=1)
+        return [self._g(layer, "Mul", [y, self._g(layer, "Sub", [g, total])])]
 
 
 class _Unsupported(Exception):
