@@ -15,7 +15,6 @@ from PIL import Image
 
 from conftest import IN_CI
 from nets import square_image, write_random_net, write_square_net
-from test_netdef import NO_CAM
 from test_parity import TINY
 
 
@@ -214,9 +213,6 @@ def test_bad_model_files(tiny, backend):
         TINY + 'layer { name: "p" type: "Python" bottom: "prob" top: "p" '
                'python_param { module: "os" layer: "system" } }\n')
     cases.append(("python layer", folder / "python.prototxt", weights, "--allow-python-layers"))
-    (folder / "nocam.prototxt").write_text(NO_CAM)
-    _, nocam_weights = write_random_net(folder, NO_CAM, "nocam_w")
-    cases.append(("no CAM", folder / "nocam.prototxt", nocam_weights, "no CAM structure"))
     cases.append(("missing prototxt", folder / "none.prototxt", weights, "prototxt file not found"))
     for name, proto, model, words in cases:
         child = run_cli(image, "--prototxt", proto, "--weights", model, "--mean", "0",

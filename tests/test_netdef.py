@@ -113,7 +113,7 @@ def test_identity_weights_for_nin_like_nets(tmp_path):
     spec = find_cam_layers(load_netdef(prototxt))
     assert spec.fc_layer is None and spec.num_classes == 5 and spec.score_blob == "loss"
     net = CAMNet(prototxt, model, backend="opencv")
-    np.testing.assert_array_equal(net.backend.cam_weights, np.eye(5, dtype=np.float32))
+    np.testing.assert_array_equal(net.cam_weights, np.eye(5, dtype=np.float32))
     image = np.random.default_rng(0).integers(0, 255, (16, 16, 3), np.uint8)
     result = net.predict([image], classes=[3])[0]
     # With identity weights, the CAM of class 3 is feature channel 3 itself.

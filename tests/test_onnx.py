@@ -31,6 +31,7 @@ from cam_caffe import cli  # noqa: E402
 from cam_caffe.backends import create_backend  # noqa: E402
 from cam_caffe.backends.onnxruntime import OnnxRuntimeBackend, cache_dir  # noqa: E402
 from cam_caffe.backends.opencv import OpenCVBackend  # noqa: E402
+from cam_caffe.cam import cam_weights  # noqa: E402
 from cam_caffe.camspec import find_cam_layers  # noqa: E402
 from cam_caffe.errors import BackendError, ModelError  # noqa: E402
 from cam_caffe.netdef import CaffeModel, load_netdef, param_shapes, read_caffemodel  # noqa: E402
@@ -112,6 +113,10 @@ class Model:
         shape = (n, *self.netdef.input_shape[1:])
         return (np.random.default_rng(seed).normal(0, 1, shape) * scale).astype(np.float32)
 
+    def cam_weights(self) -> np.ndarray:
+        """The CAM weights cam-caffe reads from the caffemodel."""
+        return cam_weights(self.netdef, read_caffemodel(self.weights), self.spec)
+
     def onnxruntime(self) -> OnnxRuntimeBackend:
         return OnnxRuntimeBackend(self.netdef, CaffeModel(self.weights), self.spec)
 
@@ -151,7 +156,7 @@ def compare(model: Model, reference: str, batch: np.ndarray) -> tuple[float, flo
     theirs = model.reference(reference)
     a, b = ours.forward(batch), theirs.forward(batch)
     np.testing.assert_allclose(a.probs.sum(axis=1), 1.0, rtol=1e-5)
-    np.testing.assert_array_equal(ours.cam_weights, expected_cam_weights(model))
+    np.testing.assert_array_equal(model.cam_weights(), expected_cam_weights(model))
     return (assert_close(a.probs, b.probs, "probabilities"),
             assert_close(a.features, b.features, "features"))
 
@@ -499,7 +504,7 @@ def test_transposed_fc_matches_numpy(tmp_path):
     scores = out.features.mean(axis=(2, 3)) @ weight + bias
     expected = np.exp(scores - scores.max(axis=1, keepdims=True))
     assert_close(out.probs, expected / expected.sum(axis=1, keepdims=True), "probabilities")
-    np.testing.assert_array_equal(backend.cam_weights, weight.T.astype(np.float32))
+    np.testing.assert_array_equal(model.cam_weights(), weight.T.astype(np.float32))
 
 
 def test_every_converted_layer_type_is_tested():
@@ -692,7 +697,7 @@ def test_create_backend_by_name(tmp_path):
     assert not model.spec.softmax
     out = backend.forward(model.batch(4))
     assert out.probs.shape == (4, 6) and np.allclose(out.probs.sum(axis=1), 1, atol=1e-5)
-    assert backend.cam_weights.shape == (6, 8)      # (C, K), from a transposed FC
+    assert model.cam_weights().shape == (6, 8)      # (C, K), from a transposed FC
 
 
 # ------------------------------------------------------------- export CLI

@@ -26,13 +26,13 @@ def test_googlenet_cam_with_opencv(googlenet):
     image = cv2.imread(str(shared("googlenet_cam", "img1.jpg")))
     out = net.backend.forward(net.preprocess([image, image[:, ::-1]]))
     assert out.features.shape == (2, 1024, 14, 14)
-    assert net.backend.cam_weights.shape == (1000, 1024)
+    assert net.cam_weights.shape == (1000, 1024)
     np.testing.assert_allclose(out.probs.sum(axis=1), 1.0, rtol=1e-5)
     assert (out.features >= 0).all()                  # post-ReLU, as Caffe's blob holds
     # The weights OpenCV holds are the ones in the file.
     stored = {l.name: l for l in read_caffemodel(model).layer}
     fc = np.array(stored["CAM_fc"].blobs[0].data, np.float32).reshape(1000, 1024)
-    np.testing.assert_array_equal(net.backend.cam_weights, fc)
+    np.testing.assert_array_equal(net.cam_weights, fc)
     result = net.predict([image])[0]
     assert result.cam(result.classes[0], (224, 224)).shape == (224, 224)
     assert result.cam(result.classes[0], result.image_size).shape == image.shape[:2]
