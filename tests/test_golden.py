@@ -57,7 +57,7 @@ def test_backends_reproduce_the_official_probabilities(golden_head, backend):
     features, weights, prob = load_golden()
     net = CAMNet(*golden_head, backend=backend, labels=shared("imagenet", "synset_words.txt"))
     assert net.spec.feature_blob == "CAM_conv" and net.spec.fc_layer == "CAM_fc"
-    np.testing.assert_array_equal(net.backend.cam_weights, weights)
+    np.testing.assert_array_equal(net.cam_weights, weights)
     out = net.backend.forward(features)
     np.testing.assert_allclose(out.probs, prob, atol=1e-3)
     np.testing.assert_allclose(out.features, features, rtol=1e-6)
