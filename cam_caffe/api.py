@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -123,9 +123,11 @@ class CAMNet:
         """The net's (H, W)."""
         return self.preprocess.size
 
-    def load(self, path: str | Path) -> np.ndarray:
-        """Read an image file as BGR uint8, within this net's pixel limit."""
-        return load_image(path, self.max_pixels)
+    def load(self, path: str | Path, data: bytes | None = None,
+             admit: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """Read an image file (or its ``data``) as BGR uint8, within this net's pixel
+        limit; see :func:`cam_caffe.image.load_image` for ``admit``."""
+        return load_image(path, self.max_pixels, data, admit)
 
     def predict(self, images: Sequence[np.ndarray], classes: Sequence[int] | None = None,
                 top_k: int = 1, ten_crop: bool = False) -> list[Prediction]:

@@ -6,13 +6,16 @@ checked from the header before decoding, so a decompression bomb is refused.
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
+from .files import open_regular
 
 DEFAULT_MAX_PIXELS = 100_000_000   # 100 megapixels; --max-pixels changes it
 # cam-caffe checks the pixel count itself (max_pixels, before decoding), so
@@ -22,36 +25,44 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
                     ".ppm", ".pgm", ".pbm", ".jfif"}
 
 
-def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Read ``path`` into an (H, W, 3) uint8 BGR array; ImageError names file and problem."""
+def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, data: bytes | None = None,
+               admit: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """Read ``path`` into an (H, W, 3) uint8 BGR array; ImageError names file and problem.
+
+    ``data``, when given, holds the encoded image (``path`` then only names it).
+    ``admit(width, height)`` is called once the header is read, before any pixel
+    is decoded; it may raise to refuse or postpone the image (a memory budget).
+    """
     path = Path(path)
+    width = height = 0
     try:
-        with Image.open(path) as im:
+        source = (io.BytesIO(data) if data is not None
+                  else open(open_regular(path, "image file", ImageError), "rb"))
+        with source, Image.open(source) as im:
             width, height = im.size
             if width * height > max_pixels:
                 raise ImageError(f"{path}: {width}x{height} pixels is over the limit of "
                                  f"{max_pixels} (raise it with --max-pixels)")
+            if admit is not None:
+                admit(width, height)
             ImageOps.exif_transpose(im, in_place=True)   # no copy when upright
-            return _to_bgr8(im)
-    except ImageError:
-        raise
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ImageError(f"{path}: is a directory, not an image") from None
-    except PermissionError:
-        raise ImageError(f"{path}: permission denied") from None
+            return _to_bgr8(im, path)
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image (unknown or unsupported format)") from None
+    except MemoryError:
+        raise ImageError(f"{path}: out of memory decoding {width}x{height} pixels "
+                         "(see CAM_CAFFE_MEMORY in README.md)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"{path}: cannot decode image: {e}") from None
 
 
-def _to_bgr8(im: Image.Image) -> np.ndarray:
+def _to_bgr8(im: Image.Image, path: Path) -> np.ndarray:
     if im.width < 1 or im.height < 1:
-        raise ImageError("image has no pixels")
+        raise ImageError(f"{path}: image has no pixels")
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         grey = np.asarray(im, dtype=np.float64)
+        if not np.isfinite(grey).all():
+            raise ImageError(f"{path}: image has NaN or infinite pixel values")
         if im.mode.startswith("I;16") or grey.max(initial=0) > 255:
             grey = grey / 257.0                    # 16-bit range → 8-bit
         elif im.mode == "F" and grey.max(initial=0) <= 1.0:

@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 from .errors import CamError, ModelError
+from .files import TEXT_LIMIT, read_limited
 
 _WNID = re.compile(r"^n\d{8}\s+")
 
@@ -13,10 +14,8 @@ def read_labels(path: str | Path) -> list[str]:
     """One label a line; a leading WordNet id ("n07930864 cup") is dropped."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ModelError(f"{path}: labels file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
+        text = read_limited(path, "labels file", TEXT_LIMIT, ModelError).decode("utf-8")
+    except UnicodeDecodeError as e:
         raise ModelError(f"{path}: cannot read labels file: {e}") from None
     labels = [_WNID.sub("", line.strip()) for line in text.splitlines() if line.strip()]
     if not labels:

@@ -22,6 +22,7 @@ from google.protobuf.message import DecodeError
 
 from . import proto
 from .errors import ModelError
+from .files import TEXT_LIMIT, read_limited
 
 # Caffe's V1LayerParameter.LayerType enum names -> V2 type strings (upgrade_proto.cpp).
 V1_TYPES = {
@@ -171,8 +172,12 @@ def read_bytes(path: Path, what: str) -> bytes:
 
 
 def _read_text(path: Path, what: str) -> str:
+    """A text file (or pipe) of at most TEXT_LIMIT bytes, as one-line ModelErrors."""
+    data = read_limited(path, f"{what} file", TEXT_LIMIT, ModelError)
+    if not data:
+        raise ModelError(f"{path}: {what} file is empty")
     try:
-        return read_bytes(path, what).decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError:
         raise ModelError(f"{path}: not a text {what} file") from None
 
