@@ -13,8 +13,11 @@ same lossless PNG in a third of the time (ISA-L's deflate instead of zlib's;
 from __future__ import annotations
 
 import os
+import re
 import struct
 import tempfile
+import threading
+import time
 import zlib
 from pathlib import Path
 from typing import Iterable
@@ -48,19 +51,82 @@ def write_bytes(path: str | Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         publish(tmp, path)
-    except OSError as e:
+    except BaseException as e:               # a full disk, or Ctrl-C in the middle
         try:
             os.unlink(tmp)
         except OSError:
             pass
-        raise OutputError(f"{path}: cannot write: {e.strerror or e}") from None
+        if isinstance(e, OSError):
+            raise OutputError(f"{path}: cannot write: {e.strerror or e}") from None
+        raise
+
+
+# A temporary file is ".<name>.<random>.<host>-<pid>.tmp": the host and pid of the
+# process writing it let a later run prove it abandoned (see remove_stale).
+_HOST = f"{zlib.crc32(os.uname().nodename.encode()):08x}"
+_TEMPORARY = re.compile(r"^\..*\.[a-z0-9_]{8}\.([0-9a-f]{8})-(\d+)\.tmp$", re.DOTALL)
+NAME_MAX = 255             # bytes in a file name, on every common Linux file system
+STALE_AGE = 3600           # seconds after which any host's temporary is abandoned
+_cleaned: set[Path] = set()
+_cleaned_lock = threading.Lock()
 
 
 def temporary_beside(path: Path) -> tuple[int, str]:
     """A new temporary file ``.<name>.*.tmp`` in ``path``'s folder (created if
-    missing): (open descriptor, name). OSError when the folder is not writable."""
+    missing): (open descriptor, name). OSError when the folder is not writable.
+
+    The name is shortened so the temporary fits in NAME_MAX bytes wherever the
+    final name does. Abandoned temporaries of earlier runs there are removed first.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale(path.parent)
+    suffix = f".{_HOST}-{os.getpid()}.tmp"
+    room = NAME_MAX - len(suffix) - 2 - 8          # two dots and mkstemp's 8 characters
+    name = os.fsdecode(os.fsencode(path.name)[:room])      # cut bytes, kept as bytes
+    return tempfile.mkstemp(prefix=f".{name}.", suffix=suffix, dir=path.parent)
+
+
+def remove_stale(folder: Path) -> int:
+    """Remove the temporaries in ``folder`` that a killed cam-caffe left behind: those
+    of a process of this host that is gone, and any older than STALE_AGE. Each
+    folder is looked at once per process; returns how many were removed."""
+    folder = Path(os.path.abspath(folder))
+    with _cleaned_lock:
+        if folder in _cleaned:
+            return 0
+        _cleaned.add(folder)
+    removed = 0
+    try:
+        entries = [e for e in os.scandir(folder)
+                   if e.name.startswith(".") and e.name.endswith(".tmp")]
+    except OSError:
+        return 0
+    now = time.time()
+    for entry in entries:
+        match = _TEMPORARY.match(entry.name)
+        if not match:
+            continue
+        host, pid = match.group(1), int(match.group(2))
+        try:
+            stale = (host == _HOST and not _alive(pid)) or (
+                now - entry.stat(follow_symlinks=False).st_mtime > STALE_AGE)
+            if stale and entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+                removed += 1
+        except OSError:
+            pass                        # gone meanwhile, or not ours to remove
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:                   # another user's process
+        return True
+    return True
 
 
 def remove_temporaries(targets: Iterable[Path]) -> None:
