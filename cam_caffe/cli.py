@@ -5,23 +5,27 @@ import argparse
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 
 from . import __version__, models
 from .api import CAMNet, Prediction
 from .backends import BACKENDS
-from .batch import SAVE_KINDS, Options, print_record, process, render_overlay, run_batch
+from .batch import (SAVE_KINDS, Options, Report, print_record, process, render_overlay,
+                    run_batch)
 from .boxes import Box
 from .cluster import check_address, dask_client
-from .errors import (EXIT_BROKEN_PIPE, EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, CamError,
-                     ModelError)
+from .errors import (EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, CamError, ModelError,
+                     Terminated, one_line)
 from .image import DEFAULT_MAX_PIXELS
 from .inputs import Input, collect, in_shard, parse_shard
+from .launch import reader_gone, say
 from .labels import class_name, resolve_class
 from .methods import METHODS
 from .models import DEFAULT_MODEL, Model
 from .output import write_image
 from .render import DEFAULT_ALPHA, STYLES
+from .signals import exit_code, ignore_signals
 
 # The original script's layout, in a source checkout: the official weights in models/.
 DEFAULT_WEIGHTS = models.PROJECT_ROOT / "models" / models.get(DEFAULT_MODEL).weights.filename
@@ -248,7 +252,8 @@ def options_from(args: argparse.Namespace, net: CAMNet) -> Options:
         specs = [c for group in args.classes for c in group.split(",") if c.strip()]
         classes = [resolve_class(c, net.labels, net.spec.num_classes) for c in specs]
     return Options(output_dir=args.output_dir, save=args.save, image_format=args.image_format,
-                   classes=classes, top_k=args.top_k, style=args.style,
+                   classes=classes, top_k=min(args.top_k, net.spec.num_classes),
+                   style=args.style,
                    colormap=args.colormap, alpha=args.alpha, boxes=args.boxes,
                    box_threshold=args.box_threshold, dt_thresholds=args.dt_thresholds,
                    ten_crop=args.ten_crop, montage=args.montage,
@@ -280,9 +285,18 @@ def run(argv: list[str]) -> int:
         raise CamError("give either -o (one image) or --output-dir (many), not both")
     if (args.montage or args.save != ("overlay",)) and not args.output_dir:
         raise CamError("--save and --montage need --output-dir")
-    inputs = collect(args.images, args.output_dir)
+    problems: list[CamError] = []           # inputs that could not even be listed
+    inputs = collect(args.images, args.output_dir, problems=problems)
+    if not inputs and problems:
+        for problem in problems:
+            say(f"cam-caffe: error: {one_line(str(problem))}")
+        return Report(failed=[(Path(), p) for p in problems]).exit_code()
     if args.shard:
+        everything = len(inputs)
         inputs = [item for item in inputs if in_shard(item, args.shard)]
+        if everything and not inputs:        # an empty shard of a job array is a success
+            say(f"cam-caffe: shard {args.shard[0]}/{args.shard[1]}: 0 of {everything} images")
+            return EXIT_OK
     if not inputs:
         raise CamError("no input images found", EXIT_INPUT)
     if args.dask and (args.output or args.show):
@@ -299,11 +313,12 @@ def run(argv: list[str]) -> int:
             report = run_batch(net, inputs, options, client=client)
     else:
         report = run_batch(net, inputs, options)
+    report.failed[:0] = [(Path(), problem) for problem in problems]
     for _, error in report.failed:
-        print(f"cam-caffe: error: {error}", file=sys.stderr)
+        say(f"cam-caffe: error: {one_line(str(error))}")
     if report.failed:
-        print(f"cam-caffe: {len(report.failed)} of {len(inputs)} images failed, "
-              f"{report.done} done, {report.skipped} skipped", file=sys.stderr)
+        say(f"cam-caffe: {len(report.failed)} of {len(inputs) + len(problems)} images failed, "
+            f"{report.done} done, {report.skipped} skipped")
     return report.exit_code()
 
 
@@ -321,41 +336,18 @@ def main(argv: list[str] | None = None) -> int:
             return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
         return run(argv)
     except CamError as e:
-        print(f"cam-caffe: error: {e}", file=sys.stderr)
+        say(f"cam-caffe: error: {one_line(str(e))}")
         return e.exit_code
-    except KeyboardInterrupt:
-        print("cam-caffe: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:               # Ctrl-C or SIGTERM (Terminated)
+        if threading.current_thread() is threading.main_thread():
+            ignore_signals()                     # the process is on its way out
+        say(f"cam-caffe: {'terminated' if isinstance(e, Terminated) else 'interrupted'}")
+        return exit_code(e)
     except BrokenPipeError:
-        return _reader_gone()
+        return reader_gone()
     except Exception as e:  # a bug: still one line, unless asked for the traceback
         if os.environ.get("CAM_CAFFE_DEBUG"):
             raise
-        print(f"cam-caffe: internal error: {type(e).__name__}: {e} "
-              "(set CAM_CAFFE_DEBUG=1 for the traceback)", file=sys.stderr)
+        say(f"cam-caffe: internal error: {type(e).__name__}: {one_line(str(e))} "
+            "(set CAM_CAFFE_DEBUG=1 for the traceback)")
         return EXIT_INTERNAL
-
-
-def _reader_gone() -> int:
-    """Whoever read stdout stopped (e.g. `| head`): stop quietly, as a shell reports
-    a writer killed by SIGPIPE; devnull absorbs what is left to flush."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return EXIT_BROKEN_PIPE
-
-
-def entry() -> None:
-    """The ``cam-caffe`` command: ``main()``, then exit without the interpreter's
-    teardown (unloading ONNX Runtime, OpenCV, NumPy: ~35 ms, paid by every call
-    of a shell loop). Every output file is closed by then; stdout and stderr
-    are flushed here."""
-    code = main()
-    try:
-        sys.stdout.flush()
-    except BrokenPipeError:
-        code = _reader_gone()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-if __name__ == "__main__":
-    entry()

@@ -1,6 +1,8 @@
 """One exception type for every problem a user can fix, with its exit code."""
 from __future__ import annotations
 
+import re
+
 # Exit codes of the `cam-caffe` command (documented in README.md).
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1   # a batch ran, but some images could not be processed
@@ -11,7 +13,9 @@ EXIT_OUTPUT = 5        # an output could not be written
 EXIT_BACKEND = 6       # the backend failed (missing library, GPU, crash)
 EXIT_CLUSTER = 7       # the Dask cluster cannot be used or was lost (--dask)
 EXIT_INTERNAL = 70     # a bug in cam-caffe (CAM_CAFFE_DEBUG=1 shows the traceback)
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 EXIT_BROKEN_PIPE = 141  # stdout was closed by its reader (128 + SIGPIPE, as shells report)
+EXIT_TERMINATED = 143   # SIGTERM (128 + SIGTERM), e.g. a job scheduler's time limit
 
 
 class CamError(Exception):
@@ -57,3 +61,25 @@ class ClusterError(CamError):
     """A Dask cluster that cannot be reached, or whose scheduler went away."""
 
     exit_code = EXIT_CLUSTER
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C (clean up, then exit 143)."""
+
+
+# Characters that would break a one-line message or a terminal: C0/C1 controls,
+# line and paragraph separators, and the lone surrogates that stand for a file
+# name's undecodable bytes.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def one_line(text: str) -> str:
+    """``text`` with every control character escaped (``\\n``, ``\\x1b``; an undecodable
+    byte of a file name as ``\\xNN``), so a message stays one printable line."""
+    def escape(match: re.Match) -> str:
+        code = ord(match.group())
+        if 0xDC80 <= code <= 0xDCFF:            # os.fsdecode's stand-in for byte code - 0xDC00
+            return f"\\x{code - 0xDC00:02x}"
+        return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(
+            match.group(), f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+    return _UNPRINTABLE.sub(escape, text)
