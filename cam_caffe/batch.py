@@ -22,19 +22,23 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, TextIO
+from typing import TYPE_CHECKING, Callable, Iterator, TextIO
 
 import cv2
 import numpy as np
 
 from .api import CAMNet, Prediction
 from .boxes import Box, draw_boxes, dt_boxes_from_cam, paper_box
-from .errors import EXIT_OK, EXIT_SOME_FAILED, CamError, OutputError
-from .inputs import Input
+from .budget import MemoryBudget, Postponed, memory_budget
+from .errors import (EXIT_INPUT, EXIT_INTERNAL, EXIT_MODEL, EXIT_OK, EXIT_SOME_FAILED, CamError,
+                     OutputError, one_line)
+from .files import TEXT_LIMIT, read_limited
+from .inputs import Input, identity
 from .labels import class_name
-from .output import write_bytes, write_image
+from .output import remove_stale, write_bytes, write_image
 from .progress import Progress
 from .render import DEFAULT_ALPHA, heatmap, overlay_paper, overlay_seed
+from .signals import held, interrupt_for
 
 if TYPE_CHECKING:
     import distributed
@@ -79,10 +83,13 @@ class Report:
     failed: list[tuple[Path, CamError]] = field(default_factory=list)
 
     def exit_code(self) -> int:
-        """0; the shared code of the failures when nothing was done; else 1 (some failed)."""
+        """0; 70 if a bug hit an image; the shared code of the failures when nothing
+        was done; else 1 (some failed)."""
         if not self.failed:
             return EXIT_OK
         codes = {error.exit_code for _, error in self.failed}
+        if EXIT_INTERNAL in codes:          # a bug hit some image: never hidden behind 1
+            return EXIT_INTERNAL
         if self.done == 0 and self.skipped == 0 and len(codes) == 1:
             return codes.pop()
         return EXIT_SOME_FAILED
@@ -163,6 +170,9 @@ def npy_bytes(array: np.ndarray) -> bytes:
 def process(net: CAMNet, item: Input, image: np.ndarray, result: Prediction,
             options: Options) -> dict:
     """Boxes, renders and files for one image; returns its JSON record."""
+    if not (np.isfinite(result.probs).all() and np.isfinite(result.cams).all()):
+        raise CamError(f"{item.path}: the net's output is not finite (NaN or infinity): "
+                       "check the weights, --mean and --scale", EXIT_MODEL)
     size = result.image_size
     maps = []
     for class_id in result.classes:
@@ -202,12 +212,13 @@ def process(net: CAMNet, item: Input, image: np.ndarray, result: Prediction,
         write_image(paths["montage"], montage(image, overlays, captions))
     record["files"] = {kind: str(path) for kind, path in paths.items()}
     if "json" in options.save:
-        write_bytes(paths["json"], (json.dumps(record, indent=2) + "\n").encode())
+        write_bytes(paths["json"], (json.dumps(record, indent=2, allow_nan=False)
+                                    + "\n").encode())
     return record
 
 
 def print_record(record: dict, out: TextIO) -> None:
-    print(record["image"], file=out)
+    print(one_line(record["image"]), file=out)
     for entry in record["top_k"]:
         print(f"  {entry['class']:5d}  {entry['prob']:.4f}  {entry['label']}", file=out)
     for entry in record["maps"]:
@@ -216,80 +227,163 @@ def print_record(record: dict, out: TextIO) -> None:
                   file=out)
 
 
+def image_cost(width: int, height: int, options: Options) -> int:
+    """Bytes one image can take from decoding to its last output file: measured peak
+    resident memory over 16-megapixel images (README, "Limits and failures"),
+    rounded up: 14 bytes a pixel, and per map 7 more (+4 with npy, +7 with dt boxes)."""
+    per_map = 7 + 4 * ("npy" in options.save) + 7 * (options.boxes == "dt")
+    per_pixel = 14 + options.maps * per_map + 3 * ("heatmap" in options.save)
+    return width * height * per_pixel
+
+
+def failure(item: Input, error: Exception) -> CamError:
+    """Any exception an image raised, as the one-line error reported for it: a bug
+    (not a CamError) is reported as an internal error of that image, and the batch
+    goes on."""
+    if isinstance(error, CamError):
+        return error
+    if isinstance(error, MemoryError):
+        return CamError(f"{item.path}: out of memory (see CAM_CAFFE_MEMORY in README.md)",
+                        EXIT_INPUT)
+    if os.environ.get("CAM_CAFFE_DEBUG"):
+        raise error
+    return CamError(f"{item.path}: internal error: {type(error).__name__}: {error} "
+                    "(set CAM_CAFFE_DEBUG=1 for the traceback)", EXIT_INTERNAL)
+
+
 @dataclass
 class ChunkResult:
     """What one chunk of inputs gave: the records of the images done (in input
-    order) and the images that failed, with why."""
+    order), the images that failed, with why, and those postponed because they
+    did not fit in the memory budget next to the others (to be run again)."""
 
     size: int
     records: list[dict] = field(default_factory=list)
     failed: list[tuple[Path, CamError]] = field(default_factory=list)
+    postponed: list[Input] = field(default_factory=list)
 
 
 def process_chunk(net: CAMNet, chunk: list[Input], options: Options, pool: Executor,
-                  forward_lock: AbstractContextManager | None = None) -> ChunkResult:
+                  forward_lock: AbstractContextManager | None = None,
+                  stop: threading.Event | None = None,
+                  budget: MemoryBudget | None = None) -> ChunkResult:
     """One chunk end to end: decode its images on ``pool``, one forward pass and the
     CAMs (holding ``forward_lock`` if given), then boxes, renders and files on
-    ``pool``. A bad image is reported in the result; the others go on.
+    ``pool``. A bad image is reported in the result, whatever it raised; the
+    others go on.
+
+    Each image's memory is taken from ``budget`` before it is decoded, and given
+    back when the chunk ends. Once ``stop`` is set, work not yet started is
+    dropped and only what was finished is in the result.
 
     The single-process run and the Dask workers both run every chunk through here.
     """
     result = ChunkResult(len(chunk))
-    decoding = [(item, pool.submit(net.load, item.path)) for item in chunk]
-    loaded = []
-    for item, future in decoding:
-        try:
-            loaded.append((item, future.result()))
-        except CamError as e:
-            result.failed.append((item.path, e))
-    with forward_lock or nullcontext():
-        predictions = net.predict([image for _, image in loaded], options.classes,
-                                  options.top_k, options.ten_crop)
-    rendering = [(item, pool.submit(process, net, item, image, prediction, options))
-                 for (item, image), prediction in zip(loaded, predictions)]
-    for item, future in rendering:
-        try:
-            result.records.append(future.result())
-        except CamError as e:
-            result.failed.append((item.path, e))
-    return result
+    stop = stop or threading.Event()
+    budget = budget or MemoryBudget(None)
+    reserved: list[int] = []
+
+    def load(item: Input) -> np.ndarray:
+        def admit(width: int, height: int) -> None:
+            reserved.append(budget.reserve(image_cost(width, height, options), item.path,
+                                           width, height))
+        return net.load(item.path, item.data, admit)
+
+    def outcomes(futures: list[tuple[Input, Future]]) -> Iterator[tuple[Input, object]]:
+        """Each future's result, or the failure it raised (None: dropped or postponed)."""
+        for item, future in futures:
+            if stop.is_set() and future.cancel():
+                continue
+            try:
+                yield item, future.result()
+            except Postponed:
+                result.postponed.append(item)
+            except Exception as e:
+                result.failed.append((item.path, failure(item, e)))
+
+    try:
+        loaded = list(outcomes([(item, pool.submit(load, item)) for item in chunk]))
+        if stop.is_set() or not loaded:
+            return result
+        with forward_lock or nullcontext():
+            predictions = net.predict([image for _, image in loaded], options.classes,
+                                      options.top_k, options.ten_crop)
+        rendering = [(item, pool.submit(process, net, item, image, prediction, options))
+                     for (item, image), prediction in zip(loaded, predictions)]
+        result.records.extend(record for _, record in outcomes(rendering))
+        return result
+    finally:
+        budget.release(sum(reserved))
 
 
-def pending_inputs(inputs: list[Input], options: Options, report: Report) -> list[Input]:
+def skipped_record(item: Input, paths: dict[str, Path]) -> dict:
+    """The JSON line of an image a resumed run skips: its saved record when there
+    is one, else its name and files; both with ``"skipped": true``."""
+    if "json" in paths:
+        try:
+            record = json.loads(read_limited(paths["json"], "JSON record", TEXT_LIMIT))
+            if isinstance(record, dict) and record.get("image") == str(item.path):
+                return {**record, "skipped": True}
+        except (CamError, ValueError):
+            pass                         # unreadable: the short record says enough
+    return {"image": str(item.path), "skipped": True,
+            "files": {kind: str(path) for kind, path in paths.items()}}
+
+
+def pending_inputs(inputs: list[Input], options: Options, report: Report,
+                   on_skip: Callable[[Input, dict[str, Path]], None] | None = None) -> list[Input]:
     """The inputs to process: those whose outputs would overwrite an input fail, and
-    with ``skip_existing`` those whose outputs all exist are skipped."""
-    protected = {item.path.resolve() for item in inputs}
+    with ``skip_existing`` those whose outputs all exist are skipped (``on_skip``
+    is told of each). Abandoned temporaries in the output folders are removed."""
+    protected = {identity(item.path) for item in inputs if item.data is None}
     todo = []
+    folders = set()
     for item in inputs:
         if options.output_dir is not None:
-            paths = output_paths(item, options, options.maps).values()
-            if any(p.resolve() in protected for p in paths):
+            paths = output_paths(item, options, options.maps)
+            folders.add(next(iter(paths.values())).parent)
+            if any(identity(p) in protected for p in paths.values()):
                 report.failed.append((item.path, OutputError(
                     f"{item.path}: an output would overwrite an input image")))
                 continue
-            if options.skip_existing and paths and all(p.exists() for p in paths):
+            if options.skip_existing and paths and all(p.exists() for p in paths.values()):
                 report.skipped += 1
+                if on_skip is not None:
+                    on_skip(item, paths)
                 continue
         todo.append(item)
+    for folder in folders:
+        remove_stale(folder)
     return todo
 
 
-def local_chunks(net: CAMNet, chunks: list[list[Input]],
-                 options: Options) -> Iterator[ChunkResult]:
+def local_chunks(net: CAMNet, chunks: list[list[Input]], options: Options,
+                 stop: threading.Event | None = None,
+                 budget: MemoryBudget | None = None) -> Iterator[ChunkResult]:
     """Each chunk's result in order, two chunks in flight: while one runs its forward
     pass (one at a time, on the GPU or on the cores the workers leave free), worker
-    threads decode the other's images or render, encode and write them."""
+    threads decode the other's images or render, encode and write them. Once
+    ``stop`` is set no new chunk starts."""
+    stop = stop or threading.Event()
     workers = max(2, min(8, (os.cpu_count() or 2) - 1))
     forward_lock = threading.Lock()
     with ThreadPoolExecutor(max_workers=workers) as pool, ThreadPoolExecutor(2) as lanes:
         in_flight: deque[Future] = deque()
         for chunk in chunks:
+            if stop.is_set():
+                break
             in_flight.append(lanes.submit(process_chunk, net, chunk, options, pool,
-                                          forward_lock))
+                                          forward_lock, stop, budget))
             if len(in_flight) == 2:
                 yield in_flight.popleft().result()
         while in_flight:
             yield in_flight.popleft().result()
+
+
+def write_line(text: str, out: TextIO) -> None:
+    """One whole line at once (an interrupt never leaves half a line), flushed."""
+    out.write(text + "\n")
+    out.flush()
 
 
 def run_batch(net: CAMNet, inputs: list[Input], options: Options, out: TextIO | None = None,
@@ -297,27 +391,54 @@ def run_batch(net: CAMNet, inputs: list[Input], options: Options, out: TextIO | 
     """Process ``inputs`` in chunks of ``options.batch_size``, in this process or, with
     ``client`` (a ``distributed.Client`` or a ``--dask`` address), on a Dask cluster
     (``cluster.py``). Records go to ``out`` as chunks finish: in input order here, in
-    the order chunks complete on a cluster."""
+    the order chunks complete on a cluster.
+
+    Here, images that did not fit in the memory budget next to others run again
+    after the rest, in as many rounds as it takes (each round runs at least one).
+    A Ctrl-C or SIGTERM stops the run: work not yet started is dropped (on a
+    cluster, cancelled), what finishes is reported (here, a record for every image
+    whose outputs were written), then KeyboardInterrupt (or Terminated) is raised.
+    """
     out = out or sys.stdout
     report = Report()
-    todo = pending_inputs(inputs, options, report)
-    chunks = [todo[i:i + options.batch_size] for i in range(0, len(todo), options.batch_size)]
-    progress = Progress(len(todo), sys.stderr.isatty() and not options.quiet)
-    if client is None:
-        results = local_chunks(net, chunks, options)
-    else:
-        from .cluster import cluster_chunks
-        results = cluster_chunks(client, net, chunks, options)
-    handled = 0
-    with closing(results):       # stop the chunks in flight even when printing fails
-        for result in results:
-            report.failed.extend(result.failed)
-            report.done += len(result.records)
-            for record in result.records:
-                if options.jsonl:
-                    print(json.dumps(record), file=out, flush=True)
-                elif not options.quiet:
-                    print_record(record, out)
-            handled += result.size
-            progress.update(handled)
+    stop = threading.Event()
+    budget = MemoryBudget(memory_budget())
+
+    def emit(record: dict) -> None:
+        if options.jsonl:
+            write_line(json.dumps(record, allow_nan=False), out)
+        elif not options.quiet and not record.get("skipped"):
+            print_record(record, out)
+
+    with held(on_signal=stop.set) as received:
+        todo = pending_inputs(inputs, options, report,
+                              lambda item, paths: emit(skipped_record(item, paths)))
+        progress = Progress(len(todo), sys.stderr.isatty() and not options.quiet)
+        handled = 0
+        while todo and not stop.is_set():
+            chunks = [todo[i:i + options.batch_size]
+                      for i in range(0, len(todo), options.batch_size)]
+            todo = []                                # what is postponed runs next round
+            if client is None:
+                results = local_chunks(net, chunks, options, stop, budget)
+            else:
+                from .cluster import cluster_chunks
+                results = cluster_chunks(client, net, chunks, options)
+            with closing(results):       # stop the chunks in flight even when printing fails
+                try:
+                    for result in results:
+                        report.failed.extend(result.failed)
+                        report.done += len(result.records)
+                        for record in result.records:
+                            emit(record)
+                        todo.extend(result.postponed)
+                        handled += result.size - len(result.postponed)
+                        progress.update(handled)
+                        if stop.is_set() and client is not None:
+                            break                # a cluster's chunks are all in flight
+                except BaseException:
+                    stop.set()                   # the chunks in flight here end soon
+                    raise
+    if received:
+        raise interrupt_for(received[0])
     return report

@@ -11,8 +11,9 @@ from pathlib import Path
 from . import __version__, models
 from .api import CAMNet, Prediction
 from .backends import BACKENDS
-from .batch import (SAVE_KINDS, Options, Report, print_record, process, render_overlay,
-                    run_batch)
+from .batch import (SAVE_KINDS, Options, Report, image_cost, print_record, process,
+                    render_overlay, run_batch)
+from .budget import MemoryBudget, memory_budget
 from .boxes import Box
 from .cluster import check_address, dask_client
 from .errors import (EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, CamError, ModelError,
@@ -263,11 +264,13 @@ def options_from(args: argparse.Namespace, net: CAMNet) -> Options:
 
 def single(net: CAMNet, item: Input, options: Options, args: argparse.Namespace) -> None:
     """-o and --show: one image, its first map."""
-    image = net.load(item.path)
+    budget = MemoryBudget(memory_budget())
+    image = net.load(item.path, item.data, lambda width, height: budget.reserve(
+        image_cost(width, height, options), item.path, width, height))
     result = net.predict([image], options.classes, options.top_k, options.ten_crop)[0]
     record = process(net, item, image, result, options)
     if options.jsonl:
-        print(json.dumps(record))
+        print(json.dumps(record, allow_nan=False))
     elif not options.quiet:
         print_record(record, sys.stdout)
     class_id = result.classes[0]

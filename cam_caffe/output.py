@@ -62,13 +62,22 @@ def write_bytes(path: str | Path, data: bytes) -> None:
 
 
 # A temporary file is ".<name>.<random>.<host>-<pid>.tmp": the host and pid of the
-# process writing it let a later run prove it abandoned (see remove_stale).
+# process writing it let a later run prove it abandoned (see remove_stale). <name>
+# is the target's name, cut to _NAME_ROOM bytes so the whole fits NAME_MAX.
 _HOST = f"{zlib.crc32(os.uname().nodename.encode()):08x}"
-_TEMPORARY = re.compile(r"^\..*\.[a-z0-9_]{8}\.([0-9a-f]{8})-(\d+)\.tmp$", re.DOTALL)
+_TEMPORARY = re.compile(r"^\.(?P<name>.*)\.[a-z0-9_]{8}\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)\.tmp$",
+                        re.DOTALL)
 NAME_MAX = 255             # bytes in a file name, on every common Linux file system
+_NAME_ROOM = NAME_MAX - len("..12345678.12345678-4194304.tmp")    # pids have ≤ 7 digits
 STALE_AGE = 3600           # seconds after which any host's temporary is abandoned
 _cleaned: set[Path] = set()
 _cleaned_lock = threading.Lock()
+
+
+def _temporary_name(name: str) -> str:
+    """The <name> part of a temporary for target ``name``: at most _NAME_ROOM bytes
+    (cut between bytes; a name is bytes to the file system)."""
+    return os.fsdecode(os.fsencode(name)[:_NAME_ROOM])
 
 
 def temporary_beside(path: Path) -> tuple[int, str]:
@@ -80,10 +89,28 @@ def temporary_beside(path: Path) -> tuple[int, str]:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(path.parent)
-    suffix = f".{_HOST}-{os.getpid()}.tmp"
-    room = NAME_MAX - len(suffix) - 2 - 8          # two dots and mkstemp's 8 characters
-    name = os.fsdecode(os.fsencode(path.name)[:room])      # cut bytes, kept as bytes
-    return tempfile.mkstemp(prefix=f".{name}.", suffix=suffix, dir=path.parent)
+    return tempfile.mkstemp(prefix=f".{_temporary_name(path.name)}.",
+                            suffix=f".{_HOST}-{os.getpid()}.tmp", dir=path.parent)
+
+
+def _temporaries(folder: Path) -> list[tuple[os.DirEntry, re.Match]]:
+    """The files in ``folder`` named like temporary_beside's, with their name parts."""
+    try:
+        entries = [e for e in os.scandir(folder)
+                   if e.name.startswith(".") and e.name.endswith(".tmp")]
+    except OSError:
+        return []
+    return [(e, m) for e in entries if (m := _TEMPORARY.match(e.name))]
+
+
+def _remove(entry: os.DirEntry) -> bool:
+    try:
+        if entry.is_file(follow_symlinks=False):
+            os.unlink(entry.path)
+            return True
+    except OSError:
+        pass                            # gone meanwhile, or not ours to remove
+    return False
 
 
 def remove_stale(folder: Path) -> int:
@@ -95,26 +122,15 @@ def remove_stale(folder: Path) -> int:
         if folder in _cleaned:
             return 0
         _cleaned.add(folder)
-    removed = 0
-    try:
-        entries = [e for e in os.scandir(folder)
-                   if e.name.startswith(".") and e.name.endswith(".tmp")]
-    except OSError:
-        return 0
-    now = time.time()
-    for entry in entries:
-        match = _TEMPORARY.match(entry.name)
-        if not match:
-            continue
-        host, pid = match.group(1), int(match.group(2))
+    now, removed = time.time(), 0
+    for entry, match in _temporaries(folder):
         try:
-            stale = (host == _HOST and not _alive(pid)) or (
+            stale = (match["host"] == _HOST and not _alive(int(match["pid"]))) or (
                 now - entry.stat(follow_symlinks=False).st_mtime > STALE_AGE)
-            if stale and entry.is_file(follow_symlinks=False):
-                os.unlink(entry.path)
-                removed += 1
         except OSError:
-            pass                        # gone meanwhile, or not ours to remove
+            continue
+        if stale and _remove(entry):
+            removed += 1
     return removed
 
 
@@ -131,22 +147,15 @@ def _alive(pid: int) -> bool:
 
 def remove_temporaries(targets: Iterable[Path]) -> None:
     """Remove the temporaries that :func:`temporary_beside` made for ``targets`` and
-    a killed writer left behind. Only while no writer of those targets runs."""
+    a killed writer (of any host) left behind. Only while no writer of those
+    targets runs."""
     by_folder: dict[Path, set[str]] = {}
     for target in targets:
-        by_folder.setdefault(target.parent, set()).add(target.name)
+        by_folder.setdefault(target.parent, set()).add(_temporary_name(target.name))
     for folder, names in by_folder.items():
-        try:
-            entries = list(os.scandir(folder))
-        except OSError:
-            continue
-        for entry in entries:     # .<name>.<8 random characters>.tmp
-            name = entry.name
-            if name.startswith(".") and name.endswith(".tmp") and name[1:-13] in names:
-                try:
-                    os.unlink(entry.path)
-                except OSError:
-                    pass
+        for entry, match in _temporaries(folder):
+            if match["name"] in names:
+                _remove(entry)
 
 
 def publish(temporary: str | Path, path: str | Path) -> None:

@@ -13,15 +13,18 @@ import signal
 import threading
 from contextlib import contextmanager
 from types import FrameType
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# A signal ignored when cam-caffe starts (SIGINT for a background job of a script,
+# SIGTERM under some supervisors) stays ignored, as Python itself does for SIGINT.
+SIGNALS = tuple(signum for signum in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(signum) != signal.SIG_IGN)
 
 
 def _raise(signum: int, frame: FrameType | None) -> None:
-    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    raise interrupt_for(signum)
 
 
 def raise_on_signals() -> None:
@@ -41,17 +44,27 @@ def exit_code(interrupt: KeyboardInterrupt) -> int:
     return EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
 
 
+def interrupt_for(signum: int) -> KeyboardInterrupt:
+    """The exception a signal stands for: Terminated for SIGTERM, else KeyboardInterrupt."""
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
 @contextmanager
-def held(received: list[int] | None = None) -> Iterator[list[int]]:
+def held(on_signal: Callable[[], None] | None = None) -> Iterator[list[int]]:
     """Hold SIGINT and SIGTERM back during the block: they are recorded in the list
-    it yields instead of interrupting. On the main thread only (elsewhere signals
-    are not delivered, and nothing changes). The previous handlers come back after."""
-    received = [] if received is None else received
+    it yields (and ``on_signal`` is called) instead of interrupting. On the main
+    thread only (elsewhere signals are not delivered, and nothing changes). The
+    previous handlers come back after."""
+    received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield received
         return
-    previous = {signum: signal.signal(signum, lambda s, f: received.append(s))
-                for signum in SIGNALS}
+
+    def record(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        if on_signal is not None:
+            on_signal()
+    previous = {signum: signal.signal(signum, record) for signum in SIGNALS}
     try:
         yield received
     finally:
