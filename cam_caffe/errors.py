@@ -1,7 +1,6 @@
 """One exception type for every problem a user can fix, with its exit code."""
 from __future__ import annotations
 
-import re
 
 # Exit codes of the `cam-caffe` command (documented in README.md).
 EXIT_OK = 0
@@ -67,19 +66,19 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C (clean up, then exit 143)."""
 
 
-# Characters that would break a one-line message or a terminal: C0/C1 controls,
-# line and paragraph separators, and the lone surrogates that stand for a file
-# name's undecodable bytes.
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
-
-
 def one_line(text: str) -> str:
-    """``text`` with every control character escaped (``\\n``, ``\\x1b``; an undecodable
-    byte of a file name as ``\\xNN``), so a message stays one printable line."""
-    def escape(match: re.Match) -> str:
-        code = ord(match.group())
-        if 0xDC80 <= code <= 0xDCFF:            # os.fsdecode's stand-in for byte code - 0xDC00
-            return f"\\x{code - 0xDC00:02x}"
-        return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(
-            match.group(), f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
-    return _UNPRINTABLE.sub(escape, text)
+    """``text`` with every character that is not printable escaped (``\\n``,
+    ``\\x1b``, ``\\u202e``; an undecodable byte of a file name as ``\\xNN``), so a
+    message stays one line and a file name shows what it really is."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == " " else _escape(c) for c in text)
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:        # os.fsdecode's stand-in for the byte code - 0xDC00
+        return f"\\x{code - 0xDC00:02x}"
+    return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(char) or (
+        f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000
+        else f"\\U{code:08x}")

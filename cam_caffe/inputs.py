@@ -165,7 +165,7 @@ class _Expansion:
             for file in _walk(path, self.skip):
                 yield file, file.relative_to(path).with_suffix("")
             return
-        if glob.has_magic(spec):
+        if glob.has_magic(spec) and not os.path.lexists(path):   # "a[1].jpg" may be a name
             fixed = itertools.takewhile(lambda part: not glob.has_magic(part), path.parts)
             base = Path(*fixed)
             for match in sorted(glob.glob(spec, recursive=True)):

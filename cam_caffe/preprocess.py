@@ -73,6 +73,10 @@ class Preprocessor:
 
     def __init__(self, size: tuple[int, int], mean: np.ndarray, scale: float = 1.0,
                  channels: int = 3) -> None:
+        if not np.isfinite(scale):
+            raise ModelError(f"--scale {scale}: not a finite number")
+        if not np.isfinite(mean).all():
+            raise ModelError("the mean holds NaN or infinity")
         self.size = size
         self.scale = float(scale)
         self.channels = channels
