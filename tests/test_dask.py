@@ -128,8 +128,10 @@ class ExternalCluster:
     """A scheduler and ``workers`` worker processes (each with its nanny unless
     ``nanny`` is false) on 127.0.0.1, each in its own process group."""
 
-    def __init__(self, folder: Path, workers: int = 2, nanny: bool = True) -> None:
+    def __init__(self, folder: Path, workers: int = 2, nanny: bool = True,
+                 env: dict[str, str] | None = None) -> None:
         self.file = folder / "scheduler.json"
+        self.env = dict(ENV, **(env or {}))
         self.processes: list[subprocess.Popen] = []
         self.scheduler = self._start("scheduler", "--host", "127.0.0.1", "--port", "0",
                                      "--dashboard-address", "127.0.0.1:0", "--scheduler-file", self.file)
@@ -148,7 +150,7 @@ class ExternalCluster:
     def _start(self, *args) -> subprocess.Popen:
         process = subprocess.Popen([sys.executable, "-m", "dask", *map(str, args)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                   start_new_session=True, env=ENV)
+                                   start_new_session=True, env=self.env)
         self.processes.append(process)
         return process
 
@@ -324,6 +326,43 @@ def test_scheduler_lost_then_resume(tmp_path, external):
     assert len(complete | resumed) == 48                     # together: every image
     assert len([p for p in out.rglob("*") if p.is_file()]) == 48 * 5
     assert not [p for p in out.rglob(".*") if p.is_file()]
+
+
+def test_chunk_that_kills_its_workers_is_reported(tmp_path):
+    """A chunk whose worker dies on every try (here one try is allowed) is reported
+    as failed images, and the run goes on with the other worker."""
+    cluster = ExternalCluster(tmp_path, nanny=False,
+                              env={"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"})
+    try:
+        def poison() -> None:          # on each worker: a chunk with "poison" kills it
+            import cam_caffe.cluster as module
+            original = module.process_chunk
+
+            def die_on_poison(net, chunk, *args):
+                if any("poison" in item.path.name for item in chunk):
+                    os._exit(1)
+                return original(net, chunk, *args)
+            module.process_chunk = die_on_poison
+
+        folder = tmp_path / "images"
+        folder.mkdir()
+        for source in sorted((ROOT / "images").glob("*.png"))[:4]:
+            (folder / source.name).write_bytes(source.read_bytes())
+        (folder / "zz_poison.png").write_bytes((ROOT / "images" / "demo_star_4.png").read_bytes())
+        net = CAMNet(DEMO / "deploy.prototxt", DEMO / "demo.caffemodel")
+        with distributed.Client(cluster.address) as client:
+            client.run(poison)
+            report = run_batch(net, collect([str(folder)]), Options(batch_size=2, quiet=True),
+                               client=client)
+        # The poisoned chunk fails; so may a chunk the dying worker held, never more.
+        failed = {path.name: str(error) for path, error in report.failed}
+        assert "zz_poison.png" in failed and report.done >= 2
+        assert report.done + len(failed) == 5
+        for path, error in report.failed:
+            assert str(error) == f"{path}: the Dask workers running its chunk died"
+        assert report.exit_code() == 1
+    finally:
+        cluster.stop()
 
 
 def test_model_not_visible_to_workers(tmp_path, shared_cluster):
