@@ -173,7 +173,7 @@ def cluster_chunks(client: distributed.Client | str, net: CAMNet, chunks: list[l
             except distributed.KilledWorker:
                 result = ChunkResult(len(chunk), failed=[(item.path, BackendError(
                     f"{item.path}: the Dask workers running its chunk died")) for item in chunk])
-            except (CancelledError, OSError):     # OSError: distributed's CommClosedError
+            except (CancelledError, distributed.comm.CommClosedError):
                 raise ClusterError("lost the Dask scheduler; rerun with --skip-existing to "
                                    "finish the work") from None
             future.release()                      # the cluster forgets the result
