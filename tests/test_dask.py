@@ -240,6 +240,22 @@ def test_api_client_same_outputs(mixed, shared_cluster, tmp_path):
     assert_same_outputs(reference, tmp_path / "out")
 
 
+def test_method_on_workers(shared_cluster, tmp_path):
+    """A --method other than CAM (gradients on the workers' backend) gives the
+    same maps on the cluster as in one process."""
+    net = CAMNet(DEMO / "deploy.prototxt", DEMO / "demo.caffemodel", method="gradcam")
+    inputs = collect([str(ROOT / "images")])
+    maps = {}
+    for where, client in (("here", None), ("cluster", shared_cluster.address)):
+        options = Options(output_dir=tmp_path / where, save=("npy",), batch_size=4, quiet=True)
+        assert run_batch(net, inputs, options, client=client).done == 6
+        maps[where] = {p.name: np.load(p) for p in (tmp_path / where).glob("*.cam.npy")}
+    assert maps["here"].keys() == maps["cluster"].keys() and len(maps["here"]) == 6
+    for name, array in maps["here"].items():
+        assert array.max() > 0
+        np.testing.assert_allclose(maps["cluster"][name], array, rtol=0, atol=1e-6)
+
+
 def test_only_loopback(shared_cluster):
     """Every process a test starts listens on 127.0.0.1 only: the scheduler, workers
     and nannies here, and the embedded LocalCluster."""
