@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from .api import CAMNet, absolute
 from .batch import ChunkResult, Options, output_paths, process_chunk
+from .budget import ENV as MEMORY_ENV, MemoryBudget, memory_budget
 from .errors import BackendError, CamError, ClusterError
 from .inputs import Input
 from .output import remove_temporaries
@@ -134,14 +135,26 @@ def worker_net(arguments: tuple) -> tuple[CAMNet, threading.Lock]:
         return cached_net(arguments)
 
 
+@functools.cache
+def worker_budget() -> MemoryBudget:
+    """This worker process's budget for decoding images: $CAM_CAFFE_MEMORY, else half
+    the memory limit Dask gives the worker, else half the memory available."""
+    from distributed import get_worker
+    limit = get_worker().memory_manager.memory_limit
+    return MemoryBudget(limit // 2 if limit and not os.environ.get(MEMORY_ENV)
+                        else memory_budget())
+
+
 def run_chunk(arguments: tuple, chunk: list[Input], options: Options) -> ChunkResult:
-    """The Dask task: one chunk on this worker process's net."""
+    """The Dask task: one chunk on this worker process's net and memory budget (the
+    images that do not fit now come back postponed, for the client's next round)."""
+    from distributed import get_worker
     try:
         net, forward_lock = worker_net(arguments)
     except CamError as e:
-        from distributed import get_worker
         raise type(e)(f"on Dask worker {get_worker().address}: {e}", e.exit_code) from None
-    return process_chunk(net, chunk, options, InlineExecutor(), forward_lock)
+    return process_chunk(net, chunk, options, InlineExecutor(), forward_lock,
+                         budget=worker_budget())
 
 
 def net_arguments(net: CAMNet) -> tuple:

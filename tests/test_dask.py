@@ -6,6 +6,7 @@ scheduler` + `dask worker` processes) and shut down by a fixture finalizer.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -25,8 +26,8 @@ distributed = pytest.importorskip("distributed") if os.environ.get("CI") != "tru
 
 from cam_caffe.api import CAMNet                                    # noqa: E402
 from cam_caffe.backends import cpu_threads                          # noqa: E402
-from cam_caffe.batch import Options, run_batch                      # noqa: E402
-from cam_caffe.cluster import cached_net, dask_client              # noqa: E402
+from cam_caffe.batch import Options, image_cost, run_batch                     # noqa: E402
+from cam_caffe.cluster import cached_net, dask_client, worker_budget             # noqa: E402
 from cam_caffe.errors import BackendError, CamError, ModelError     # noqa: E402
 from cam_caffe.inputs import collect                                # noqa: E402
 from cam_caffe.output import remove_temporaries, temporary_beside  # noqa: E402
@@ -254,6 +255,50 @@ def test_method_on_workers(shared_cluster, tmp_path):
     for name, array in maps["here"].items():
         assert array.max() > 0
         np.testing.assert_allclose(maps["cluster"][name], array, rtol=0, atol=1e-6)
+
+
+def test_memory_budget_on_workers(shared_cluster, tmp_path, monkeypatch):
+    """Workers refuse an image over the memory budget before decoding it, with the
+    line one process gives."""
+    from test_bad_inputs import png_header_only
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header_only(30000, 30000))
+    small = tmp_path / "small.png"
+    small.write_bytes((ROOT / "images" / "demo_star_4.png").read_bytes())
+    net = CAMNet(DEMO / "deploy.prototxt", DEMO / "demo.caffemodel", max_pixels=10 ** 10)
+    inputs = collect([str(bomb), str(small)])
+    monkeypatch.setenv("CAM_CAFFE_MEMORY", "2G")
+    here = run_batch(net, inputs, Options(quiet=True))
+    def set_budget(value: str | None) -> None:       # on a worker
+        if value is None:
+            os.environ.pop("CAM_CAFFE_MEMORY")
+        else:
+            os.environ["CAM_CAFFE_MEMORY"] = value
+        worker_budget.cache_clear()
+
+    with distributed.Client(shared_cluster.address) as client:
+        client.run(set_budget, "2G")
+        try:
+            there = run_batch(net, inputs, Options(quiet=True), client=client)
+        finally:
+            client.run(set_budget, None)
+    assert [(p, str(e)) for p, e in there.failed] == [(p, str(e)) for p, e in here.failed]
+    [(path, error)] = there.failed
+    assert path == bomb and "over the memory budget of 2048 MiB" in str(error)
+    assert there.done == here.done == 1
+    # A budget for one demo image at a time: a worker runs the first image of a chunk
+    # and postpones the others, which the client submits again; each is done once.
+    one = str(image_cost(64, 64, Options()) * 3 // 2)
+    with distributed.Client(shared_cluster.address) as client:
+        client.run(set_budget, one)
+        try:
+            out = io.StringIO()
+            report = run_batch(net, collect([str(ROOT / "images")]),
+                               Options(batch_size=3, jsonl=True), out, client=client)
+        finally:
+            client.run(set_budget, None)
+    assert report.done == 6 and not report.failed
+    assert len(jsonl(out.getvalue())) == 6
 
 
 def test_only_loopback(shared_cluster):
