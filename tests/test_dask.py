@@ -135,7 +135,8 @@ class ExternalCluster:
         self.env = dict(ENV, **(env or {}))
         self.processes: list[subprocess.Popen] = []
         self.scheduler = self._start("scheduler", "--host", "127.0.0.1", "--port", "0",
-                                     "--dashboard-address", "127.0.0.1:0", "--scheduler-file", self.file)
+                                     "--dashboard-address", "127.0.0.1:0",
+                                     "--scheduler-file", self.file)
         deadline = time.monotonic() + 60
         while not self.file.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
