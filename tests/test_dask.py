@@ -143,9 +143,14 @@ class ExternalCluster:
                                      "--dashboard-address", "127.0.0.1:0",
                                      "--scheduler-file", self.file)
         deadline = time.monotonic() + 60
-        while not self.file.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        self.address = json.loads(self.file.read_text())["address"]
+        while True:                      # the scheduler writes its file in several steps
+            try:
+                self.address = json.loads(self.file.read_text())["address"]
+                break
+            except (OSError, ValueError, KeyError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
         for _ in range(workers):
             self._start("worker", "--scheduler-file", self.file, "--host", "127.0.0.1",
                         "--nthreads", "1", "--dashboard-address", "127.0.0.1:0",
