@@ -410,10 +410,10 @@ def test_chunk_that_kills_its_workers_is_reported(tmp_path):
             import cam_caffe.cluster as module
             original = module.process_chunk
 
-            def die_on_poison(net, chunk, *args):
+            def die_on_poison(net, chunk, *args, **kwargs):
                 if any("poison" in item.path.name for item in chunk):
                     os._exit(1)
-                return original(net, chunk, *args)
+                return original(net, chunk, *args, **kwargs)
             module.process_chunk = die_on_poison
 
         folder = tmp_path / "images"
