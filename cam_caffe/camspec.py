@@ -97,7 +97,7 @@ def find_cam_layers(netdef: NetDef, feature_blob: str | None = None,
             f"{netdef.path}: no CAM structure found: expected {what} → global average pooling "
             "(AVE over the whole map, or global_pooling) → InnerProduct (→ Softmax); "
             "name the layers with --feature-blob and --fc-layer")
-    pool, fc = candidates[-1]            # the one nearest the output
+    pool, fc = _choose(netdef, candidates)
     feature = pool.bottom[0]
     shape = netdef.shapes[feature]
     if fc is None:
@@ -107,6 +107,32 @@ def find_cam_layers(netdef: NetDef, feature_blob: str | None = None,
                        softmax, channels, channels, tuple(shape[2:]) if shape else (0, 0),
                        *_logit(netdef, score_blob, softmax))
     return _spec(netdef, feature, fc)
+
+
+def _choose(netdef: NetDef, candidates: list) -> tuple:
+    """The one (pooling, FC) branch whose scores feed the net's final output, the blob
+    its last layer writes; a ModelError naming the branches when that does not decide."""
+    if len(candidates) == 1:
+        return candidates[0]
+    final = netdef.net.layer[-1].top[0]
+    feeding = [c for c in candidates if final in _downstream(netdef, (c[1] or c[0]).top[0])]
+    if len(feeding) == 1:
+        return feeding[0]
+    listed = ", ".join(f"'{pool.bottom[0]}' → '{fc.name if fc else pool.name}'"
+                       for pool, fc in (feeding or candidates))
+    which = (f"{len(feeding)} of them feed" if feeding else "none of them feeds")
+    raise ModelError(f"{netdef.path}: {len(candidates)} CAM branches (global average pooling "
+                     f"→ InnerProduct) and {which} the net's final output '{final}': {listed}; "
+                     "choose one with --feature-blob and --fc-layer")
+
+
+def _downstream(netdef: NetDef, blob: str) -> set[str]:
+    """``blob`` and every blob computed from it (layers are in topological order)."""
+    reached = {blob}
+    for layer in netdef.net.layer:
+        if reached.intersection(layer.bottom):
+            reached.update(layer.top)
+    return reached
 
 
 def _spec(netdef: NetDef, feature: str, fc) -> CamSpec:

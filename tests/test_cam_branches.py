@@ -1,0 +1,126 @@
+"""Nets with several global-pooling → FC branches: the CAM is the branch that feeds the
+net's final output (the blob its last layer writes), whatever the layers' order in the
+file; when that does not decide, a one-line refusal names the candidates."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cam_caffe.backends.opencv import OpenCVBackend
+from cam_caffe.cam import softmax
+from cam_caffe.camspec import find_cam_layers
+from cam_caffe.errors import ModelError
+from cam_caffe.netdef import CaffeModel, load_netdef, read_caffemodel
+from nets import write_random_net
+
+INPUT = 'input: "data"\ninput_shape { dim: 1 dim: 3 dim: 12 dim: 12 }\n'
+# name → (layer text, blobs it reads); the main branch "a" ends in the Softmax "prob",
+# the auxiliary branch "b" (more channels, other classes) ends in its own scores.
+LAYERS = {
+    "conv_a": ('layer { name: "conv_a" type: "Convolution" bottom: "data" top: "feat_a" '
+               'convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }', ["data"]),
+    "relu_a": ('layer { name: "relu_a" type: "ReLU" bottom: "feat_a" top: "feat_a" }',
+               ["feat_a"]),
+    "gap_a": ('layer { name: "gap_a" type: "Pooling" bottom: "feat_a" top: "gap_a" '
+              'pooling_param { pool: AVE global_pooling: true } }', ["feat_a", "relu_a"]),
+    "fc_a": ('layer { name: "fc_a" type: "InnerProduct" bottom: "gap_a" top: "fc_a" '
+             'inner_product_param { num_output: 3 } }', ["gap_a"]),
+    "prob": ('layer { name: "prob" type: "Softmax" bottom: "fc_a" top: "prob" }', ["fc_a"]),
+    "conv_b": ('layer { name: "conv_b" type: "Convolution" bottom: "data" top: "feat_b" '
+               'convolution_param { num_output: 6 kernel_size: 3 } }', ["data"]),
+    "gap_b": ('layer { name: "gap_b" type: "Pooling" bottom: "feat_b" top: "gap_b" '
+              'pooling_param { pool: AVE kernel_size: 10 } }', ["feat_b"]),
+    "fc_b": ('layer { name: "fc_b" type: "InnerProduct" bottom: "gap_b" top: "fc_b" '
+             'inner_product_param { num_output: 5 } }', ["gap_b"]),
+}
+PRODUCES = {"conv_a": "feat_a", "relu_a": "relu_a", "gap_a": "gap_a", "fc_a": "fc_a",
+            "prob": "prob", "conv_b": "feat_b", "gap_b": "gap_b", "fc_b": "fc_b"}
+
+
+def net_text(order: list[str]) -> str:
+    return INPUT + "\n".join(LAYERS[name][0] for name in order) + "\n"
+
+
+@st.composite
+def file_orders(draw) -> list[str]:
+    """A random order of the layers in which each comes after what it reads, and the
+    main branch's Softmax last (it is the net's final output)."""
+    done, order = {"data"}, []
+    rest = [name for name in LAYERS if name != "prob"]
+    while rest:
+        ready = [n for n in rest if all(b in done for b in LAYERS[n][1])]
+        name = draw(st.sampled_from(ready))
+        order.append(name)
+        done.add(PRODUCES[name])
+        rest.remove(name)
+    return order + ["prob"]
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(order=file_orders())
+def test_the_branch_feeding_the_output_is_chosen_in_any_order(tmp_path, order):
+    path = tmp_path / "two.prototxt"
+    path.write_text(net_text(order))
+    spec = find_cam_layers(load_netdef(path))
+    assert (spec.feature_blob, spec.fc_layer, spec.score_blob) == ("feat_a", "fc_a", "prob")
+    assert (spec.channels, spec.num_classes, spec.softmax) == (4, 3, True)
+
+
+def test_chosen_branch_computes_the_output(tmp_path):
+    """The aux branch last in the file (it used to be taken): the backend's probabilities
+    are softmax(W_a · mean(F_a) + b_a), NumPy on the caffemodel's fc_a blobs."""
+    order = ["conv_a", "relu_a", "gap_a", "fc_a", "conv_b", "gap_b", "fc_b", "prob"]
+    prototxt, weights = write_random_net(tmp_path, net_text(order), "two", seed=4)
+    netdef = load_netdef(prototxt)
+    spec = find_cam_layers(netdef)
+    backend = OpenCVBackend(netdef, CaffeModel(weights), spec)
+    batch = np.random.default_rng(0).normal(0, 1, (2, 3, 12, 12)).astype(np.float32)
+    out = backend.forward(batch)
+    stored = {l.name: [np.array(b.data, np.float32).reshape(tuple(b.shape.dim))
+                       for b in l.blobs] for l in read_caffemodel(weights).layer if l.blobs}
+    w, b = stored["fc_a"]
+    np.testing.assert_array_equal(backend.cam_weights, w)
+    assert out.features.shape == (2, 4, 12, 12)
+    expected = softmax(out.features.mean(axis=(2, 3)) @ w.T + b)
+    np.testing.assert_allclose(out.probs, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_two_branches_into_the_output_are_refused_with_their_names(tmp_path):
+    order = ["conv_a", "relu_a", "gap_a", "fc_a", "conv_b", "gap_b", "fc_b"]
+    text = net_text(order).replace("num_output: 5", "num_output: 3") + (
+        'layer { name: "sum" type: "Eltwise" bottom: "fc_a" bottom: "fc_b" top: "sum" }\n'
+        'layer { name: "prob" type: "Softmax" bottom: "sum" top: "prob" }\n')
+    path = tmp_path / "merged.prototxt"
+    path.write_text(text)
+    with pytest.raises(ModelError) as error:
+        find_cam_layers(load_netdef(path))
+    message = str(error.value)
+    assert "2 of them feed the net's final output 'prob'" in message
+    assert "'feat_a' → 'fc_a'" in message and "'feat_b' → 'fc_b'" in message
+    assert "--feature-blob" in message and "\n" not in message
+    spec = find_cam_layers(load_netdef(path), "feat_b")          # the user chooses
+    assert (spec.feature_blob, spec.fc_layer) == ("feat_b", "fc_b")
+
+
+def test_no_branch_into_the_last_layer_is_refused(tmp_path):
+    order = ["conv_a", "relu_a", "gap_a", "fc_a", "prob", "conv_b", "gap_b", "fc_b"]
+    text = net_text(order) + 'layer { name: "edge" type: "ReLU" bottom: "data" top: "edge" }\n'
+    path = tmp_path / "odd.prototxt"
+    path.write_text(text)
+    with pytest.raises(ModelError, match="none of them feeds the net's final output 'edge'"):
+        find_cam_layers(load_netdef(path))
+    for feature, fc in (("feat_a", None), (None, "fc_a"), ("feat_b", "fc_b")):
+        spec = find_cam_layers(load_netdef(path), feature, fc)
+        assert spec.fc_layer == (fc or "fc_a")
+
+
+def test_the_last_layer_of_the_file_decides(tmp_path):
+    """With the aux scores written last, they are the net's final output: branch b."""
+    order = ["conv_a", "relu_a", "gap_a", "fc_a", "prob", "conv_b", "gap_b", "fc_b"]
+    path = tmp_path / "aux_last.prototxt"
+    path.write_text(net_text(order))
+    spec = find_cam_layers(load_netdef(path))
+    assert (spec.feature_blob, spec.fc_layer, spec.softmax) == ("feat_b", "fc_b", False)
