@@ -22,6 +22,7 @@ from .errors import CamError, ModelError
 from .methods import GRADIENT_METHODS, METHODS, Evidence, compute
 from .image import DEFAULT_MAX_PIXELS, load_image
 from .labels import class_name, read_labels
+from .limits import check as check_memory, default_max_memory, max_batch
 from .netdef import CaffeModel, check_weights, load_netdef
 from .preprocess import Preprocessor, parse_mean
 from .tencrop import merge_ten_crops, ten_crops
@@ -70,7 +71,8 @@ class CAMNet:
                  input_size: tuple[int, int] | None = None, labels: str | Path | None = None,
                  feature_blob: str | None = None, fc_layer: str | None = None,
                  allow_python_layers: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 verbose: bool = False, method: str | None = None, batch_size: int = 16,
+                 max_memory: int | None = None, verbose: bool = False,
+                 method: str | None = None, batch_size: int = 16,
                  progress: bool = False) -> None:
         # What rebuilds this net in another process (a Dask worker): paths made absolute.
         self.arguments = dict(
@@ -78,8 +80,9 @@ class CAMNet:
             mean=absolute(mean) if mean and Path(mean).is_file() else mean, scale=scale,
             input_size=input_size, labels=absolute(labels) if labels else None,
             feature_blob=feature_blob, fc_layer=fc_layer,
-            allow_python_layers=allow_python_layers, max_pixels=max_pixels, verbose=verbose,
-            method=method, batch_size=batch_size)   # no progress bar in other processes
+            allow_python_layers=allow_python_layers, max_pixels=max_pixels,
+            max_memory=max_memory, verbose=verbose, method=method,
+            batch_size=batch_size)   # no progress bar in other processes
         self.netdef = load_netdef(prototxt, input_size=input_size,
                                   allow_python_layers=allow_python_layers)
         weights = self.weights = Path(weights)
@@ -87,6 +90,9 @@ class CAMNet:
             raise ModelError(f"{weights}: weights file not found")
         model = CaffeModel(weights)       # read and parsed once, for the check and the backend
         check_weights(self.netdef, model.net, weights)
+        # bytes a forward may need (cam_caffe.limits); refused before any backend allocates
+        self.max_memory = default_max_memory() if max_memory is None else max_memory
+        check_memory(self.netdef, 1, self.max_memory)
         self.spec: CamSpec = find_target(self.netdef, feature_blob, fc_layer)
         self.method = method or ("cam" if self.spec.cam_head else "gradcam")
         if self.method not in METHODS:
@@ -123,6 +129,11 @@ class CAMNet:
         """The net's (H, W)."""
         return self.preprocess.size
 
+    def max_batch(self, crops: int = 1) -> int:
+        """The most images one ``predict`` may take under ``max_memory``, each image being
+        ``crops`` inputs (10 with ten crops); ModelError when not even one fits."""
+        return max_batch(self.netdef, self.max_memory, crops)
+
     def load(self, path: str | Path, data: bytes | None = None,
              admit: Callable[[int, int], None] | None = None) -> np.ndarray:
         """Read an image file (or its ``data``) as BGR uint8, within this net's pixel
@@ -139,6 +150,7 @@ class CAMNet:
         """
         if not images:
             return []
+        check_memory(self.netdef, len(images) * (10 if ten_crop else 1), self.max_memory)
         if ten_crop:
             return self._predict_ten_crop(images, classes, top_k)
         batch = self.preprocess(list(images))

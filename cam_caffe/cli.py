@@ -22,6 +22,7 @@ from .image import DEFAULT_MAX_PIXELS
 from .inputs import Input, collect, in_shard, parse_shard
 from .launch import reader_gone, say
 from .labels import class_name, resolve_class
+from .limits import parse_size
 from .methods import METHODS
 from .models import DEFAULT_MODEL, Model
 from .output import write_image
@@ -59,6 +60,23 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
     return value
+
+
+def _device_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device ID (0, 1, …)")
+    return value
+
+
+def _memory_size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except CamError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_shard_arg(text: str) -> tuple[int, int]:
@@ -129,11 +147,15 @@ def build_parser() -> ArgumentParser:
     run.add_argument("--backend", choices=BACKENDS, default="auto",
                      help="auto (default): the fastest installed backend that can run "
                           "the net: onnxruntime, opencv, caffe (with --gpu: caffe first)")
-    run.add_argument("--gpu", type=int, metavar="ID", help="run on CUDA device ID")
+    run.add_argument("--gpu", type=_device_id, metavar="ID", help="run on CUDA device ID")
     run.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
                      metavar="N", help=f"refuse larger images (default {DEFAULT_MAX_PIXELS})")
+    run.add_argument("--max-memory", type=_memory_size, metavar="SIZE",
+                     help="refuse a net whose forward pass needs more memory (8G, 512M; "
+                          "default: half the memory); large batches are made smaller")
     run.add_argument("-v", "--verbose", action="store_true",
-                     help="say which blob and backend were chosen; show the backend's log")
+                     help="say which blob and backend were chosen (and why, for auto); "
+                          "show the backend's log")
     run.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH, metavar="B",
                      help=f"images per forward pass (default {DEFAULT_BATCH})")
     run.add_argument("--ten-crop", action="store_true",
@@ -220,7 +242,8 @@ def load_net(args: argparse.Namespace) -> CAMNet:
                  scale=scale, input_size=size, labels=args.labels or labels,
                  feature_blob=args.feature_blob, fc_layer=args.fc_layer,
                  allow_python_layers=args.allow_python_layers, max_pixels=args.max_pixels,
-                 verbose=args.verbose, method=args.method, batch_size=args.batch_size,
+                 max_memory=args.max_memory, verbose=args.verbose,
+                 method=args.method, batch_size=args.batch_size,
                  progress=sys.stderr.isatty() and not getattr(args, "quiet", False))
     if args.verbose:
         spec = net.spec
@@ -258,8 +281,17 @@ def options_from(args: argparse.Namespace, net: CAMNet) -> Options:
                    colormap=args.colormap, alpha=args.alpha, boxes=args.boxes,
                    box_threshold=args.box_threshold, dt_thresholds=args.dt_thresholds,
                    ten_crop=args.ten_crop, montage=args.montage,
-                   skip_existing=args.skip_existing, batch_size=args.batch_size,
+                   skip_existing=args.skip_existing, batch_size=batch_size(args, net),
                    jsonl=args.jsonl, quiet=args.quiet)
+
+
+def batch_size(args: argparse.Namespace, net: CAMNet) -> int:
+    """--batch-size, made smaller when that many images would not fit in --max-memory."""
+    fits = net.max_batch(10 if args.ten_crop else 1)
+    if fits < args.batch_size and args.verbose:
+        print(f"cam-caffe: --batch-size {args.batch_size} would exceed --max-memory; "
+              f"using {fits}", file=sys.stderr)
+    return min(args.batch_size, fits)
 
 
 def single(net: CAMNet, item: Input, options: Options, args: argparse.Namespace) -> None:

@@ -32,8 +32,9 @@ from pathlib import Path
 from .backends import BACKENDS
 from .batch import Options, run_batch
 from .boxes import Box
-from .cli import (DEFAULT_BATCH, ArgumentParser, _positive_int, _size, add_method_argument,
-                  load_net, model_files, parse_levels)
+from .cli import (DEFAULT_BATCH, ArgumentParser, _device_id, _memory_size, _positive_int,
+                  _size, add_method_argument, batch_size, load_net, model_files,
+                  parse_levels)
 from .errors import EXIT_INPUT, EXIT_OK, EXIT_SOME_FAILED, CamError
 from .image import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
 from .inputs import collect
@@ -200,10 +201,11 @@ def build_parser() -> ArgumentParser:
     m.add_argument("--fc-layer", metavar="NAME")
     m.add_argument("--allow-python-layers", action="store_true")
     m.add_argument("--backend", choices=BACKENDS, default="auto")
-    m.add_argument("--gpu", type=int, metavar="ID")
+    m.add_argument("--gpu", type=_device_id, metavar="ID")
     m.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH, metavar="B")
     m.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS, metavar="N")
     m.add_argument("--ten-crop", action="store_true")
+    m.add_argument("--max-memory", type=_memory_size, metavar="SIZE")
     m.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -233,7 +235,7 @@ def main(argv: list[str]) -> int:
     k = min(TOP_K, net.spec.num_classes)
     options = Options(top_k=k, boxes=args.boxes, box_threshold=args.box_threshold,
                       dt_thresholds=args.dt_thresholds, ten_crop=args.ten_crop,
-                      batch_size=args.batch_size, jsonl=True)
+                      batch_size=batch_size(args, net), jsonl=True)
     buffer = io.StringIO()
     report = run_batch(net, inputs, options, buffer)
     hits = []

@@ -206,8 +206,21 @@ def load_netdef(path: str | Path, *, input_size: tuple[int, int] | None = None,
         shape = (1, shape[1], *input_size)
     if shape[2] <= 0 or shape[3] <= 0:
         shape = (1, shape[1], *_solve_input_size(net, path))
+    if not all(0 < d < 1 << 63 for d in shape):
+        raise ModelError(f"{path}: input shape {list(shape)}: every dimension must be "
+                         "a positive 64-bit integer")
     deploy = _with_input(net, input_name, shape)
-    shapes, producers = infer_shapes(deploy, path)
+    try:
+        shapes, producers = infer_shapes(deploy, path)
+    except ModelError as error:
+        fixed = _fixed_pooling(net)
+        if fixed is None or fixed[0] == shape[2:]:
+            raise
+        (height, width), pool = fixed
+        infer_shapes(_with_input(net, input_name, (*shape[:2], height, width)), path)
+        raise ModelError(f"{error}: this net's fixed layers only take {height}x{width} inputs "
+                         f"(pooling '{pool}' has a fixed window); use --input-size "
+                         f"{height}x{width}") from None
     return NetDef(deploy, path, input_name, shape, shapes, producers, transform)
 
 
@@ -344,10 +357,17 @@ def _with_input(net: "proto.NetParameter", name: str, shape: Shape,
 
 
 def _solve_input_size(net: "proto.NetParameter", path: Path) -> tuple[int, int]:
-    """(H, W) for a net that declares no input size, from its fixed final pooling.
+    """(H, W) for a net that declares no input size, from its fixed final pooling."""
+    fixed = _fixed_pooling(net)
+    if fixed is None:
+        raise ModelError(f"{path}: the net does not declare its input size; "
+                         "pass --input-size (e.g. 32 for CIFAR nets, 224 for ImageNet nets)")
+    return fixed[0]
 
-    The input size is the last pooling's kernel times the total stride before it.
-    """
+
+def _fixed_pooling(net: "proto.NetParameter") -> tuple[tuple[int, int], str] | None:
+    """The input size a net's last pooling, a fixed (not global) AVE window, was made
+    for: its kernel times the total stride before it; with that layer's name."""
     pools = [l for l in net.layer if l.type == "Pooling"]
     stride_h = stride_w = 1
     for layer in net.layer:
@@ -356,11 +376,10 @@ def _solve_input_size(net: "proto.NetParameter", path: Path) -> tuple[int, int]:
             if pools and layer is pools[-1] and layer.pooling_param.pool == p.AVE \
                     and not p.global_pooling:
                 kh, kw = _pair(p, "kernel", 0)
-                return kh * stride_h, kw * stride_w
+                return (kh * stride_h, kw * stride_w), layer.name
             sh, sw = _pair(p, "stride", 1)
             stride_h, stride_w = stride_h * sh, stride_w * sw
-    raise ModelError(f"{path}: the net does not declare its input size; "
-                     "pass --input-size (e.g. 32 for CIFAR nets, 224 for ImageNet nets)")
+    return None
 
 
 def _pair(param, name: str, default: int) -> tuple[int, int]:
@@ -402,6 +421,11 @@ def _conv_out(size: int, kernel: int, pad: int, stride: int, dilation: int = 1) 
     return (size + 2 * pad - (dilation * (kernel - 1) + 1)) // stride + 1
 
 
+def _divide(a: int, b: int, up: bool) -> int:
+    """a / b rounded up or down, in integers (exact for any size, unlike floats)."""
+    return -(-a // b) if up else a // b
+
+
 def _layer_shapes(layer, ins: list[Shape | None]) -> list[Shape | None]:
     t = layer.type
     if t == "Input":
@@ -439,9 +463,8 @@ def _layer_shapes(layer, ins: list[Shape | None]) -> list[Shape | None]:
         kh, kw = _pair(p, "kernel", 0)
         sh, sw = _pair(p, "stride", 1)
         ph, pw = _pair(p, "pad", 0)
-        rounding = math.ceil if p.ceil_mode else math.floor   # Caffe rounds up
-        oh = int(rounding((h + 2 * ph - kh) / sh)) + 1
-        ow = int(rounding((w + 2 * pw - kw) / sw)) + 1
+        oh = _divide(h + 2 * ph - kh, sh, p.ceil_mode) + 1    # Caffe rounds up
+        ow = _divide(w + 2 * pw - kw, sw, p.ceil_mode) + 1
         if ph or pw:                       # the last window must start inside the image
             if (oh - 1) * sh >= h + ph:
                 oh -= 1
@@ -496,6 +519,22 @@ def _reshape(shape: Shape, p) -> Shape:
         known = math.prod(d for d in out if d != -1)
         out[out.index(-1)] = math.prod(shape[axis:end]) // known
     return tuple(shape[:axis]) + tuple(out) + tuple(shape[end:])
+
+
+def forward_bytes(netdef: NetDef, batch: int = 1) -> int:
+    """Bytes a forward pass of ``batch`` inputs needs: every blob of known shape, once
+    per name (in-place layers share theirs), times ``batch``, plus the learned
+    parameters, all float32. Exact Python integers: absurd sizes cannot overflow.
+
+    This is what pycaffe allocates for the data of its blobs and parameters
+    (tests/test_limits.py); it is a floor for every backend (pycaffe adds im2col
+    buffers, ONNX Runtime reuses blobs but adds workspace). ``cam_caffe.limits``
+    checks it against the memory limit.
+    """
+    activations = sum(math.prod(shape) for shape in netdef.shapes.values() if shape)
+    params = sum(math.prod(shape) for layer in netdef.net.layer
+                 for shape in param_shapes(netdef, layer) or [])
+    return 4 * (batch * activations + params)
 
 
 def blob_shape(blob) -> Shape:
@@ -576,6 +615,9 @@ def check_weights(netdef: NetDef, weights: "proto.NetParameter", weights_path: P
                 f"{len(found)} weight blobs, the prototxt needs {len(expected)}")
         for i, (f, e) in enumerate(zip(found, expected)):
             if not _same_shape(f, e):
+                hint = _input_size_hint(netdef, layer.name, i, f)
+                if hint:
+                    raise ModelError(f"{weights_path}: {hint}")
                 raise ModelError(
                     f"{weights_path}: does not fit {netdef.path}: layer '{layer.name}' blob {i} "
                     f"has shape {list(f)}, the prototxt needs {list(e)}")
@@ -644,3 +686,30 @@ def tail(netdef: NetDef, blob: str, outputs: list[str]) -> NetDef:
     net.layer.extend(reversed(kept))
     shapes, producers = infer_shapes(net, netdef.path)
     return NetDef(net, netdef.path, blob, shape, shapes, producers)
+
+
+def _input_size_hint(netdef: NetDef, layer: str, index: int, found: Shape) -> str | None:
+    """When the input size is why blob ``index`` of ``layer`` does not fit (a fixed
+    pooling made for another size): a message saying the size the net takes."""
+    fixed = _fixed_pooling(netdef.net)
+    if fixed is None or fixed[0] == netdef.input_shape[2:]:
+        return None
+    (height, width), pool = fixed
+    net = proto.NetParameter()
+    net.CopyFrom(netdef.net)
+    dims = net.layer[0].input_param.shape[0].dim
+    dims[2], dims[3] = height, width
+    try:
+        shapes, producers = infer_shapes(net, netdef.path)
+    except ModelError:
+        return None
+    resized = NetDef(net, netdef.path, netdef.input_name, tuple(dims), shapes, producers)
+    expected = param_shapes(resized, resized.layer(layer))
+    if not expected or index >= len(expected) or not _same_shape(found, expected[index]):
+        return None
+    h, w = netdef.input_shape[2:]
+    needed = param_shapes(netdef, netdef.layer(layer))[index]
+    return (f"does not fit {netdef.path} at {h}x{w}: this net's fixed layers only take "
+            f"{height}x{width} inputs (pooling '{pool}' has a fixed window; at {h}x{w}, "
+            f"layer '{layer}' would need weights of shape {list(needed)}, the caffemodel's "
+            f"are {list(found)}); use --input-size {height}x{width}")
