@@ -17,15 +17,35 @@ EXIT_BROKEN_PIPE = 141  # stdout was closed by its reader (128 + SIGPIPE, as she
 EXIT_TERMINATED = 143   # SIGTERM (128 + SIGTERM), e.g. a job scheduler's time limit
 
 
+MAX_MESSAGE = 1000      # characters of a message; longer ones lose their middle
+
+
 class CamError(Exception):
-    """An error with a one-line message meant for the user."""
+    """An error with a one-line message meant for the user.
+
+    The message is made one line (line breaks become spaces) of at most
+    MAX_MESSAGE characters: a library's multi-line report or a 5 MB layer name
+    cannot flood the terminal. ``relayed`` marks a message that mostly repeats
+    a library's own words, less clear than cam-caffe's own diagnosis.
+    """
 
     exit_code = EXIT_USAGE
 
-    def __init__(self, message: str, exit_code: int | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, exit_code: int | None = None, *,
+                 relayed: bool = False) -> None:
+        super().__init__(one_line(message))
         if exit_code is not None:
             self.exit_code = exit_code
+        self.relayed = relayed
+
+
+def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` on one line, its middle cut to keep it within ``limit`` characters."""
+    text = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    if len(text) <= limit:
+        return text
+    half = (limit - 5) // 2
+    return f"{text[:half]} […] {text[-half:]}"
 
     def __reduce__(self):
         """Pickled with its exit code (a Dask worker's errors reach the client)."""

@@ -189,8 +189,13 @@ def get(name: str) -> Model:
 
 
 def cache_root() -> Path:
-    """``$XDG_CACHE_HOME/cam-caffe/models`` (``~/.cache`` when unset, empty or relative)."""
-    return cache_home("models")
+    """``$XDG_CACHE_HOME/cam-caffe/models`` (``~/.cache`` when unset, empty or relative);
+    a ModelError when there is no home to put it in."""
+    root = cache_home("models")
+    if root is None:
+        raise ModelError("no folder for downloaded models: this user has no home directory; "
+                         "set XDG_CACHE_HOME (or HOME) to an absolute path")
+    return root
 
 
 def model_dir(name: str) -> Path:

@@ -13,7 +13,9 @@ same lossless PNG in a third of the time (ISA-L's deflate instead of zlib's;
 from __future__ import annotations
 
 import os
+import pwd
 import re
+import stat
 import struct
 import tempfile
 import threading
@@ -33,24 +35,41 @@ os.umask(_UMASK)
 IMAGE_FORMATS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
-def cache_home(kind: str) -> Path:
-    """``$XDG_CACHE_HOME/cam-caffe/<kind>`` (``~/.cache`` when unset, empty or relative)."""
+def cache_home(kind: str) -> Path | None:
+    """``$XDG_CACHE_HOME/cam-caffe/<kind>``; ``~/.cache`` when that variable is unset,
+    empty or relative. The home is ``$HOME``, or the passwd entry's when HOME is unset
+    or empty; None when neither is an absolute path (a uid without a passwd entry in
+    a container, ``HOME=relative``): no cache then."""
     base = os.environ.get("XDG_CACHE_HOME") or ""
-    root = Path(base) if os.path.isabs(base) else Path.home() / ".cache"
-    return root / "cam-caffe" / kind
+    if not os.path.isabs(base):
+        home = os.environ.get("HOME") or _passwd_home()
+        if not os.path.isabs(home):
+            return None
+        base = os.path.join(home, ".cache")
+    return Path(base) / "cam-caffe" / kind
+
+
+def _passwd_home() -> str:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_dir
+    except KeyError:
+        return ""
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:
-    """Atomically write ``data`` to ``path``, creating its folder."""
+    """Atomically write ``data`` to ``path``, creating its folder. A symlink is
+    followed (its target is written); anything but a regular file or a missing
+    path (a device, a FIFO, a folder) is refused, never replaced."""
     path = Path(path)
+    target = replaceable(path)
     try:
-        fd, tmp = temporary_beside(path)
+        fd, tmp = temporary_beside(target)
     except OSError as e:
         raise OutputError(f"{path}: cannot write: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        publish(tmp, path)
+        publish(tmp, target)
     except BaseException as e:               # a full disk, or Ctrl-C in the middle
         try:
             os.unlink(tmp)
@@ -78,6 +97,24 @@ def _temporary_name(name: str) -> str:
     """The <name> part of a temporary for target ``name``: at most _NAME_ROOM bytes
     (cut between bytes; a name is bytes to the file system)."""
     return os.fsdecode(os.fsencode(name)[:_NAME_ROOM])
+
+
+def replaceable(path: Path) -> Path:
+    """The file that writing ``path`` replaces: ``path`` or its symlink's target.
+    OutputError when that exists and is not a regular file."""
+    target = Path(os.path.realpath(path))
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        return target
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write: {e.strerror or e}") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a device" if stat.S_ISCHR(mode)
+                or stat.S_ISBLK(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a socket")
+        via = f" (through a symlink to {target})" if target != path.absolute() else ""
+        raise OutputError(f"{path}: is {kind}{via}, not a regular file: not replacing it")
+    return target
 
 
 def temporary_beside(path: Path) -> tuple[int, str]:

@@ -80,9 +80,16 @@ def create_backend(name: str, netdef: NetDef, weights: CaffeModel, spec: CamSpec
                    gpu: int | None = None, verbose: bool = False,
                    gradients: bool = False) -> Backend:
     """Load the net into backend ``name``; ``auto`` takes the first of its order that works
-    (of those that compute gradients, with ``gradients``)."""
+    (of those that compute gradients, with ``gradients``).
+
+    When no backend of ``auto`` can run the net, the error raised is the clearest
+    one: cam-caffe's own diagnosis (an unsupported layer, named) before a message
+    relayed from a library, else the preferred backend's.
+    """
     if name not in BACKENDS:
         raise BackendError(f"--backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    if gpu is not None and gpu < 0:
+        raise CamError(f"--gpu {gpu}: a CUDA device ID is 0 or more")
     if name != "auto":
         return _create(name, netdef, weights, spec, gpu, verbose, gradients)
     order = AUTO_ORDER if gpu is None else AUTO_ORDER_GPU
@@ -91,16 +98,25 @@ def create_backend(name: str, netdef: NetDef, weights: CaffeModel, spec: CamSpec
     if not candidates:
         raise BackendError("no backend installed: pip install opencv-python-headless, "
                            "or run scripts/install_pycaffe.sh")
+    errors: list[CamError] = []
     for candidate in candidates:
         try:
-            return _create(candidate, netdef, weights, spec, gpu, verbose, gradients)
+            backend = _create(candidate, netdef, weights, spec, gpu, verbose, gradients)
         except CamError as error:      # e.g. a layer ONNX export does not support
-            if candidate == candidates[-1]:
-                raise
+            errors.append(error)
             if verbose:
-                print(f"cam-caffe: backend {candidate} cannot run this net ({error}); "
-                      "trying the next", file=sys.stderr)
-    raise AssertionError("unreachable")
+                print(f"cam-caffe: backend auto: {candidate} cannot run this net ({error})",
+                      file=sys.stderr)
+            continue
+        if verbose:
+            skipped = [b for b in order if b not in candidates]
+            why = (f"the {'first' if not errors else 'first working'} of "
+                   f"{', '.join(order)}{' on a GPU' if gpu is not None else ''}"
+                   + (f"; not installed{' or without gradients' if gradients else ''}: "
+                      f"{', '.join(skipped)}" if skipped else ""))
+            print(f"cam-caffe: backend auto: chose {candidate} ({why})", file=sys.stderr)
+        return backend
+    raise min(errors, key=lambda error: error.relayed)
 
 
 def _create(name: str, netdef: NetDef, weights: CaffeModel, spec: CamSpec, gpu: int | None,
@@ -110,11 +126,12 @@ def _create(name: str, netdef: NetDef, weights: CaffeModel, spec: CamSpec, gpu: 
         return CaffeBackend(netdef, weights, spec, gpu=gpu, verbose=verbose)
     if name == "onnxruntime":
         from .onnxruntime import OnnxRuntimeBackend
-        return OnnxRuntimeBackend(netdef, weights, spec, gpu=gpu, gradients=gradients)
+        return OnnxRuntimeBackend(netdef, weights, spec, gpu=gpu, gradients=gradients,
+                                  verbose=verbose)
     if gradients:
         raise no_gradients(name)
     from .opencv import OpenCVBackend
-    return OpenCVBackend(netdef, weights, spec, gpu=gpu)
+    return OpenCVBackend(netdef, weights, spec, gpu=gpu, verbose=verbose)
 
 
 def scores_to_probs(scores: np.ndarray, spec: CamSpec) -> np.ndarray:

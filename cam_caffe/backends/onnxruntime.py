@@ -5,8 +5,12 @@ The conversion runs once per model: the ONNX file is cached under
 normalised prototxt, the caffemodel's digest, the converter version and the
 blobs it outputs. On the CPU, the graph ONNX Runtime optimises from it (fused
 and re-laid-out for this CPU) is cached beside it, per ONNX Runtime version
-and CPU: loading that one saves about 60 ms of every start-up. A cache that
-cannot be written is skipped, not an error.
+and CPU: loading that one saves about 60 ms of every start-up.
+
+Both files hold the cache key in their metadata and are used only when it is
+this net's: a cached file that is missing, unreadable, corrupt or another
+model's is rebuilt. The cache only saves time: without a home for it, or when
+it cannot be written (read-only, full disk), the backend runs without it.
 """
 from __future__ import annotations
 
@@ -18,23 +22,36 @@ from pathlib import Path
 import numpy as np
 
 from ..camspec import CamSpec
-from ..errors import BackendError, ModelError, OutputError
+from ..errors import BackendError, CamError, ModelError, OutputError
 from ..netdef import CaffeModel, NetDef, tail
 from ..output import cache_home, publish, temporary_beside, write_bytes
 from . import Forward, cpu_threads, one_hot, rows, scores_to_probs
 
 
-def import_onnxruntime():
+# Metadata entry of every model this backend converts: the cache key it was made for.
+# A cached file is used only if it holds this backend's key (it survives ORT's
+# optimisation), so a file replaced by another net's or other weights' is rebuilt.
+CACHE_KEY = "cam_caffe.cache_key"
+
+
+def import_onnxruntime(verbose: bool = False):
+    """Import ONNX Runtime, its telemetry off and, unless ``verbose``, its log quiet."""
+    # ORT 1.2x's telemetry writes a device ID under ~/.cache/Microsoft on import, and
+    # prints a coloured warning when it cannot (read-only home, no home): off, unless
+    # the environment says otherwise.
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     try:
         import onnxruntime
     except ImportError as e:
         raise BackendError(f"onnxruntime is not installed ({e}); run: "
                            "pip install 'cam-caffe[onnx]', or use --backend opencv") from None
+    onnxruntime.set_default_logger_severity(2 if verbose else 4)
     return onnxruntime
 
 
-def cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/cam-caffe/onnx``, ``~/.cache`` when the variable is unset or empty."""
+def cache_dir() -> Path | None:
+    """``$XDG_CACHE_HOME/cam-caffe/onnx`` (``~/.cache`` when the variable is unset or
+    empty); None when there is no home for it."""
     return cache_home("onnx")
 
 
@@ -53,57 +70,99 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, netdef: NetDef, weights: CaffeModel, spec: CamSpec,
-                 gpu: int | None = None, gradients: bool = False) -> None:
-        ort = import_onnxruntime()
-        self.spec = spec
+                 gpu: int | None = None, gradients: bool = False,
+                 verbose: bool = False) -> None:
+        self.ort = ort = import_onnxruntime(verbose)
+        self.spec, self.verbose = spec, verbose
         self.netdef, self.weights, self.gpu = netdef, weights, gpu
         self.input = netdef.input_name
         self.outputs = list(dict.fromkeys([spec.score_blob, spec.logit_blob, spec.feature_blob]))
         self.tails: dict[bool, object] = {}     # tail sessions: with the gradient or without
         self.features: np.ndarray | None = None
-        key = cache_key(netdef.prototxt(), weights, self.outputs)
-        self.model_path = cache_dir() / f"{key}.onnx"
-        self.optimized_path = (cache_dir() / f"{key}.{machine_tag(ort)}.opt.onnx"
-                               if gpu is None else None)
-
-        providers: list = ["CPUExecutionProvider"]
+        self.key = cache_key(netdef.prototxt(), weights, self.outputs)
+        folder = cache_dir()
+        self.model_path = folder / f"{self.key}.onnx" if folder else None
+        self.optimized_path = (folder / f"{self.key}.{machine_tag(ort)}.opt.onnx"
+                               if folder and gpu is None else None)
+        self.providers: list = ["CPUExecutionProvider"]
         if gpu is not None:
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise BackendError(f"--gpu {gpu}: this onnxruntime has no CUDA support "
                                    "(install onnxruntime-gpu instead of onnxruntime)")
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": gpu}))
+            self.providers.insert(0, ("CUDAExecutionProvider", {"device_id": gpu}))
 
-        options = session_options(ort, gpu)
-        self.ort, self.providers = ort, providers
-        from ..onnx_export import convert
-        self.session = _open_cached(ort, self.optimized_path, options, providers)
+        # The cache only saves time: a file that is missing, unreadable, corrupt or made
+        # for another key is rebuilt, and one that cannot be written is skipped.
+        self.session = self._load(self.optimized_path, save=False)
         if self.session is None:
-            saved = _empty_temporary(self.optimized_path)
-            if saved:
-                options.optimized_model_filepath = saved
-            self.session = _open_cached(ort, self.model_path, options, providers)
-            if self.session is None:
-                data = convert(netdef, weights.net, spec, self.outputs).SerializeToString()
-                try:
-                    write_bytes(self.model_path, data)
-                except OutputError:
-                    pass               # read-only home, full disk: run from memory
-                self.session = self._session(data, options)
-            if saved:
-                _publish(saved, self.optimized_path)
+            self.session = self._load(self.model_path, save=True)
+        if self.session is None:
+            self.session = self._load_converted()
         if gpu is not None and "CUDAExecutionProvider" not in self.session.get_providers():
             raise BackendError(f"--gpu {gpu}: onnxruntime could not start CUDA on device {gpu} "
                                "(missing CUDA/cuDNN libraries?)")
         if gradients:          # a layer without a VJP fails now (auto then takes pycaffe)
             self._tail(gradient=True)
 
-    def _session(self, data: bytes, options):
+    def _session(self, source: str | bytes, optimized: str | None = None):
+        """An ORT session of ``source`` (a file name or a model's bytes), writing its
+        optimised graph to the file ``optimized`` if given; raises what ORT raises."""
+        options = session_options(self.ort, self.gpu, self.verbose)
+        if optimized:
+            options.optimized_model_filepath = optimized
+        return self.ort.InferenceSession(source, options, providers=self.providers)
+
+    def _open(self, source: str | bytes, save: bool):
+        """A session of ``source`` whose model was made for this backend's key (else
+        ValueError). With ``save``, ORT's optimised graph is cached too; when that
+        fails (e.g. a full disk) the session is made without."""
+        temporary = _empty_temporary(self.optimized_path) if save else None
+        session = saved = None
         try:
-            return self.ort.InferenceSession(data, options, providers=self.providers)
+            if temporary:
+                try:
+                    session = saved = self._session(source, temporary)
+                except Exception:
+                    pass
+            if session is None:
+                session = self._session(source)
+            if session.get_modelmeta().custom_metadata_map.get(CACHE_KEY) != self.key:
+                saved = None
+                raise ValueError("made for another net, other weights or outputs")
+            return session
+        finally:
+            _finish(temporary, self.optimized_path, keep=saved is not None)
+
+    def _load(self, path: Path | None, save: bool):
+        """A session of the cached file ``path``; None when it is absent, unreadable,
+        corrupt or made for something else."""
+        if path is None or not os.path.isfile(path):
+            return None
+        try:
+            return self._open(str(path), save)
+        except Exception:
+            return None
+
+    def _load_converted(self):
+        """Convert the net, cache the ONNX file (if the cache can be written) and open it."""
+        from ..onnx_export import convert
+        model = convert(self.netdef, self.weights.net, self.spec, self.outputs)
+        model.metadata_props.add(key=CACHE_KEY, value=self.key)
+        data = model.SerializeToString()
+        if self.model_path is not None:
+            try:
+                write_bytes(self.model_path, data)
+            except OutputError:
+                pass               # read-only or full cache, odd file there: run from memory
+        try:
+            return self._open(data, save=True)
         except Exception as e:
-            error = ModelError if self.gpu is None else BackendError
-            raise error(f"{self.weights.path}: onnxruntime cannot load the converted net: "
-                        f"{_first_line(e)}") from None
+            raise self._failure(e) from None
+
+    def _failure(self, error: Exception) -> CamError:
+        kind = ModelError if self.gpu is None else BackendError
+        return kind(f"{self.weights.path}: onnxruntime cannot load the converted net: "
+                    f"{_first_line(error)}", relayed=True)
 
     def _run(self, session, outputs: list[str], feeds: dict) -> list[np.ndarray]:
         try:
@@ -127,8 +186,10 @@ class OnnxRuntimeBackend:
             part = tail(self.netdef, spec.feature_blob, [spec.logit_blob])
             model = convert(part, self.weights.net, outputs=[spec.logit_blob],
                             gradient=spec.feature_blob if gradient else None)
-            self.tails[gradient] = self._session(model.SerializeToString(),
-                                                 session_options(self.ort, self.gpu))
+            try:
+                self.tails[gradient] = self._session(model.SerializeToString())
+            except Exception as e:
+                raise self._failure(e) from None
         return self.tails[gradient]
 
     def gradients(self, classes: np.ndarray) -> np.ndarray:
@@ -150,12 +211,13 @@ class OnnxRuntimeBackend:
         return rows(logits)
 
 
-def session_options(ort, gpu: int | None):
-    """ONNX Runtime's options for cam-caffe's sessions."""
+def session_options(ort, gpu: int | None, verbose: bool = False):
+    """ONNX Runtime's options for cam-caffe's sessions (its log: warnings with
+    ``verbose``, else nothing: failures are raised, and said in one line)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = cpu_threads()
-    options.log_severity_level = 3
+    options.log_severity_level = 2 if verbose else 4
     # On the CPU, the memory pattern only cost: a second set of activation buffers
     # (GoogLeNet-CAM at batch 16: 444 instead of 289 MiB peak, 40k more page
     # faults on the second batch) for the same speed (benchmarks/bench_forward.py).
@@ -179,16 +241,6 @@ def machine_tag(ort) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _open_cached(ort, path: Path | None, options, providers: list):
-    """A session from a cached model file; None when absent, corrupt or foreign."""
-    if path is None or not path.is_file():
-        return None
-    try:
-        return ort.InferenceSession(str(path), options, providers=providers)
-    except Exception:
-        return None
-
-
 def _empty_temporary(path: Path | None) -> str | None:
     """An empty temporary file next to ``path`` for ORT to write; None when there is
     no such cache or it cannot be written."""
@@ -202,10 +254,13 @@ def _empty_temporary(path: Path | None) -> str | None:
     return temporary
 
 
-def _publish(temporary: str, path: Path) -> None:
-    """Rename what ONNX Runtime wrote into ``temporary`` to ``path``; drop it if empty."""
+def _finish(temporary: str | None, path: Path | None, keep: bool) -> None:
+    """Rename what ONNX Runtime wrote into ``temporary`` to ``path`` when ``keep`` and
+    it is not empty; otherwise remove it."""
+    if temporary is None:
+        return
     try:
-        if os.path.getsize(temporary):
+        if keep and os.path.getsize(temporary):
             publish(temporary, path)
         else:
             os.unlink(temporary)

@@ -6,6 +6,8 @@ layer that writes it (with Caffe's in-place ReLU: ``CAM_relu``, not ``CAM_conv``
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
+from typing import Iterator
 
 import cv2
 import numpy as np
@@ -23,25 +25,28 @@ class OpenCVBackend:
     name = "opencv"
 
     def __init__(self, netdef: NetDef, weights: CaffeModel, spec: CamSpec,
-                 gpu: int | None = None) -> None:
+                 gpu: int | None = None, verbose: bool = False) -> None:
         self.spec = spec
-        self.netdef, self.weights, self.gpu = netdef, weights, gpu
+        self.netdef, self.weights, self.gpu, self.verbose = netdef, weights, gpu, verbose
         self.tail_net = None
-        self.net = _load(netdef, weights)
-        if gpu is not None:
-            if cv2.cuda.getCudaEnabledDeviceCount() <= gpu:
-                raise BackendError(f"--gpu {gpu}: this OpenCV has no CUDA device {gpu} "
-                                   "(opencv-python-headless is CPU-only); use --backend caffe")
-            cv2.cuda.setDevice(gpu)
-            _on_cuda(self.net)
-        cv2.setNumThreads(cpu_threads())
-        self.outputs = list(dict.fromkeys([spec.score_layer, spec.logit_layer,
-                                           spec.feature_layer]))
-        try:               # OpenCV creates layers lazily: fail now, not on the first image
-            self.net.setInput(np.zeros(netdef.input_shape, np.float32))
-            self.net.forward(self.outputs)
-        except cv2.error as e:
-            raise ModelError(f"{netdef.path}: OpenCV cannot run the net: {_reason(e)}") from None
+        with _log(verbose):        # OpenCV logs [ERROR] lines before raising: ours say it
+            self.net = _load(netdef, weights)
+            if gpu is not None:
+                if cv2.cuda.getCudaEnabledDeviceCount() <= gpu:
+                    raise BackendError(f"--gpu {gpu}: this OpenCV has no CUDA device {gpu} "
+                                       "(opencv-python-headless is CPU-only); "
+                                       "use --backend caffe")
+                cv2.cuda.setDevice(gpu)
+                _on_cuda(self.net)
+            cv2.setNumThreads(cpu_threads())
+            self.outputs = list(dict.fromkeys([spec.score_layer, spec.logit_layer,
+                                               spec.feature_layer]))
+            try:           # OpenCV creates layers lazily: fail now, not on the first image
+                self.net.setInput(np.zeros(netdef.input_shape, np.float32))
+                self.net.forward(self.outputs)
+            except cv2.error as e:
+                raise ModelError(f"{netdef.path}: OpenCV cannot run the net: {_reason(e)}",
+                                 relayed=True) from None
 
     def forward(self, batch: np.ndarray) -> Forward:
         values = dict(zip(self.outputs, _run(self.net, batch, self.outputs)))
@@ -56,8 +61,9 @@ class OpenCVBackend:
     def tail_logits(self, features: np.ndarray) -> np.ndarray:
         """The tail's logits: a second OpenCV net, from the target blob to the logits."""
         if self.tail_net is None:
-            self.tail_net = _load(tail(self.netdef, self.spec.feature_blob,
-                                       [self.spec.logit_blob]), self.weights)
+            with _log(self.verbose):
+                self.tail_net = _load(tail(self.netdef, self.spec.feature_blob,
+                                           [self.spec.logit_blob]), self.weights)
             if self.gpu is not None:
                 _on_cuda(self.tail_net)
         logits, = _run(self.tail_net, features, [self.spec.logit_layer])
@@ -71,7 +77,8 @@ def _load(netdef: NetDef, weights: CaffeModel):
     try:
         return cv2.dnn.readNetFromCaffe(text, model)
     except cv2.error as e:
-        raise ModelError(f"{weights.path}: OpenCV cannot load the net: {_reason(e)}") from None
+        raise ModelError(f"{weights.path}: OpenCV cannot load the net: {_reason(e)}",
+                         relayed=True) from None
 
 
 def _on_cuda(net) -> None:
@@ -84,7 +91,7 @@ def _run(net, batch: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
     try:
         return net.forward(outputs)
     except cv2.error as e:
-        raise BackendError(f"OpenCV forward failed: {_reason(e)}") from None
+        raise BackendError(f"OpenCV forward failed: {_reason(e)}", relayed=True) from None
 
 
 def _for_opencv(netdef: NetDef, weights: CaffeModel) -> tuple[str, bytes]:
@@ -118,6 +125,18 @@ def _for_opencv(netdef: NetDef, weights: CaffeModel) -> tuple[str, bytes]:
             matrix = np.array(blob.data, np.float32).reshape(fan_in, outputs).T
             blob.CopyFrom(blob_of(matrix))
     return text_format.MessageToString(net), stored.SerializeToString()
+
+
+@contextmanager
+def _log(verbose: bool) -> Iterator[None]:
+    """OpenCV's own log silenced (unless ``verbose``) while the block runs."""
+    logging = cv2.utils.logging
+    level = logging.getLogLevel()
+    logging.setLogLevel(level if verbose else logging.LOG_LEVEL_SILENT)
+    try:
+        yield
+    finally:
+        logging.setLogLevel(level)
 
 
 def _reason(error: Exception) -> str:
