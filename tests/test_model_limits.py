@@ -14,7 +14,6 @@ import os
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -25,7 +24,7 @@ from cam_caffe.errors import CamError, ModelError
 from cam_caffe.limits import default_max_memory, human, parse_size, physical_memory
 from cam_caffe.netdef import forward_bytes, load_netdef
 from conftest import require_pycaffe, shared
-from nets import SQUARE_PROTOTXT, square_image, write_random_net, write_square_net
+from nets import SQUARE_PROTOTXT, square_image, write_square_net
 from test_onnx import CONV, ELTWISE
 
 ROOT = Path(__file__).resolve().parents[1]
