@@ -109,21 +109,27 @@ def find_cam_layers(netdef: NetDef, feature_blob: str | None = None,
     return _spec(netdef, feature, fc)
 
 
+class AmbiguousCamHead(ModelError):
+    """Several CAM heads feed the net's output: the user must choose (never a fallback)."""
+
+
 def _choose(netdef: NetDef, candidates: list) -> tuple:
-    """The one (pooling, FC) branch whose scores feed the net's final output, the blob
-    its last layer writes; a ModelError naming the branches when that does not decide."""
+    """The one (pooling, FC) branch whose scores feed the net's final output (the last
+    blob nothing reads); a ModelError naming the branches when that does not decide
+    (AmbiguousCamHead when several do)."""
     if len(candidates) == 1:
         return candidates[0]
-    final = netdef.net.layer[-1].top[0]
+    final = _final_output(netdef)
     feeding = [c for c in candidates if final in _downstream(netdef, (c[1] or c[0]).top[0])]
     if len(feeding) == 1:
         return feeding[0]
     listed = ", ".join(f"'{pool.bottom[0]}' → '{fc.name if fc else pool.name}'"
                        for pool, fc in (feeding or candidates))
     which = (f"{len(feeding)} of them feed" if feeding else "none of them feeds")
-    raise ModelError(f"{netdef.path}: {len(candidates)} CAM branches (global average pooling "
-                     f"→ InnerProduct) and {which} the net's final output '{final}': {listed}; "
-                     "choose one with --feature-blob and --fc-layer")
+    error = AmbiguousCamHead if feeding else ModelError
+    raise error(f"{netdef.path}: {len(candidates)} CAM branches (global average pooling "
+                f"→ InnerProduct) and {which} the net's final output '{final}': {listed}; "
+                "choose one with --feature-blob and --fc-layer")
 
 
 def _downstream(netdef: NetDef, blob: str) -> set[str]:
@@ -180,6 +186,8 @@ def find_target(netdef: NetDef, feature_blob: str | None = None,
     """
     try:
         return find_cam_layers(netdef, feature_blob, fc_layer)
+    except AmbiguousCamHead:
+        raise
     except ModelError:
         if fc_layer:
             raise
@@ -208,14 +216,19 @@ def find_target(netdef: NetDef, feature_blob: str | None = None,
                    logit_blob, logit_layer, cam_head=False)
 
 
-def _final_scores(netdef: NetDef) -> tuple[str, str, bool]:
-    """The net's class scores: the last blob nothing reads (a Softmax's output or not)."""
+def _final_output(netdef: NetDef) -> str:
+    """The net's final output: the last blob (in layer order) that nothing reads."""
     read = {b for layer in netdef.net.layer for b in layer.bottom if b not in layer.top}
     outputs = [top for layer in netdef.net.layer for top in layer.top
                if top not in read and top != netdef.input_name]
     if not outputs:
         raise ModelError(f"{netdef.path}: the net has no output blob")
-    blob = outputs[-1]
+    return outputs[-1]
+
+
+def _final_scores(netdef: NetDef) -> tuple[str, str, bool]:
+    """The net's class scores: its final output (a Softmax's output or not)."""
+    blob = _final_output(netdef)
     shape = netdef.shapes.get(blob)
     if shape is None or len(shape) < 2 or any(d != 1 for d in shape[2:]):
         raise ModelError(f"{netdef.path}: the output blob '{blob}' is not a vector of class "

@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cam_caffe.backends.opencv import OpenCVBackend
-from cam_caffe.cam import softmax
-from cam_caffe.camspec import find_cam_layers
+from cam_caffe.cam import cam_weights, softmax
+from cam_caffe.camspec import AmbiguousCamHead, find_cam_layers, find_target
 from cam_caffe.errors import ModelError
 from cam_caffe.netdef import CaffeModel, load_netdef, read_caffemodel
 from nets import write_random_net
@@ -82,7 +82,7 @@ def test_chosen_branch_computes_the_output(tmp_path):
     stored = {l.name: [np.array(b.data, np.float32).reshape(tuple(b.shape.dim))
                        for b in l.blobs] for l in read_caffemodel(weights).layer if l.blobs}
     w, b = stored["fc_a"]
-    np.testing.assert_array_equal(backend.cam_weights, w)
+    np.testing.assert_array_equal(cam_weights(netdef, read_caffemodel(weights), spec), w)
     assert out.features.shape == (2, 4, 12, 12)
     expected = softmax(out.features.mean(axis=(2, 3)) @ w.T + b)
     np.testing.assert_allclose(out.probs, expected, rtol=1e-5, atol=1e-6)
@@ -95,9 +95,11 @@ def test_two_branches_into_the_output_are_refused_with_their_names(tmp_path):
         'layer { name: "prob" type: "Softmax" bottom: "sum" top: "prob" }\n')
     path = tmp_path / "merged.prototxt"
     path.write_text(text)
-    with pytest.raises(ModelError) as error:
+    with pytest.raises(AmbiguousCamHead) as error:
         find_cam_layers(load_netdef(path))
     message = str(error.value)
+    with pytest.raises(AmbiguousCamHead):        # no silent fallback to another method
+        find_target(load_netdef(path))
     assert "2 of them feed the net's final output 'prob'" in message
     assert "'feat_a' → 'fc_a'" in message and "'feat_b' → 'fc_b'" in message
     assert "--feature-blob" in message and "\n" not in message
@@ -112,6 +114,8 @@ def test_no_branch_into_the_last_layer_is_refused(tmp_path):
     path.write_text(text)
     with pytest.raises(ModelError, match="none of them feeds the net's final output 'edge'"):
         find_cam_layers(load_netdef(path))
+    with pytest.raises(ModelError, match="'edge' is not a vector of class scores"):
+        find_target(load_netdef(path))        # nor is it a classifier's output
     for feature, fc in (("feat_a", None), (None, "fc_a"), ("feat_b", "fc_b")):
         spec = find_cam_layers(load_netdef(path), feature, fc)
         assert spec.fc_layer == (fc or "fc_a")
