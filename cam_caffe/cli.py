@@ -13,7 +13,7 @@ from .api import CAMNet, Prediction
 from .backends import BACKENDS
 from .batch import (SAVE_KINDS, Options, Report, image_cost, print_record, process,
                     render_overlay, run_batch)
-from .budget import MemoryBudget, memory_budget
+from .budget import MemoryBudget, memory_budget, parse_size
 from .boxes import Box
 from .cluster import check_address, dask_client
 from .errors import (EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, CamError, ModelError,
@@ -22,7 +22,6 @@ from .image import DEFAULT_MAX_PIXELS
 from .inputs import Input, collect, in_shard, parse_shard
 from .launch import reader_gone, say
 from .labels import class_name, resolve_class
-from .limits import parse_size
 from .methods import METHODS
 from .models import DEFAULT_MODEL, Model
 from .output import write_image
@@ -75,8 +74,9 @@ def _device_id(text: str) -> int:
 def _memory_size(text: str) -> int:
     try:
         return parse_size(text)
-    except CamError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    except CamError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 8G, 512M or "
+                                         "1000000000") from None
 
 
 def parse_shard_arg(text: str) -> tuple[int, int]:
@@ -152,7 +152,8 @@ def build_parser() -> ArgumentParser:
                      metavar="N", help=f"refuse larger images (default {DEFAULT_MAX_PIXELS})")
     run.add_argument("--max-memory", type=_memory_size, metavar="SIZE",
                      help="refuse a net whose forward pass needs more memory (8G, 512M; "
-                          "default: half the memory); large batches are made smaller")
+                          "default: CAM_CAFFE_MEMORY, else half the available memory); "
+                          "large batches are made smaller")
     run.add_argument("-v", "--verbose", action="store_true",
                      help="say which blob and backend were chosen (and why, for auto); "
                           "show the backend's log")

@@ -23,33 +23,33 @@ MAX_MESSAGE = 1000      # characters of a message; longer ones lose their middle
 class CamError(Exception):
     """An error with a one-line message meant for the user.
 
-    The message is made one line (line breaks become spaces) of at most
-    MAX_MESSAGE characters: a library's multi-line report or a 5 MB layer name
-    cannot flood the terminal. ``relayed`` marks a message that mostly repeats
-    a library's own words, less clear than cam-caffe's own diagnosis.
+    The message is made one line (unprintable characters escaped, see
+    ``one_line``) of at most MAX_MESSAGE characters: a library's multi-line
+    report or a 5 MB layer name cannot flood the terminal. ``relayed`` marks a
+    message that mostly repeats a library's own words, less clear than
+    cam-caffe's own diagnosis (``backends.create_backend`` prefers the latter).
     """
 
     exit_code = EXIT_USAGE
 
     def __init__(self, message: str, exit_code: int | None = None, *,
                  relayed: bool = False) -> None:
-        super().__init__(one_line(message))
+        super().__init__(shorten(one_line(message)))
         if exit_code is not None:
             self.exit_code = exit_code
         self.relayed = relayed
 
+    def __reduce__(self):
+        """Pickled with its exit code (a Dask worker's errors reach the client)."""
+        return type(self), (str(self), self.exit_code)
 
-def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
-    """``text`` on one line, its middle cut to keep it within ``limit`` characters."""
-    text = " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+def shorten(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text``, its middle cut to keep it within ``limit`` characters."""
     if len(text) <= limit:
         return text
     half = (limit - 5) // 2
     return f"{text[:half]} […] {text[-half:]}"
-
-    def __reduce__(self):
-        """Pickled with its exit code (a Dask worker's errors reach the client)."""
-        return type(self), (str(self), self.exit_code)
 
 
 class ModelError(CamError):

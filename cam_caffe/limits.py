@@ -6,49 +6,25 @@ in exact Python integers, so that no input size, however absurd, overflows.
 A net is refused before any backend is created when one image does not fit
 under the limit, and ``max_batch`` tells the batch how many images fit.
 
-The default limit is half the machine's memory (or of the cgroup's limit in a
-container, whichever is smaller); ``--max-memory`` changes it.
+The default limit is the memory budget of ``cam_caffe.budget``: ``CAM_CAFFE_MEMORY``,
+else half the memory available when the run starts (within a cgroup's limit);
+``--max-memory`` sets it for the forward pass alone.
 """
 from __future__ import annotations
 
 import os
-import re
 
-from .errors import CamError, ModelError
+from .budget import memory_budget
+from .errors import ModelError
 from .netdef import NetDef, forward_bytes
-
-DEFAULT_FRACTION = 0.5
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def physical_memory() -> int:
-    """Bytes of memory this process may use: RAM, or the cgroup's limit when lower."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            with open(path) as f:
-                text = f.read().strip()
-        except OSError:
-            continue
-        if text.isdigit():
-            total = min(total, int(text))
-    return total
 
 
 def default_max_memory() -> int:
-    """The default limit: half of ``physical_memory()``."""
-    return int(physical_memory() * DEFAULT_FRACTION)
-
-
-def parse_size(text: str) -> int:
-    """Bytes from ``8G``, ``512M``, ``1.5T``, ``64GiB`` or a plain number of bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if not match:
-        raise CamError(f"{text!r} is not a size like 8G, 512M or 1000000000")
-    size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
-    if size <= 0:
-        raise CamError(f"{text!r}: the size must be more than 0 bytes")
-    return size
+    """``budget.memory_budget()``; half the RAM when the available memory is unknown."""
+    budget = memory_budget()
+    if budget is None:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    return budget
 
 
 def human(size: int) -> str:

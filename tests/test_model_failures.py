@@ -16,7 +16,7 @@ import pytest
 
 from cam_caffe.backends import create_backend
 from cam_caffe.camspec import find_cam_layers
-from cam_caffe.errors import MAX_MESSAGE, CamError, ModelError, one_line
+from cam_caffe.errors import MAX_MESSAGE, CamError, ModelError, shorten
 from cam_caffe.netdef import CaffeModel, load_netdef
 from cam_caffe.synthetic import save_caffemodel
 from nets import SQUARE_PROTOTXT, square_image, write_square_net
@@ -68,12 +68,13 @@ def test_opencv_failure_is_one_short_line(square, length):
     assert "[ERROR" not in child.stderr
 
 
-def test_one_line():
-    assert one_line("a\n  b\n\nc ") == "a b c"
+def test_messages_are_one_short_line():
     long = "x: " + "L" * 5_000_000 + " the end"
-    short = one_line(long)
+    short = shorten(long)
     assert len(short) <= MAX_MESSAGE and short.startswith("x: LL") and short.endswith("the end")
-    assert str(CamError("two\nlines")) == "two lines"
+    assert str(CamError(long)) == short
+    assert str(CamError("two\nlines")) == "two\\nlines"
+    assert str(ModelError("a" * 2000, relayed=True)).count("[…]") == 1
 
 
 @pytest.mark.parametrize("command", [[], ["evaluate", "--boxes-file", "b.csv"]])

@@ -18,10 +18,10 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from cam_caffe import cli
+from cam_caffe import budget, cli
 from cam_caffe.api import CAMNet
-from cam_caffe.errors import CamError, ModelError
-from cam_caffe.limits import default_max_memory, human, parse_size, physical_memory
+from cam_caffe.errors import ModelError
+from cam_caffe.limits import default_max_memory, human
 from cam_caffe.netdef import forward_bytes, load_netdef
 from conftest import require_pycaffe, shared
 from nets import SQUARE_PROTOTXT, square_image, write_square_net
@@ -162,21 +162,28 @@ def test_batches_shrink_to_fit_the_limit(square):
                mean="0", max_memory=one - 1)
 
 
-def test_default_limit_is_half_the_memory():
-    assert default_max_memory() == int(physical_memory() * 0.5)
-    assert 0 < physical_memory() <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+def test_default_limit_is_the_memory_budget(monkeypatch):
+    """CAM_CAFFE_MEMORY, else half the available memory, else half the RAM."""
+    monkeypatch.setenv("CAM_CAFFE_MEMORY", "3G")
+    assert default_max_memory() == 3 << 30
+    monkeypatch.delenv("CAM_CAFFE_MEMORY")
+    monkeypatch.setattr(budget, "available_memory", lambda: 10 << 30)
+    assert default_max_memory() == 5 << 30
+    monkeypatch.setattr(budget, "available_memory", lambda: None)
+    assert default_max_memory() == os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
 
 
-@pytest.mark.parametrize("text,size", [("8G", 8 << 30), ("512M", 512 << 20), ("1.5T", 3 << 39),
-                                       ("64GiB", 64 << 30), ("100000", 100000), ("2k", 2048)])
-def test_parse_size(text, size):
-    assert parse_size(text) == size
-
-
-@pytest.mark.parametrize("text", ["", "x", "-1G", "0", "3 apples", "1e9"])
-def test_parse_size_refuses(text):
-    with pytest.raises(CamError):
-        parse_size(text)
+@pytest.mark.parametrize("text,code", [("64M", 0), ("1.5G", 0), ("3x", 2), ("0", 2), ("1.5Q", 2),
+                                       ("1000", 3)])
+def test_max_memory_option(square, text, code):
+    _, image, args = square
+    exit_code, err = run(image, *args, "--max-memory", text)
+    assert exit_code == code, err
+    if code == 2:
+        assert err == [f"cam-caffe: error: argument --max-memory: {text!r} is not a size like "
+                       "8G, 512M or 1000000000 (see cam-caffe --help)"]
+    if code == 3:
+        assert "needs about" in err[0] and "over the limit of 1000 bytes" in err[0]
 
 
 def test_human():
