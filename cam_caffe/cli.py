@@ -152,7 +152,7 @@ def build_parser() -> ArgumentParser:
                      metavar="N", help=f"refuse larger images (default {DEFAULT_MAX_PIXELS})")
     run.add_argument("--max-memory", type=_memory_size, metavar="SIZE",
                      help="refuse a net whose forward pass needs more memory (8G, 512M; "
-                          "default: CAM_CAFFE_MEMORY, else half the available memory); "
+                          "default: half the available memory); "
                           "large batches are made smaller")
     run.add_argument("-v", "--verbose", action="store_true",
                      help="say which blob and backend were chosen (and why, for auto); "

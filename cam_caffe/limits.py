@@ -6,25 +6,25 @@ in exact Python integers, so that no input size, however absurd, overflows.
 A net is refused before any backend is created when one image does not fit
 under the limit, and ``max_batch`` tells the batch how many images fit.
 
-The default limit is the memory budget of ``cam_caffe.budget``: ``CAM_CAFFE_MEMORY``,
-else half the memory available when the run starts (within a cgroup's limit);
-``--max-memory`` sets it for the forward pass alone.
+The default limit is half the memory available when the net is loaded (within
+a cgroup's limit, as ``cam_caffe.budget`` reads it); ``--max-memory`` sets it.
+It is apart from ``CAM_CAFFE_MEMORY``, the budget of the images in flight.
 """
 from __future__ import annotations
 
 import os
 
-from .budget import memory_budget
+from . import budget
 from .errors import ModelError
 from .netdef import NetDef, forward_bytes
 
 
 def default_max_memory() -> int:
-    """``budget.memory_budget()``; half the RAM when the available memory is unknown."""
-    budget = memory_budget()
-    if budget is None:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    return budget
+    """Half the available memory; half the RAM when that is unknown."""
+    available = budget.available_memory()
+    if available is None:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return available // 2
 
 
 def human(size: int) -> str:

@@ -527,7 +527,7 @@ def forward_bytes(netdef: NetDef, batch: int = 1) -> int:
     parameters, all float32. Exact Python integers: absurd sizes cannot overflow.
 
     This is what pycaffe allocates for the data of its blobs and parameters
-    (tests/test_limits.py); it is a floor for every backend (pycaffe adds im2col
+    (tests/test_model_limits.py); it is a floor for every backend (pycaffe adds im2col
     buffers, ONNX Runtime reuses blobs but adds workspace). ``cam_caffe.limits``
     checks it against the memory limit.
     """
