@@ -166,6 +166,28 @@ def test_verbose_says_which_backend_auto_chose_and_why(square, tmp_path):
     assert quiet.returncode == 0 and quiet.stderr == ""
 
 
+def test_auto_reports_the_clearest_error_of_real_backends(square, tmp_path):
+    """A layer type (Clip) that none of the three backends has: auto used to report
+    the last one's failure (pycaffe's glog CHECK); now it reports the ONNX
+    converter's own diagnosis, naming the layer, as --backend onnxruntime does."""
+    from conftest import require_pycaffe
+    require_pycaffe()
+    folder, image, _ = square
+    prototxt = tmp_path / "clip.prototxt"
+    prototxt.write_text(SQUARE_PROTOTXT.replace(
+        'layer { name: "feat"',
+        'layer { name: "odd" type: "Clip" bottom: "bright" top: "bright" }\nlayer { name: "feat"'))
+    args = [image, "--prototxt", prototxt, "--weights", folder / "square.caffemodel", "-q"]
+    lines = {}
+    for backend in ("onnxruntime", "opencv", "caffe", "auto"):
+        child = run(*args, "--backend", backend)
+        assert child.returncode == 3 and len(child.stderr.splitlines()) == 1, child.stderr
+        lines[backend] = child.stderr
+    assert "Clip" in lines["onnxruntime"] and "'odd'" in lines["onnxruntime"]
+    assert "Unknown layer type: Clip" in lines["caffe"]
+    assert lines["auto"] == lines["onnxruntime"]
+
+
 def test_auto_reports_the_clearest_error(square, monkeypatch):
     """Every backend fails: cam-caffe's own diagnosis wins over a library's relayed words,
     whatever the order; among equals, the preferred backend's. (The backends are replaced
