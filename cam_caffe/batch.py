@@ -358,7 +358,7 @@ def pending_inputs(inputs: list[Input], options: Options, report: Report,
     for item in inputs:
         if options.output_dir is not None:
             paths = output_paths(item, options, options.maps)
-            folders.add(next(iter(paths.values())).parent)
+            folders.update(path.parent for path in paths.values())
             if any(identity(p) in protected for p in paths.values()):
                 report.failed.append((item.path, OutputError(
                     f"{item.path}: an output would overwrite an input image")))
