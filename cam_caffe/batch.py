@@ -410,8 +410,8 @@ def run_batch(net: CAMNet, inputs: list[Input], options: Options, out: TextIO | 
     (``cluster.py``). Records go to ``out`` as chunks finish: in input order here, in
     the order chunks complete on a cluster.
 
-    Here, images that did not fit in the memory budget next to others run again
-    after the rest, in as many rounds as it takes (each round runs at least one).
+    Images that did not fit in the memory budget next to others run again after
+    the rest, in as many rounds as it takes (each round runs at least one).
     A Ctrl-C or SIGTERM stops the run: work not yet started is dropped (on a
     cluster, cancelled), what finishes is reported (here, a record for every image
     whose outputs were written), then KeyboardInterrupt (or Terminated) is raised.
