@@ -220,7 +220,8 @@ def process(net: CAMNet, item: Input, image: np.ndarray, result: Prediction,
 def print_record(record: dict, out: TextIO) -> None:
     print(one_line(record["image"]), file=out)
     for entry in record["top_k"]:
-        print(f"  {entry['class']:5d}  {entry['prob']:.4f}  {entry['label']}", file=out)
+        print(f"  {entry['class']:5d}  {entry['prob']:.4f}  {one_line(entry['label'])}",
+              file=out)
     for entry in record["maps"]:
         for box in entry["boxes"]:
             print(f"  box {entry['class']}: x={box[0]} y={box[1]} w={box[2]} h={box[3]}",
@@ -306,14 +307,30 @@ def process_chunk(net: CAMNet, chunk: list[Input], options: Options, pool: Execu
         if stop.is_set() or not loaded:
             return result
         with forward_lock or nullcontext():
-            predictions = net.predict([image for _, image in loaded], options.classes,
-                                      options.top_k, options.ten_crop)
+            predicted = forward(net, loaded, options, result.failed)
         rendering = [(item, pool.submit(process, net, item, image, prediction, options))
-                     for (item, image), prediction in zip(loaded, predictions)]
+                     for item, image, prediction in predicted]
         result.records.extend(record for _, record in outcomes(rendering))
         return result
     finally:
         budget.release(sum(reserved))
+
+
+def forward(net: CAMNet, loaded: list[tuple[Input, np.ndarray]], options: Options,
+            failed: list[tuple[Path, CamError]]) -> list[tuple[Input, np.ndarray, Prediction]]:
+    """One forward pass for the loaded images; when the batch runs out of memory, one
+    image at a time (the batch shrinks), an image that still does not fit failing
+    alone into ``failed``."""
+    def predict(images: list[np.ndarray]) -> list[Prediction]:
+        return net.predict(images, options.classes, options.top_k, options.ten_crop)
+    try:
+        return [(item, image, p) for (item, image), p in
+                zip(loaded, predict([image for _, image in loaded]))]
+    except MemoryError:
+        if len(loaded) == 1:
+            failed.append((loaded[0][0].path, failure(loaded[0][0], MemoryError())))
+            return []
+    return [kept for one in loaded for kept in forward(net, [one], options, failed)]
 
 
 def skipped_record(item: Input, paths: dict[str, Path]) -> dict:
@@ -341,7 +358,7 @@ def pending_inputs(inputs: list[Input], options: Options, report: Report,
     for item in inputs:
         if options.output_dir is not None:
             paths = output_paths(item, options, options.maps)
-            folders.add(next(iter(paths.values())).parent)
+            folders.update(path.parent for path in paths.values())
             if any(identity(p) in protected for p in paths.values()):
                 report.failed.append((item.path, OutputError(
                     f"{item.path}: an output would overwrite an input image")))
@@ -393,8 +410,8 @@ def run_batch(net: CAMNet, inputs: list[Input], options: Options, out: TextIO | 
     (``cluster.py``). Records go to ``out`` as chunks finish: in input order here, in
     the order chunks complete on a cluster.
 
-    Here, images that did not fit in the memory budget next to others run again
-    after the rest, in as many rounds as it takes (each round runs at least one).
+    Images that did not fit in the memory budget next to others run again after
+    the rest, in as many rounds as it takes (each round runs at least one).
     A Ctrl-C or SIGTERM stops the run: work not yet started is dropped (on a
     cluster, cancelled), what finishes is reported (here, a record for every image
     whose outputs were written), then KeyboardInterrupt (or Terminated) is raised.

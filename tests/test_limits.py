@@ -127,6 +127,25 @@ def test_model_files_from_a_pipe_are_read(tmp_path):
     assert code == 0 and strict_json(out)["top_k"][0]["label"] == "star"
 
 
+LIST_BYTES = st.lists(st.sampled_from([bytes([b]) for b in range(256) if b not in b"/*?[@."]),
+                      max_size=300).map(b"".join)    # no folders, globs or nested lists
+
+
+@FEW
+@given(data=LIST_BYTES)
+def test_any_list_bytes_give_inputs_or_reported_problems(tmp_path, monkeypatch, data):
+    """Whatever bytes a list holds (binary, NUL, not UTF-8, CR LF): collecting never
+    raises; each problem is a one-line CamError naming the list and line."""
+    monkeypatch.chdir(tmp_path)
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(data)
+    problems = []
+    items = collect([f"@{listing}"], problems=problems)
+    assert all(isinstance(p, CamError) and str(p).startswith(f"{listing}:") for p in problems)
+    assert all("\n" not in one_line(str(p)) for p in problems)
+    assert len(items) + len(problems) <= data.count(b"\n") + 1
+
+
 def test_list_of_lists_reports_self_inclusion_only_on_a_cycle(tmp_path):
     picture(tmp_path / "a.png")
     (tmp_path / "inner.txt").write_text(f"{tmp_path / 'a.png'}\n")
@@ -261,6 +280,30 @@ def test_budget_schedules_every_image_within_the_limit(square, tmp_path, monkeyp
     assert all(used <= total for used in peak)
 
 
+def test_forward_out_of_memory_shrinks_the_batch(square, tmp_path, monkeypatch):
+    """A forward pass that runs out of memory for a batch is retried one image at a
+    time; an image that fails even alone is reported, the others are done."""
+    import io
+    from cam_caffe import CAMNet
+    paths = [picture(tmp_path / f"{i}.png", (60 + i, 80)) for i in range(5)]
+    net = CAMNet(Path(square[1]), Path(square[3]), backend="opencv", mean="0", scale=1 / 255)
+    real = net.predict
+
+    def predict(images, *args):
+        if len(images) > 1 or images[0].shape[0] == 62:      # the batch, and image 2 alone
+            raise MemoryError()
+        return real(images, *args)
+    monkeypatch.setattr(net, "predict", predict)
+    sink = io.StringIO()
+    report = run_batch(net, collect([str(p) for p in paths]), Options(batch_size=4, jsonl=True),
+                       sink)
+    done = [json.loads(line)["image"] for line in sink.getvalue().splitlines()]
+    assert done == [str(p) for i, p in enumerate(paths) if i != 2]
+    assert [(str(path), str(e)) for path, e in report.failed] == [
+        (str(paths[2]), f"{paths[2]}: out of memory (see CAM_CAFFE_MEMORY in README.md)")]
+    assert report.exit_code() == 1
+
+
 def test_memory_sizes():
     assert parse_size("512M") == 512 << 20 and parse_size("2G") == 2 << 30
     assert parse_size("1.5GiB") == 3 << 29 and parse_size("1000") == 1000
@@ -380,6 +423,11 @@ def test_closed_and_full_standard_streams(tmp_path):
                            "--jsonl 2>&-", shell=True, capture_output=True, cwd=ROOT)
     assert child.returncode == 1
     assert [strict_json(l)["image"] for l in child.stdout.decode().splitlines()] == [str(image)]
+    # stdin closed: '-' has nothing to read
+    child = subprocess.run(f"{sys.executable} -m cam_caffe --model demo - <&-", shell=True,
+                           capture_output=True, cwd=ROOT)
+    assert child.returncode == 4
+    assert child.stderr == b"cam-caffe: error: stdin: closed, so '-' has no inputs to read\n"
     # stdout on a full disk: one line, exit 5
     with open("/dev/full", "w") as full:
         child = subprocess.run([sys.executable, "-m", "cam_caffe", *DEMO, str(image), "--jsonl"],
