@@ -573,8 +573,10 @@ class _Converter:
                 depends.update(tops)
         grads: dict[str, list[str]] = {output: [seed]}
         for layer, ins, tops, shapes in reversed(self.done):
+            if not any(t in depends for t in ins):
+                continue             # before the target (its in-place layers included)
             upstream = [self._sum(grads.pop(t)) for t in tops if grads.get(t)]
-            if not upstream or not any(t in depends for t in ins):
+            if not upstream:
                 continue
             handler = getattr(self, "_vjp_" + layer.type.lower(), None)
             if handler is None:

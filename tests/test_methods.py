@@ -403,3 +403,29 @@ def test_evaluate_runs_every_method_on_the_demo_model(demo_data, method):
     assert child.returncode == 0, child.stderr
     result = json.loads(child.stdout)
     assert result["method"] == method and result["images"] == 3
+
+
+def test_export_gradient_matches_pycaffe(tmp_path, capsys):
+    """`cam-caffe export --gradient`: the full net's ONNX model with a seed input and the
+    gradient output, on a net without CAM head; equal to pycaffe's backward pass."""
+    import onnxruntime as ort
+
+    from cam_caffe import export
+    from cam_caffe.onnx_export import gradient_names
+    prototxt, weights = write_net(tmp_path, NO_GAP, "nogap", seed=6)
+    out = tmp_path / "nogap.onnx"
+    assert export.main(["--prototxt", str(prototxt), "--weights", str(weights), "-o", str(out),
+                        "--gradient", "--feature-blob", "conv1"]) == 0
+    assert "seed 'fc2:seed' → gradient 'conv1:grad'" in capsys.readouterr().out
+    net = load("caffe", prototxt, weights, mean="128", scale=1 / 64, feature_blob="conv1",
+               method="gradcam")
+    batch = net.preprocess(images(3, (17, 15), seed=9))
+    net.backend.forward(batch)
+    classes = np.array([[2], [0], [3]])
+    expected = net.backend.gradients(classes)[:, 0]
+    seed_name, grad_name = gradient_names("fc2", "conv1")
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    seed = np.eye(4, dtype=np.float32)[classes[:, 0]]
+    logits, grads = session.run(["fc2", grad_name], {"data": batch, seed_name: seed})
+    assert_rel_close(grads, expected, 1e-5)
+    assert_rel_close(logits, net.backend.forward(batch).logits, 1e-5)

@@ -82,7 +82,7 @@ class CaffeBackend:
         target = self.net.blobs[self.spec.feature_blob]
         grads = np.empty((classes.shape[0], classes.shape[1], *target.data.shape[1:]),
                          np.float32)
-        for m, seed in enumerate(one_hot(classes, logits.data.reshape(len(classes), -1).shape[1])):
+        for m, seed in enumerate(one_hot(classes, self.spec.num_classes)):
             logits.diff[...] = seed.reshape(logits.diff.shape)
             self.net.backward(start=self.spec.logit_layer, end=self.backward_end)
             grads[:, m] = target.diff
