@@ -194,3 +194,59 @@ def test_default_mean_is_the_ilsvrc_mean_in_bgr_order():
     image[..., 0] = 200                                     # blue (BGR), as decoded
     batch = Preprocessor((4, 4), default)([image])
     np.testing.assert_allclose(batch[0, :, 0, 0], [200 - 104, -117, -123])
+
+
+def test_mean_values_parse_as_float32_numbers():
+    for spec, channels, expected in [(None, 1, [117.0]), (None, 4, [117.0] * 4),
+                                     ("1e2, 2.5E-1 -3", 3, [100.0, 0.25, -3.0]),
+                                     ("7", 2, [7.0, 7.0])]:
+        mean = parse_mean(spec, channels)
+        assert mean.dtype == np.float32 and mean.tolist() == expected, spec
+    with pytest.raises(ModelError, match=r"--mean '1\.\.2': not a list of numbers"):
+        parse_mean("1..2")
+
+
+def test_mean_files_are_checked(tmp_path):
+    np.save(tmp_path / "bgr.npy", np.array([1.0, 2.0, 3.0]))
+    mean = parse_mean(tmp_path / "bgr.npy")
+    assert mean.dtype == np.float32 and mean.tolist() == [1.0, 2.0, 3.0]
+    np.save(tmp_path / "objects.npy", np.array([{"not": "numbers"}], dtype=object))
+    with pytest.raises(ModelError, match="objects.npy: not a NumPy mean file"):
+        parse_mean(tmp_path / "objects.npy")           # never unpickled
+    for name, array in [("flat.npy", np.zeros((3, 5))), ("four.npy", np.zeros((4, 8, 8))),
+                        ("two.npy", np.zeros(2))]:
+        np.save(tmp_path / name, array)
+        shape = list(array.shape)
+        with pytest.raises(ModelError, match=rf"{name}: mean has shape \{shape}\, expected "
+                                             r"\(3,\) or \(3, H, W\)"):
+            parse_mean(tmp_path / name)
+    (tmp_path / "bad.binaryproto").write_bytes(b"\xff\xff\xff not protobuf")
+    with pytest.raises(ModelError, match="bad.binaryproto: not a Caffe mean .binaryproto"):
+        parse_mean(tmp_path / "bad.binaryproto")
+    with pytest.raises(ModelError, match="missing.binaryproto: mean file not found"):
+        parse_mean(tmp_path / "missing.binaryproto")
+    blob = proto.BlobProto()
+    blob.shape.dim.extend([1, 1, 1, 1])
+    blob.data.append(42.0)
+    (tmp_path / "one.binaryproto").write_bytes(blob.SerializeToString())
+    assert parse_mean(tmp_path / "one.binaryproto", channels=1).tolist() == [42.0]
+    blob.data.append(43.0)
+    (tmp_path / "two.binaryproto").write_bytes(blob.SerializeToString())
+    with pytest.raises(ModelError, match=r"mean blob holds 2 values for shape \[1\]"):
+        parse_mean(tmp_path / "two.binaryproto", channels=1)
+
+
+def test_preprocess_grey_net_and_scale():
+    """A 1-channel net gets the grey image (ITU-R 601 weights, as Caffe's grey decode)."""
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (6, 8, 3), np.uint8)
+    pre = Preprocessor((6, 8), np.array([10.0]), scale=2.0, channels=1)
+    assert pre.mean.dtype == np.float32
+    batch = pre([image])
+    assert batch.shape == (1, 1, 6, 8)
+    b, g, r = (image[..., i].astype(np.float64) for i in range(3))
+    grey = np.rint(0.114 * b + 0.587 * g + 0.299 * r)
+    np.testing.assert_allclose(batch[0, 0], (grey - 10.0) * 2.0, atol=2.0)
+    colour = Preprocessor((6, 8), np.array([1.0, 2.0, 3.0]), scale=2.0)([image])
+    expected = (image.transpose(2, 0, 1) - np.array([1.0, 2.0, 3.0]).reshape(3, 1, 1)) * 2.0
+    np.testing.assert_allclose(colour[0], expected)
