@@ -70,6 +70,7 @@ def test_normalize_and_constant_map():
 def test_colormap_lut_equals_matplotlib(name):
     """jet is built in (no matplotlib import at start-up); it must equal matplotlib's."""
     import matplotlib
+    colormap_lut.cache_clear()          # compute it here, not in an earlier test
     rgb = matplotlib.colormaps[name](np.arange(256) / 255.0)[:, :3]
     np.testing.assert_array_equal(colormap_lut(name), np.rint(rgb[:, ::-1] * 255).astype(np.uint8))
 
@@ -250,3 +251,35 @@ def test_preprocess_grey_net_and_scale():
     colour = Preprocessor((6, 8), np.array([1.0, 2.0, 3.0]), scale=2.0)([image])
     expected = (image.transpose(2, 0, 1) - np.array([1.0, 2.0, 3.0]).reshape(3, 1, 1)) * 2.0
     np.testing.assert_allclose(colour[0], expected)
+
+
+def test_normalize_gives_float32_and_overlay_checks_the_map_size():
+    assert normalize(np.array([[1.0, 3.0]])).dtype == np.float32
+    with pytest.raises(ValueError, match=r"CAM shape \(5, 5\) differs from image shape \(5, 6\)$"):
+        overlay_paper(np.zeros((5, 6, 3), np.uint8), np.zeros((5, 5), np.float32))
+
+
+def test_paper_overlay_uses_the_colormap_asked_for():
+    import matplotlib
+    rng = np.random.default_rng(4)
+    image = rng.integers(0, 256, (5, 7, 3), np.uint8)
+    cam = rng.normal(size=(5, 7)).astype(np.float32)
+    norm = (cam - cam.min()) / (cam.max() - cam.min())
+    viridis = matplotlib.colormaps["viridis"](np.rint(norm * 255).astype(int) / 255.0)
+    expected = np.rint(0.2 * image + 0.5 * np.rint(viridis[..., 2::-1] * 255))
+    np.testing.assert_allclose(overlay_paper(image, cam, "viridis", 0.5), expected, atol=1)
+
+
+def test_seed_overlay_keeps_the_size_and_the_image_colours():
+    """A 150x200 map gives a 150x200 figure (100 dpi); a blue BGR image stays blue
+    under jet's dark blue at alpha 0.5."""
+    image = np.zeros((150, 200, 3), np.uint8)
+    image[..., 0] = 255                                     # blue, in BGR
+    cam = np.zeros((150, 200), np.float32)
+    cam[50:100, 80:120] = 1.0
+    out = overlay_seed(image, cam).astype(float)
+    assert out.shape == (150, 200, 3)
+    np.testing.assert_allclose(out[5, 5], 0.5 * np.array([255, 0, 0]) + 0.5 * np.array([127.5, 0, 0]),
+                               atol=3)
+    np.testing.assert_allclose(out[75, 100], 0.5 * np.array([255, 0, 0]) + 0.5 * np.array([0, 0, 127.5]),
+                               atol=3)
