@@ -106,7 +106,8 @@ others = [s for s in survivors if s not in equivalent]
 scored = stats["total"] - len(equiv)
 score = 100.0 * killed / scored if scored else 100.0
 print(f"{module:18} {stats['total']:5d} mutants {killed:5d} killed {len(survivors):4d} survived "
-      f"{len(equiv):4d} equivalent  score {score:5.1f}%  ({seconds} s)")
+      f"{len(equiv):4d} equivalent  score {score:5.1f}%  ({stats['timeout']} killed by a "
+      f"timeout; {seconds} s)")
 for name in others:
     print(f"    survived: {name}")
 PY

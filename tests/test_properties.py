@@ -58,6 +58,13 @@ def test_softmax_is_the_normalised_exponential_of_each_row(scores, shift):
                                rtol=1e-3, atol=1e-6)
 
 
+def test_softmax_shifts_each_row_by_its_own_max():
+    """Rows 200 apart: one shift for the whole batch would turn the first row into 0/0."""
+    probs = softmax(np.array([[0.0, 1.0], [200.0, 201.0]], np.float32))
+    expected = [1 / (1 + np.e), np.e / (1 + np.e)]
+    np.testing.assert_allclose(probs, [expected, expected], rtol=1e-6)
+
+
 # ------------------------------------------------------------------ upsampling
 def bilinear_reference(cam, size):
     """Bilinear resize with half-pixel centres and clamped edges, in float64."""
