@@ -77,8 +77,7 @@ def overlay_paper(image: np.ndarray, cam: np.ndarray, colormap: str = "jet",
     return cv2.addWeighted(image, IMAGE_WEIGHT, heatmap(cam, colormap), alpha, 0.0)
 
 
-def seed_figure(image: np.ndarray, cam: np.ndarray, colormap: str = "jet",
-                alpha: float = DEFAULT_ALPHA["seed"], title: str | None = None):
+def seed_figure(image: np.ndarray, cam: np.ndarray, colormap: str, alpha: float):
     """The original script's matplotlib figure: ``image`` and ``cam`` at the net's size.
 
     ``image`` is the BGR image already resized to ``cam``'s shape.
@@ -91,8 +90,6 @@ def seed_figure(image: np.ndarray, cam: np.ndarray, colormap: str = "jet",
     ax.imshow(image[:, :, ::-1])
     ax.imshow(cam, cmap=colormap, alpha=alpha, interpolation="bilinear")
     ax.set_axis_off()
-    if title:
-        fig.suptitle(title, fontsize=6, color="white", y=0.98)
     return fig
 
 

@@ -14,11 +14,18 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "fixtures"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 USER_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+
+# Hypothesis tests: 60 examples each; scripts/mutation.sh runs them with fewer.
+settings.register_profile("cam-caffe", max_examples=60, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("mutation", settings.get_profile("cam-caffe"), max_examples=12)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "cam-caffe"))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -97,3 +97,61 @@ def test_draw_boxes_returns_a_new_image():
     out = draw_boxes(image, [Box(10, 5, 20, 30)], color=(0, 0, 255), thickness=1)
     assert not image.any()
     assert tuple(out[5, 15]) == (0, 0, 255) and tuple(out[20, 20]) == (0, 0, 0)
+
+
+def test_iou_edge_cases():
+    a = Box(0, 0, 10, 10)
+    assert a.intersection(Box(0, 20, 10, 10)) == 0          # same columns, apart in y
+    assert a.intersection(Box(20, 0, 10, 10)) == 0          # same rows, apart in x
+    assert Box(3, 3, 1, 1).iou(Box(3, 3, 1, 1)) == 1.0      # a union of one pixel
+    assert Box(0, 0, 0, 0).iou(Box(5, 5, 0, 0)) == 0.0      # two empty boxes
+
+
+def test_paper_box_constant_map_has_no_object_at_any_threshold():
+    assert paper_box(np.full((8, 9), 3.0), 0.0) is None
+
+
+def test_dt_boxes_box_holes_too():
+    """dt_box takes the contours of holes as well (RETR_CCOMP): a ring gives its outer
+    box and the box of its hole."""
+    heatmap = np.zeros((100, 100), np.uint8)
+    heatmap[10:90, 10:90] = 200
+    heatmap[40:60, 40:60] = 0
+    boxes = dt_boxes(heatmap, (20,))
+    assert len(boxes) == 2
+    assert boxes[0].iou(Box(10, 10, 80, 80)) > 0.9 and boxes[1].iou(Box(40, 40, 20, 20)) > 0.6
+
+
+def test_dt_merge_keeps_exactly_half_an_overlap_and_compares_every_later_box():
+    from cam_caffe.boxes import big_overlap, suppress
+    big = Box(0, 0, 10, 10)
+    assert not big_overlap(big, Box(5, 0, 10, 10))          # 50 of 100: not over half
+    assert big_overlap(big, Box(4, 0, 10, 10))              # 60 of 100
+    apart, inside = Box(20, 0, 5, 5), Box(0, 0, 9, 9)
+    assert suppress([big, apart, inside]) == [big, apart]
+    assert suppress([big, inside, apart]) == [big, apart]
+
+
+def test_dt_boxes_need_a_2d_uint8_heatmap():
+    for bad in (np.zeros((5, 5), np.float32), np.zeros((5, 5, 3), np.uint8)):
+        with pytest.raises(ValueError, match="dt_boxes needs a 2-D uint8 heatmap, got"):
+            dt_boxes(bad)
+
+
+def test_dt_mask_level_is_255_times_the_distance_over_its_max_at_least_10_5():
+    """dt.c: ROUND(255·d / max d) > 10, ROUND(t) = (int)(t + 0.5)."""
+    from cam_caffe.boxes import eroded_mask
+    heatmap = np.full((9, 24), 200, np.uint8)      # one background pixel, max d = √593
+    heatmap[0, 0] = 0
+    mask = eroded_mask(heatmap, 20)
+    assert mask[0, 1] == 0 and mask[1, 1] == 1     # 255/√593 = 10.47 (256 would give 10.51)
+    row = np.full((1, 511), 200, np.uint8)         # d = 21 of max 510: exactly 10.5, kept
+    row[0, 0] = 0
+    mask = eroded_mask(row, 20)[0]
+    assert mask[20] == 0 and mask[21] == 1
+
+
+def test_draw_boxes_default_is_green_two_pixels_wide():
+    out = draw_boxes(np.zeros((40, 40, 3), np.uint8), [Box(10, 10, 20, 20)])
+    assert np.nonzero(out[:, 20, 1])[0].tolist() == [9, 10, 11, 29, 30, 31]
+    assert not out[..., 0].any() and not out[..., 2].any() and out[10, 20, 1] == 255

@@ -70,6 +70,7 @@ def test_normalize_and_constant_map():
 def test_colormap_lut_equals_matplotlib(name):
     """jet is built in (no matplotlib import at start-up); it must equal matplotlib's."""
     import matplotlib
+    colormap_lut.cache_clear()          # compute it here, not in an earlier test
     rgb = matplotlib.colormaps[name](np.arange(256) / 255.0)[:, :3]
     np.testing.assert_array_equal(colormap_lut(name), np.rint(rgb[:, ::-1] * 255).astype(np.uint8))
 
@@ -194,3 +195,91 @@ def test_default_mean_is_the_ilsvrc_mean_in_bgr_order():
     image[..., 0] = 200                                     # blue (BGR), as decoded
     batch = Preprocessor((4, 4), default)([image])
     np.testing.assert_allclose(batch[0, :, 0, 0], [200 - 104, -117, -123])
+
+
+def test_mean_values_parse_as_float32_numbers():
+    for spec, channels, expected in [(None, 1, [117.0]), (None, 4, [117.0] * 4),
+                                     ("1e2, 2.5E-1 -3", 3, [100.0, 0.25, -3.0]),
+                                     ("7", 2, [7.0, 7.0])]:
+        mean = parse_mean(spec, channels)
+        assert mean.dtype == np.float32 and mean.tolist() == expected, spec
+    with pytest.raises(ModelError, match=r"--mean '1\.\.2': not a list of numbers"):
+        parse_mean("1..2")
+
+
+def test_mean_files_are_checked(tmp_path):
+    np.save(tmp_path / "bgr.npy", np.array([1.0, 2.0, 3.0]))
+    mean = parse_mean(tmp_path / "bgr.npy")
+    assert mean.dtype == np.float32 and mean.tolist() == [1.0, 2.0, 3.0]
+    np.save(tmp_path / "objects.npy", np.array([{"not": "numbers"}], dtype=object))
+    with pytest.raises(ModelError, match="objects.npy: not a NumPy mean file"):
+        parse_mean(tmp_path / "objects.npy")           # never unpickled
+    for name, array in [("flat.npy", np.zeros((3, 5))), ("four.npy", np.zeros((4, 8, 8))),
+                        ("two.npy", np.zeros(2))]:
+        np.save(tmp_path / name, array)
+        shape = list(array.shape)
+        with pytest.raises(ModelError, match=rf"{name}: mean has shape \{shape}\, expected "
+                                             r"\(3,\) or \(3, H, W\)"):
+            parse_mean(tmp_path / name)
+    (tmp_path / "bad.binaryproto").write_bytes(b"\xff\xff\xff not protobuf")
+    with pytest.raises(ModelError, match="bad.binaryproto: not a Caffe mean .binaryproto"):
+        parse_mean(tmp_path / "bad.binaryproto")
+    with pytest.raises(ModelError, match="missing.binaryproto: mean file not found"):
+        parse_mean(tmp_path / "missing.binaryproto")
+    blob = proto.BlobProto()
+    blob.shape.dim.extend([1, 1, 1, 1])
+    blob.data.append(42.0)
+    (tmp_path / "one.binaryproto").write_bytes(blob.SerializeToString())
+    assert parse_mean(tmp_path / "one.binaryproto", channels=1).tolist() == [42.0]
+    blob.data.append(43.0)
+    (tmp_path / "two.binaryproto").write_bytes(blob.SerializeToString())
+    with pytest.raises(ModelError, match=r"mean blob holds 2 values for shape \[1\]"):
+        parse_mean(tmp_path / "two.binaryproto", channels=1)
+
+
+def test_preprocess_grey_net_and_scale():
+    """A 1-channel net gets the grey image (ITU-R 601 weights, as Caffe's grey decode)."""
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (6, 8, 3), np.uint8)
+    pre = Preprocessor((6, 8), np.array([10.0]), scale=2.0, channels=1)
+    assert pre.mean.dtype == np.float32
+    batch = pre([image])
+    assert batch.shape == (1, 1, 6, 8)
+    b, g, r = (image[..., i].astype(np.float64) for i in range(3))
+    grey = np.rint(0.114 * b + 0.587 * g + 0.299 * r)
+    np.testing.assert_allclose(batch[0, 0], (grey - 10.0) * 2.0, atol=2.0)
+    colour = Preprocessor((6, 8), np.array([1.0, 2.0, 3.0]), scale=2.0)([image])
+    expected = (image.transpose(2, 0, 1) - np.array([1.0, 2.0, 3.0]).reshape(3, 1, 1)) * 2.0
+    np.testing.assert_allclose(colour[0], expected)
+
+
+def test_normalize_gives_float32_and_overlay_checks_the_map_size():
+    assert normalize(np.array([[1.0, 3.0]])).dtype == np.float32
+    with pytest.raises(ValueError, match=r"CAM shape \(5, 5\) differs from image shape \(5, 6\)$"):
+        overlay_paper(np.zeros((5, 6, 3), np.uint8), np.zeros((5, 5), np.float32))
+
+
+def test_paper_overlay_uses_the_colormap_asked_for():
+    import matplotlib
+    rng = np.random.default_rng(4)
+    image = rng.integers(0, 256, (5, 7, 3), np.uint8)
+    cam = rng.normal(size=(5, 7)).astype(np.float32)
+    norm = (cam - cam.min()) / (cam.max() - cam.min())
+    viridis = matplotlib.colormaps["viridis"](np.rint(norm * 255).astype(int) / 255.0)
+    expected = np.rint(0.2 * image + 0.5 * np.rint(viridis[..., 2::-1] * 255))
+    np.testing.assert_allclose(overlay_paper(image, cam, "viridis", 0.5), expected, atol=1)
+
+
+def test_seed_overlay_keeps_the_size_and_the_image_colours():
+    """A 150x200 map gives a 150x200 figure (100 dpi); a blue BGR image stays blue
+    under jet's dark blue at alpha 0.5."""
+    image = np.zeros((150, 200, 3), np.uint8)
+    image[..., 0] = 255                                     # blue, in BGR
+    cam = np.zeros((150, 200), np.float32)
+    cam[50:100, 80:120] = 1.0
+    out = overlay_seed(image, cam).astype(float)
+    assert out.shape == (150, 200, 3)
+    np.testing.assert_allclose(out[5, 5], 0.5 * np.array([255, 0, 0]) + 0.5 * np.array([127.5, 0, 0]),
+                               atol=3)
+    np.testing.assert_allclose(out[75, 100], 0.5 * np.array([255, 0, 0]) + 0.5 * np.array([0, 0, 127.5]),
+                               atol=3)

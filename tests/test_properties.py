@@ -4,16 +4,15 @@ from collections import deque
 
 import cv2
 import numpy as np
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from cam_caffe.boxes import DT_MARGIN, Box, dt_boxes, dt_boxes_from_cam, eroded_mask, paper_box
-from cam_caffe.cam import class_activation_maps, upsample
+from cam_caffe.cam import class_activation_maps, softmax, upsample
 from cam_caffe.tencrop import crop_offsets, merge_ten_crops, ten_crops
 
-PROPERTY = settings(max_examples=60, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings()      # the profile loaded in conftest.py (60 examples; fewer in mutation.sh)
 FLOATS = st.floats(-4, 4, allow_nan=False, width=32)
 
 
@@ -44,6 +43,28 @@ def test_cam_is_the_weighted_sum_and_linear_in_the_weights(data, n, k, m, h, w, 
     np.testing.assert_allclose(combined, expected, atol=1e-3 * max(1.0, np.abs(expected).max()))
 
 
+@PROPERTY
+@given(scores=st.tuples(st.integers(1, 4), st.integers(1, 8)).flatmap(
+    lambda shape: arrays(np.float64, shape, elements=st.floats(-80, 80))),
+       shift=st.floats(-500, 500))
+def test_softmax_is_the_normalised_exponential_of_each_row(scores, shift):
+    """For nets that end at the FC layer: exp(s) / Σ exp(s) per row, float32, and the
+    same for scores shifted by a constant (no overflow: 580 would overflow float32)."""
+    probs = softmax(scores)
+    assert probs.dtype == np.float32 and probs.shape == scores.shape
+    e = np.exp(scores - scores.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(probs, e / e.sum(axis=1, keepdims=True), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(softmax((scores + shift).astype(np.float32)), probs,
+                               rtol=1e-3, atol=1e-6)
+
+
+def test_softmax_shifts_each_row_by_its_own_max():
+    """Rows 200 apart: one shift for the whole batch would turn the first row into 0/0."""
+    probs = softmax(np.array([[0.0, 1.0], [200.0, 201.0]], np.float32))
+    expected = [1 / (1 + np.e), np.e / (1 + np.e)]
+    np.testing.assert_allclose(probs, [expected, expected], rtol=1e-6)
+
+
 # ------------------------------------------------------------------ upsampling
 def bilinear_reference(cam, size):
     """Bilinear resize with half-pixel centres and clamped edges, in float64."""
@@ -70,6 +91,14 @@ def test_upsample_is_bilinear(cam, height, width):
     assert out.shape == (height, width) and out.dtype == np.float32
     np.testing.assert_allclose(out, bilinear_reference(cam, (height, width)),
                                atol=1e-5 * max(1.0, np.abs(cam).max()))
+
+
+def test_upsample_gives_float32_for_any_numeric_map():
+    for dtype in (np.float64, np.int32, np.uint8):
+        out = upsample(np.array([[0, 2], [4, 6]], dtype), (4, 4))
+        assert out.dtype == np.float32
+        np.testing.assert_allclose(out, bilinear_reference(np.array([[0, 2], [4, 6]]), (4, 4)),
+                                   atol=1e-6)
 
 
 def test_upsample_interpolates_between_cells():

@@ -1,8 +1,9 @@
 """Ten crops and their merge, checked against the official stored activations of img1.jpg."""
 import cv2
 import numpy as np
+import pytest
 
-from cam_caffe.tencrop import merge_ten_crops, ten_crops
+from cam_caffe.tencrop import crop_offsets, merge_ten_crops, ten_crops
 from conftest import shared
 
 CUP = 968
@@ -82,3 +83,28 @@ def test_merge_undoes_ten_crops():
     assert coverage.min() == 2 and coverage.max() == 10
     np.testing.assert_allclose(merge_ten_crops(ten_crops(grey)), grey * coverage, rtol=1e-6)
 
+
+
+def test_defaults_are_the_official_256_and_224():
+    assert crop_offsets() == [(0, 0), (32, 0), (0, 32), (32, 32), (16, 16)]
+    image = np.random.default_rng(2).integers(0, 256, (50, 60, 3), np.uint8)
+    np.testing.assert_array_equal(ten_crops(image), ten_crops(image, 256, 224))
+    cams = np.random.default_rng(3).random((10, 7, 7)).astype(np.float32)
+    np.testing.assert_array_equal(merge_ten_crops(cams), merge_ten_crops(cams, 256, 224))
+    assert merge_ten_crops(cams).shape == (256, 256)
+
+
+def test_crop_sizes_from_one_to_the_resize_size():
+    assert crop_offsets(5, 1)[4] == (2, 2) and crop_offsets(5, 5) == [(0, 0)] * 5
+    for crop, resize in ((0, 5), (6, 5), (-1, 5)):
+        with pytest.raises(ValueError, match=f"crop {crop} must be in 1..{resize}"):
+            crop_offsets(resize, crop)
+
+
+def test_merge_takes_any_numeric_maps_and_checks_their_shape():
+    ints = np.ones((10, 3, 3), np.int64)
+    np.testing.assert_array_equal(merge_ten_crops(ints, 8, 6),
+                                  merge_ten_crops(ints.astype(np.float32), 8, 6))
+    for shape in ((9, 3, 3), (10, 3), (2, 10, 3, 3)):
+        with pytest.raises(ValueError, match=r"needs \(10, h, w\) maps, got \(" ):
+            merge_ten_crops(np.zeros(shape, np.float32))

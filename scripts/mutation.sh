@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Mutation testing of the modules that compute what users get (mutmut 3).
+#
+#   scripts/mutation.sh [MODULE…]     e.g. scripts/mutation.sh cam tencrop boxes
+#
+# Not run in CI: on 2 cores a module takes minutes to an hour. Each MODULE (a
+# name from TARGETS below; default: all of them, in that order) is mutated in
+# its own scratch copy of the working tree, build/mutation/<module>/, with
+# ../shared linked beside it, against the test files that exercise it (mutmut
+# then runs, for each mutant, only those of them that reach the mutated
+# function). Hypothesis tests run with fewer examples there
+# (HYPOTHESIS_PROFILE=mutation, see tests/conftest.py). The tests that run the
+# command in a child process (test_end_to_end) fail under mutmut even without a
+# mutant: they are left out.
+#
+# Prints one line per module — mutants, killed, survived, equivalent (survivors
+# listed with a reason in scripts/mutation-equivalent.txt) and the score,
+# killed / (mutants - equivalent) — and the survivors that are not listed as
+# equivalent. Inspect one with: cd build/mutation/<module> && mutmut show NAME
+# Environment: JOBS (parallel mutants, default 2), PYTHON (default .venv/bin/python).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
+JOBS="${JOBS:-2}"
+SHARED="$(cd "$ROOT/.." && pwd)/shared"
+EQUIVALENT="$ROOT/scripts/mutation-equivalent.txt"
+MUTMUT_VERSION="3.8.1"
+
+# module (file under cam_caffe/, without .py) → the test files that exercise it
+declare -A TARGETS=(
+  [cam]="test_properties test_golden test_batch_equivalence"
+  [tencrop]="test_properties test_tencrop test_batch_equivalence"
+  [boxes]="test_boxes test_properties test_output_files"
+  [preprocess]="test_preprocess_render test_batch_equivalence test_upgrade_parity"
+  [render]="test_preprocess_render test_output_files"
+  [api]="test_batch_equivalence test_output_files test_golden test_batch"
+  [camspec]="test_netdef test_upgrade_parity test_golden test_parity"
+  [backends/__init__]="test_batch_equivalence test_golden test_upgrade_parity test_parity"
+  [backends/caffe]="test_batch_equivalence test_golden test_upgrade_parity test_parity"
+  [batch]="test_batch test_output_files test_batch_equivalence"
+  [output]="test_output_files test_preprocess_render test_bad_inputs"
+  [netdef]="test_netdef test_upgrade_parity test_parity"
+  [onnx_export]="test_onnx"
+)
+ORDER=(cam tencrop boxes preprocess render api camspec backends/__init__ backends/caffe
+       batch output netdef onnx_export)
+
+if ! "$PYTHON" -c "import mutmut" 2>/dev/null \
+    || [ "$("$PYTHON" -c 'import importlib.metadata as m; print(m.version("mutmut"))')" != "$MUTMUT_VERSION" ]; then
+  "$PYTHON" -m pip install --quiet --disable-pip-version-check "mutmut==$MUTMUT_VERSION"
+fi
+[ -d "$SHARED" ] || { echo "mutation.sh: $SHARED is missing (the tests need it)" >&2; exit 2; }
+
+modules=("$@")
+[ ${#modules[@]} -gt 0 ] || modules=("${ORDER[@]}")
+for module in "${modules[@]}"; do
+  [ -n "${TARGETS[$module]:-}" ] || { echo "mutation.sh: unknown module '$module'; one of: ${ORDER[*]}" >&2; exit 2; }
+done
+
+run_module() {
+  local module="$1" work="$ROOT/build/mutation/${1//\//.}" tests=""
+  rm -rf "$work"
+  mkdir -p "$work"
+  # the working tree as it is (tracked and new files), without build outputs
+  (cd "$ROOT" && git ls-files -co --exclude-standard -z | grep -zv '^build/' \
+     | tar --null -cf - -T -) | tar -xf - -C "$work"
+  ln -s "$SHARED" "$work/shared"
+  for t in ${TARGETS[$module]}; do tests+=$'\n'"    tests/$t.py"; done
+  cat > "$work/setup.cfg" <<CFG
+[mutmut]
+source_paths=cam_caffe
+only_mutate=cam_caffe/$module.py
+also_copy=
+    prototxt
+    models
+    scripts
+    images
+pytest_add_cli_args=-p no:cacheprovider
+pytest_add_cli_args_test_selection=$tests
+CFG
+  local start=$SECONDS
+  (cd "$work" && CI=true HYPOTHESIS_PROFILE=mutation "$PYTHON" -m mutmut run \
+     --max-children "$JOBS" > "$work/mutmut.log" 2>&1) || true
+  (cd "$work" && "$PYTHON" -m mutmut export-cicd-stats > /dev/null 2>&1 \
+     && "$PYTHON" -m mutmut results > "$work/survivors.txt" 2>&1) || true
+  "$PYTHON" - "$module" "$work" "$EQUIVALENT" $((SECONDS - start)) <<'PY'
+import json, re, sys
+from pathlib import Path
+module, work, equivalent_file, seconds = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+stats_file = work / "mutants" / "mutmut-cicd-stats.json"
+if not stats_file.exists():
+    print(f"{module:18} no result: see {work / 'mutmut.log'}")
+    sys.exit()
+stats = json.loads(stats_file.read_text())
+if stats["total"] and not sum(v for k, v in stats.items() if k != "total"):
+    print(f"{module:18} no result: the tests failed without mutants, see {work / 'mutmut.log'}")
+    sys.exit()
+equivalent = {line.split()[0] for line in equivalent_file.read_text().splitlines()
+              if line.strip() and not line.startswith("#")} if equivalent_file.exists() else set()
+survivors = [m.group(1) for m in re.finditer(r"^\s*(\S+): (survived|no tests|suspicious)",
+                                             (work / "survivors.txt").read_text(), re.M)]
+killed = stats["killed"] + stats["timeout"] + stats["segfault"]
+equiv = [s for s in survivors if s in equivalent]
+others = [s for s in survivors if s not in equivalent]
+scored = stats["total"] - len(equiv)
+score = 100.0 * killed / scored if scored else 100.0
+print(f"{module:18} {stats['total']:5d} mutants {killed:5d} killed {len(survivors):4d} survived "
+      f"{len(equiv):4d} equivalent  score {score:5.1f}%  ({stats['timeout']} killed by a "
+      f"timeout; {seconds} s)")
+for name in others:
+    print(f"    survived: {name}")
+PY
+}
+
+printf '%-18s %s\n' module "mutants, killed, survived, equivalent, score = killed / (mutants - equivalent)"
+for module in "${modules[@]}"; do
+  run_module "$module"
+done
