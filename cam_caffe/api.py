@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,8 +120,6 @@ class CAMNet:
             mean = transform.mean_file
         if scale is None:
             scale = transform.scale if transform else 1.0
-        if not math.isfinite(scale):
-            raise CamError(f"scale {scale}: not a finite number")
         self.preprocess = Preprocessor((height, width), parse_mean(mean, channels), scale,
                                        channels)
         self.max_pixels = max_pixels
