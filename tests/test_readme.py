@@ -1,11 +1,12 @@
 """Every code block of README.md runs, so the README stays true.
 
-- ```python blocks run as written from the project folder; a ``print(…)  # output``
-  comment is the output they print ("…" stands for anything).
-- ```sh blocks: every line runs, except the ones in NOT_RUN (with the reason):
-  the quick start in a copy of the checkout (what a fresh clone holds), the command
-  line examples with the files they name made here (the default GoogLeNet-CAM with
-  random weights where the README names the official ones, which cannot be fetched
+- ```python blocks run as written in a copy of the checkout (what a fresh clone
+  holds); a ``print(…)  # output`` comment is the output they print ("…" stands
+  for anything).
+- ```sh blocks: every line runs, except the ones NOT_RUN names (with the reason):
+  the quick start in a copy of the checkout, the command line and Dask examples
+  with the files they name made here (the default GoogLeNet-CAM with random
+  weights where the README names the official ones, which cannot be fetched
   here), and the evaluation example, whose numbers must match the README's table.
 """
 import os
@@ -26,7 +27,11 @@ from conftest import IN_CI, ROOT, shared
 
 README = (ROOT / "README.md").read_text()
 BIN = Path(sys.executable).parent             # the environment's cam-caffe
-NOT_RUN = {"scripts/test.sh": "runs this test suite (CI's own command)"}
+NOT_RUN = {       # a line holding one of these is not run here, for the reason given
+    "scripts/test.sh": "runs this test suite (CI's own command)",
+    "--dask tcp://head:8786": "needs a Dask scheduler on a host named head",
+    "#SBATCH": "a SLURM batch script (srun, several nodes)",
+}
 
 
 def blocks(language: str) -> list[str]:
@@ -40,6 +45,10 @@ def commands(block: str) -> list[str]:
             if line.strip() and not line.lstrip().startswith("#")]
 
 
+def not_run(line: str, block: str = "") -> bool:
+    return any(words in line or words in block for words in NOT_RUN)
+
+
 def block_with(words: str) -> str:
     found = [b for b in blocks("sh") if words in b]
     assert len(found) == 1, f"one ```sh block with {words!r} expected"
@@ -48,6 +57,8 @@ def block_with(words: str) -> str:
 
 QUICK_START = block_with("scripts/setup.sh")
 EXAMPLES = block_with("cam-caffe img1.jpg")
+DASK = block_with("--dask tcp://head:8786")
+SLURM = block_with("#SBATCH")
 EVALUATE = block_with("cam-caffe evaluate")
 
 
@@ -60,24 +71,10 @@ def run(command: str, cwd: Path, env: dict | None = None) -> subprocess.Complete
 
 
 def test_every_shell_block_is_run_here():
-    assert sorted(blocks("sh")) == sorted([QUICK_START, EXAMPLES, EVALUATE])
-    every = [c for block in blocks("sh") for c in commands(block)]
-    assert set(NOT_RUN) <= set(every)
-
-
-@pytest.mark.parametrize("index", range(len(blocks("python"))))
-def test_python_block_runs_as_written(index, tmp_path):
-    code = blocks("python")[index]
-    child = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                           text=True, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)},
-                           timeout=300)
-    assert child.returncode == 0, child.stderr
-    expected = re.findall(r"^print\(.*\)\s+# (.*)$", code, re.M)
-    printed = child.stdout.splitlines()
-    assert len(printed) == len(expected)
-    for line, claim in zip(printed, expected):
-        pattern = ".*".join(re.escape(part) for part in claim.split("…"))
-        assert re.fullmatch(pattern, line), f"printed {line!r}, the README says {claim!r}"
+    """A new ```sh block needs a test here (or a reason in NOT_RUN)."""
+    assert sorted(blocks("sh")) == sorted([QUICK_START, EXAMPLES, DASK, SLURM, EVALUATE])
+    assert all(any(words in block for block in blocks("sh")) for words in NOT_RUN)
+    assert all(not_run(line, SLURM) for line in commands(SLURM))
 
 
 def tracked_files() -> list[str]:
@@ -93,10 +90,11 @@ def tracked_files() -> list[str]:
     return [name for name in listing.decode().split("\0") if name]
 
 
-def test_quick_start_in_a_fresh_copy(tmp_path):
-    """The first quick-start line in a copy of the checkout: scripts/setup.sh is what
-    made this test's environment, so its .venv/bin/cam-caffe runs the copy's code."""
-    clone = tmp_path / "clone"
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory):
+    """A copy of the checkout's files, with a .venv/bin/cam-caffe that runs the copy's
+    code in this test's environment (what scripts/setup.sh made)."""
+    clone = tmp_path_factory.mktemp("clone")
     for name in tracked_files():
         if (ROOT / name).is_file():
             (clone / name).parent.mkdir(parents=True, exist_ok=True)
@@ -106,9 +104,30 @@ def test_quick_start_in_a_fresh_copy(tmp_path):
     wrapper.write_text(f'#!/bin/sh\nPYTHONPATH="{clone}" exec "{sys.executable}" '
                        f'-m cam_caffe "$@"\n')
     wrapper.chmod(0o755)
+    return clone
+
+
+@pytest.mark.parametrize("index", range(len(blocks("python"))))
+def test_python_block_runs_as_written(index, clone, tmp_path):
+    code = blocks("python")[index]
+    child = subprocess.run([sys.executable, "-c", code], cwd=clone, capture_output=True,
+                           text=True, env={**os.environ, "PYTHONPATH": str(clone),
+                                           "XDG_CACHE_HOME": str(tmp_path)}, timeout=300)
+    assert child.returncode == 0, child.stderr
+    expected = re.findall(r"^\s*print\(.*\)\s+# (.*)$", code, re.M)
+    printed = child.stdout.splitlines()
+    assert len(printed) == len(expected)
+    for line, claim in zip(printed, expected):
+        pattern = ".*".join(re.escape(part) for part in claim.split("…"))
+        assert re.fullmatch(pattern, line), f"printed {line!r}, the README says {claim!r}"
+
+
+def test_quick_start_in_a_fresh_copy(clone, tmp_path):
+    """The first quick-start line in a copy of the checkout: scripts/setup.sh is what
+    made this test's environment."""
     lines = commands(QUICK_START)
     assert lines[0].startswith("scripts/setup.sh && .venv/bin/cam-caffe ")
-    assert [line for line in lines[1:] if line not in NOT_RUN] == []
+    assert all(not_run(line) for line in lines[1:])
     child = run(lines[0].removeprefix("scripts/setup.sh && "), clone,
                 {"XDG_CACHE_HOME": str(tmp_path / "cache")})
     assert child.returncode == 0, child.stderr
@@ -169,10 +188,10 @@ def example_folder(tmp_path_factory):
     return folder, env
 
 
-def test_command_line_examples_run(example_folder):
+def test_command_line_and_dask_examples_run(example_folder):
     folder, env = example_folder
-    for command in commands(EXAMPLES):
-        if command in NOT_RUN:
+    for command in commands(EXAMPLES) + commands(DASK):
+        if not_run(command):
             continue
         child = run(command, folder, env)
         if "--show" in command:           # no display here: refused up front, in one line
