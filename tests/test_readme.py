@@ -24,6 +24,7 @@ from cam_caffe.inputs import collect, in_shard
 from cam_caffe.netdef import load_netdef
 from cam_caffe.synthetic import random_weights, save_caffemodel
 from conftest import IN_CI, ROOT, shared
+from nets import write_random_net
 
 README = (ROOT / "README.md").read_text()
 BIN = Path(sys.executable).parent             # the environment's cam-caffe
@@ -31,6 +32,8 @@ NOT_RUN = {       # a line holding one of these is not run here, for the reason 
     "scripts/test.sh": "runs this test suite (CI's own command)",
     "--dask tcp://head:8786": "needs a Dask scheduler on a host named head",
     "#SBATCH": "a SLURM batch script (srun, several nodes)",
+    "--method scorecam --feature-blob inception_4e/output":
+        "832 GoogLeNet forwards an image: minutes on 2 cores (Score-CAM: test_methods.py)",
 }
 
 
@@ -43,6 +46,28 @@ def commands(block: str) -> list[str]:
     joined = block.replace("\\\n", " ")
     return [line.strip() for line in joined.splitlines()
             if line.strip() and not line.lstrip().startswith("#")]
+
+
+# Stands in for the CaffeNet of the Grad-CAM example (240 MB of weights): a classification
+# net without a CAM head whose last spatial blob the classifier reads is pool5.
+CAFFENET_LIKE = """
+name: "CaffeNetLike"
+input: "data"
+input_shape { dim: 1 dim: 3 dim: 32 dim: 32 }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+        convolution_param { num_output: 8 kernel_size: 3 pad: 1 } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1"
+        pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "conv5" type: "Convolution" bottom: "pool1" top: "conv5"
+        convolution_param { num_output: 16 kernel_size: 3 pad: 1 } }
+layer { name: "relu5" type: "ReLU" bottom: "conv5" top: "conv5" }
+layer { name: "pool5" type: "Pooling" bottom: "conv5" top: "pool5"
+        pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "fc8" type: "InnerProduct" bottom: "pool5" top: "fc8"
+        inner_product_param { num_output: 10 } }
+layer { name: "prob" type: "Softmax" bottom: "fc8" top: "prob" }
+"""
 
 
 def not_run(line: str, block: str = "") -> bool:
@@ -171,6 +196,9 @@ def example_folder(tmp_path_factory):
     (folder / "all_images.txt").write_text(
         "".join(f"photos/{name}\n" for name in ("img2.jpg", "test.jpg")) + "img1.jpg\n")
     Image.open(fixtures / "img2.jpg").resize((32, 32)).save(folder / "x.png")
+    shutil.copy(fixtures / "test.jpg", folder / "cat.jpg")
+    _, weights = write_random_net(folder, CAFFENET_LIKE, "caffenet_deploy")
+    weights.rename(folder / "caffenet.caffemodel")
     resnet = shared("cifar10_resnet20", "test_ResNet_20.prototxt").parent
     (folder / "test_ResNet_20.prototxt").symlink_to(resnet / "test_ResNet_20.prototxt")
     (folder / "resnet20.caffemodel").symlink_to(
@@ -200,6 +228,8 @@ def test_command_line_and_dask_examples_run(example_folder):
                 "backend); use -o\n"), child.stderr
             continue
         assert child.returncode == 0, f"{command}\n{child.stderr}"
+        if "caffenet" in command:         # "at pool5 by default", as -v says
+            assert "method gradcam at blob 'pool5'" in child.stderr, child.stderr
     for name in ("img1_cam.png", "mug.png", "img1_tencrop.png", "cams/img2.cam.png",
                  "cams/test.json", "cams/test.cam.npy"):
         assert (folder / name).is_file(), name
