@@ -4,7 +4,7 @@
     net = CAMNet("prototxt/deploy_googlenetCAM.prototxt", "weights.caffemodel")
     result = net.predict([net.load("img1.jpg")])[0]
     result.top(5)                       # [(class id, label, probability), …]
-    result.cam(968, result.image_size)  # raw CAM of class 968 at the image's size
+    result.cam(result.classes[0], result.image_size)  # the top-1 class's raw CAM, image size
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from .camspec import CamSpec, find_target
 from .errors import CamError, ModelError
 from .methods import GRADIENT_METHODS, METHODS, Evidence, compute
 from .image import DEFAULT_MAX_PIXELS, load_image
-from .labels import class_name, read_labels
+from .labels import class_name, read_labels, resolve_class
 from .limits import check as check_memory, default_max_memory, max_batch
 from .netdef import CaffeModel, check_weights, load_netdef
 from .preprocess import Preprocessor, parse_mean
@@ -43,12 +43,16 @@ class Prediction:
         order = np.argsort(-self.probs, kind="stable")[:k]
         return [(int(i), class_name(self.labels, int(i)), float(self.probs[i])) for i in order]
 
-    def cam(self, class_id: int, size: tuple[int, int] | None = None) -> np.ndarray:
-        """The raw CAM of ``class_id``, bilinearly upsampled to ``size`` (H, W) if given."""
-        try:
-            raw = self.cams[self.classes.index(class_id)]
-        except ValueError:
-            raise CamError(f"no CAM computed for class {class_id}") from None
+    def cam(self, class_id: int | str, size: tuple[int, int] | None = None) -> np.ndarray:
+        """The raw CAM of ``class_id`` (an id or a label name), bilinearly upsampled to
+        ``size`` (H, W) if given. Only the classes in ``classes`` were computed."""
+        index = resolve_class(class_id, self.labels, len(self.probs))
+        if index not in self.classes:
+            computed = ", ".join(f"{c} ({class_name(self.labels, c)})" for c in self.classes)
+            raise CamError(f"no CAM computed for class {index} "
+                           f"({class_name(self.labels, index)}): this prediction has "
+                           f"{computed}; ask predict() for it with classes=[{index}]")
+        raw = self.cams[self.classes.index(index)]
         return raw if size is None else upsample(raw, size)
 
 
@@ -140,14 +144,22 @@ class CAMNet:
         limit; see :func:`cam_caffe.image.load_image` for ``admit``."""
         return load_image(path, self.max_pixels, data, admit)
 
-    def predict(self, images: Sequence[np.ndarray], classes: Sequence[int] | None = None,
+    def class_ids(self, classes: Sequence[int | str]) -> list[int]:
+        """Class ids from ids or label names, checked against this net (CamError names
+        the valid range, an unknown name, or the classes an ambiguous name fits)."""
+        return [resolve_class(c, self.labels, self.spec.num_classes) for c in classes]
+
+    def predict(self, images: Sequence[np.ndarray], classes: Sequence[int | str] | None = None,
                 top_k: int = 1, ten_crop: bool = False) -> list[Prediction]:
-        """Forward a batch of BGR images; CAMs of ``classes``, else of each image's top-k.
+        """Forward a batch of BGR images; CAMs of ``classes`` (ids or label names), else
+        of each image's top-k.
 
         With ``ten_crop``, the official test-time procedure: probabilities
         averaged over ten crops and the CAMs merged back into one map at the
         resize size (256 for a 224 net), instead of one feature-size map.
         """
+        if classes is not None:
+            classes = self.class_ids([classes] if isinstance(classes, (str, int)) else classes)
         if not images:
             return []
         check_memory(self.netdef, len(images) * (10 if ten_crop else 1), self.max_memory)

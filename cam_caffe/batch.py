@@ -35,7 +35,7 @@ from .errors import (EXIT_INPUT, EXIT_INTERNAL, EXIT_MODEL, EXIT_OK, EXIT_SOME_F
 from .files import TEXT_LIMIT, read_limited
 from .inputs import Input, identity
 from .labels import class_name
-from .output import remove_stale, write_bytes, write_image
+from .output import OutputLedger, remove_stale, write_bytes, write_image
 from .progress import Progress
 from .render import DEFAULT_ALPHA, heatmap, overlay_paper, overlay_seed
 from .signals import held, interrupt_for
@@ -64,6 +64,7 @@ class Options:
     ten_crop: bool = False
     montage: bool = False
     skip_existing: bool = False
+    overwrite: bool = False         # replace files at output names that cam-caffe did not write
     batch_size: int = 16
     jsonl: bool = False
     quiet: bool = False
@@ -93,6 +94,13 @@ class Report:
         if self.done == 0 and self.skipped == 0 and len(codes) == 1:
             return codes.pop()
         return EXIT_SOME_FAILED
+
+    def summary(self, seconds: float) -> str:
+        """One line: images done, failed and skipped, the time and the rate."""
+        total = self.done + len(self.failed) + self.skipped
+        rate = self.done / seconds if seconds > 0 else 0.0
+        return (f"{total} image{'s' * (total != 1)}: {self.done} done, {len(self.failed)} "
+                f"failed, {self.skipped} skipped in {seconds:.1f} s ({rate:.1f} images/s)")
 
 
 def output_paths(item: Input, options: Options, maps: int) -> dict[str, Path]:
@@ -146,17 +154,39 @@ def render_overlay(net: CAMNet, image: np.ndarray, cam_full: np.ndarray, boxes: 
     return draw_boxes(overlay_paper(image, cam_full, options.colormap, alpha), boxes)
 
 
-def montage(image: np.ndarray, overlays: list[np.ndarray], captions: list[str],
-            height: int = 224) -> np.ndarray:
-    """The image and its overlays side by side, each captioned (like the demo's result.jpg)."""
-    def tile(picture: np.ndarray, caption: str) -> np.ndarray:
+CAPTION_FONT = (cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)   # face, scale, thickness
+
+
+def fit_caption(label: str, prob: float | None, width: int) -> str:
+    """``label`` and ``prob`` ("garter snake 0.812") within ``width`` pixels: the label
+    is shortened (to its first comma part, then cut, with ".."), never the probability."""
+    tail = "" if prob is None else f" {prob:.3f}"
+
+    def fits(text: str) -> bool:
+        return cv2.getTextSize(text + tail, *CAPTION_FONT)[0][0] <= width
+
+    if fits(label):
+        return label + tail
+    label = label.split(",")[0].strip()
+    if fits(label):
+        return label + tail
+    while label and not fits(label + ".."):
+        label = label[:-1].rstrip()
+    return label + ".." + tail if label else tail.strip()
+
+
+def montage(image: np.ndarray, overlays: list[np.ndarray],
+            captions: list[tuple[str, float]], height: int = 224) -> np.ndarray:
+    """The image and its overlays side by side, each captioned with its (label,
+    probability) (like the demo's result.jpg)."""
+    def tile(picture: np.ndarray, label: str, prob: float | None) -> np.ndarray:
         width = max(1, round(picture.shape[1] * height / picture.shape[0]))
         body = cv2.resize(picture, (width, height), interpolation=cv2.INTER_AREA)
         strip = np.full((28, width, 3), 255, np.uint8)
-        cv2.putText(strip, caption[:max(4, width // 8)], (4, 19), cv2.FONT_HERSHEY_SIMPLEX,
-                    0.45, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(strip, fit_caption(label, prob, width - 8), (4, 19), CAPTION_FONT[0],
+                    CAPTION_FONT[1], (0, 0, 0), CAPTION_FONT[2], cv2.LINE_AA)
         return np.vstack([strip, body])
-    tiles = [tile(image, "input")] + [tile(o, c) for o, c in zip(overlays, captions)]
+    tiles = [tile(image, "input", None)] + [tile(o, *c) for o, c in zip(overlays, captions)]
     gap = np.full((tiles[0].shape[0], 4, 3), 255, np.uint8)
     return np.hstack([part for t in tiles for part in (t, gap)][:-1])
 
@@ -169,7 +199,9 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 def process(net: CAMNet, item: Input, image: np.ndarray, result: Prediction,
             options: Options) -> dict:
-    """Boxes, renders and files for one image; returns its JSON record."""
+    """Boxes, renders and files for one image; returns its JSON record. Files go
+    under ``options.output_dir``, each listed in the folder's ledger before it is
+    written."""
     if not (np.isfinite(result.probs).all() and np.isfinite(result.cams).all()):
         raise CamError(f"{item.path}: the net's output is not finite (NaN or infinity): "
                        "check the weights, --mean and --scale", EXIT_MODEL)
@@ -195,6 +227,7 @@ def process(net: CAMNet, item: Input, image: np.ndarray, result: Prediction,
     if options.output_dir is None:
         return record
     paths = output_paths(item, options, len(maps))
+    OutputLedger.of(options.output_dir).record(paths.values())
     overlays = [render_overlay(net, image, cam_full, boxes, options)
                 for _, cam_full, boxes in maps] if ("overlay" in options.save
                                                     or options.montage) else []
@@ -208,7 +241,7 @@ def process(net: CAMNet, item: Input, image: np.ndarray, result: Prediction,
         write_bytes(paths["npy"], npy_bytes(result.cams))
         write_bytes(paths["npy-full"], npy_bytes(np.stack([m for _, m, _ in maps])))
     if options.montage:
-        captions = [f"{m['label']} {m['prob']:.3f}" for m in record["maps"]]
+        captions = [(m["label"], m["prob"]) for m in record["maps"]]
         write_image(paths["montage"], montage(image, overlays, captions))
     record["files"] = {kind: str(path) for kind, path in paths.items()}
     if "json" in options.save:
@@ -218,14 +251,37 @@ def process(net: CAMNet, item: Input, image: np.ndarray, result: Prediction,
 
 
 def print_record(record: dict, out: TextIO) -> None:
+    """An image's classes and what became of its maps, for people: the top-k classes,
+    each mapped one with the files that hold its map ("-> x.cam.png") or "(map not
+    written)", then mapped classes outside the top-k ("map …"), boxes, other files."""
+    files = record.get("files", {})
+    maps = record["maps"]
+    in_all = any(kind in files for kind in ("npy", "montage"))     # they hold every map
+
+    def where(class_id: int) -> str:
+        ranks = [r for r, entry in enumerate(maps, 1) if entry["class"] == class_id]
+        if not ranks:
+            return ""
+        suffix = "" if len(maps) == 1 else f"-{ranks[0]}"
+        own = [files[kind + suffix] for kind in ("overlay", "heatmap") if kind + suffix in files]
+        return f" -> {', '.join(own)}" if own else "" if in_all else " (map not written)"
+
     print(one_line(record["image"]), file=out)
+    top = [entry["class"] for entry in record["top_k"]]
     for entry in record["top_k"]:
-        print(f"  {entry['class']:5d}  {entry['prob']:.4f}  {one_line(entry['label'])}",
-              file=out)
-    for entry in record["maps"]:
+        print(f"  {entry['class']:5d}  {entry['prob']:.4f}  {one_line(entry['label'])}"
+              f"{where(entry['class'])}", file=out)
+    for entry in maps:
+        if entry["class"] not in top:
+            print(f"  map {entry['class']}  {entry['prob']:.4f}  {one_line(entry['label'])}"
+                  f"{where(entry['class'])}", file=out)
+    for entry in maps:
         for box in entry["boxes"]:
             print(f"  box {entry['class']}: x={box[0]} y={box[1]} w={box[2]} h={box[3]}",
                   file=out)
+    others = [path for kind, path in files.items() if not kind.startswith(("overlay", "heatmap"))]
+    if others:
+        print(f"  files: {', '.join(others)}", file=out)
 
 
 def image_cost(width: int, height: int, options: Options) -> int:
@@ -351,12 +407,15 @@ def pending_inputs(inputs: list[Input], options: Options, report: Report,
                    on_skip: Callable[[Input, dict[str, Path]], None] | None = None) -> list[Input]:
     """The inputs to process: those whose outputs would overwrite an input fail, and
     with ``skip_existing`` those whose outputs all exist are skipped (``on_skip``
-    is told of each). Abandoned temporaries in the output folders are removed."""
+    is told of each); an existing file at an output's name that cam-caffe did not
+    write fails its image unless ``overwrite``. Abandoned temporaries in the output
+    folders are removed."""
     protected = {identity(item.path) for item in inputs if item.data is None}
+    ledger = OutputLedger.of(options.output_dir) if options.output_dir else None
     todo = []
     folders = set()
     for item in inputs:
-        if options.output_dir is not None:
+        if ledger is not None:
             paths = output_paths(item, options, options.maps)
             folders.update(path.parent for path in paths.values())
             if any(identity(p) in protected for p in paths.values()):
@@ -367,6 +426,12 @@ def pending_inputs(inputs: list[Input], options: Options, report: Report,
                 report.skipped += 1
                 if on_skip is not None:
                     on_skip(item, paths)
+                continue
+            foreign = [] if options.overwrite else ledger.foreign(paths.values())
+            if foreign:
+                report.failed.append((item.path, OutputError(
+                    f"{foreign[0]}: exists and was not written by cam-caffe; "
+                    "--overwrite replaces it")))
                 continue
         todo.append(item)
     for folder in folders:
@@ -420,12 +485,15 @@ def run_batch(net: CAMNet, inputs: list[Input], options: Options, out: TextIO | 
     report = Report()
     stop = threading.Event()
     budget = MemoryBudget(memory_budget())
+    progress = Progress(0, False)
 
     def emit(record: dict) -> None:
+        progress.clear()                 # stdout and the bar may share a terminal
         if options.jsonl:
             write_line(json.dumps(record, allow_nan=False), out)
         elif not options.quiet and not record.get("skipped"):
             print_record(record, out)
+            out.flush()                  # before the bar is drawn again
 
     with held(on_signal=stop.set) as received:
         todo = pending_inputs(inputs, options, report,
@@ -456,6 +524,7 @@ def run_batch(net: CAMNet, inputs: list[Input], options: Options, out: TextIO | 
                 except BaseException:
                     stop.set()                   # the chunks in flight here end soon
                     raise
+        progress.clear()
     if received:
         raise interrupt_for(received[0])
     return report

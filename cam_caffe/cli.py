@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 from . import __version__, models
@@ -16,15 +18,16 @@ from .batch import (SAVE_KINDS, Options, Report, image_cost, print_record, proce
 from .budget import MemoryBudget, memory_budget, parse_size
 from .boxes import Box
 from .cluster import check_address, dask_client
-from .errors import (EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, CamError, ModelError,
-                     Terminated, one_line)
+from .errors import (EXIT_CODES, EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, CamError,
+                     ModelError, OutputError, Terminated, one_line)
 from .image import DEFAULT_MAX_PIXELS
 from .inputs import Input, collect, in_shard, parse_shard
 from .launch import reader_gone, say
 from .labels import class_name, resolve_class
 from .methods import METHODS
 from .models import DEFAULT_MODEL, Model
-from .output import write_image
+from .output import check_writable, image_format, write_image
+from .preprocess import mean_values
 from .render import DEFAULT_ALPHA, STYLES
 from .signals import exit_code, ignore_signals
 
@@ -79,6 +82,56 @@ def _memory_size(text: str) -> int:
                                          "1000000000") from None
 
 
+def _fraction(low: float, low_open: bool):
+    """An argparse type: a number in [low, 1] (or (low, 1] when ``low_open``)."""
+    interval = f"{'(' if low_open else '['}{low:g}, 1]"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (low < value <= 1 if low_open else low <= value <= 1):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number in {interval}")
+        return value
+    return parse
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _mean(text: str) -> str:
+    """--mean: numbers are checked now; a file when the model loads."""
+    try:
+        mean_values(text)
+    except CamError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--mean ")) from None
+    return text
+
+
+def _model_name(name: str) -> str:
+    try:
+        return models.get(name).name
+    except CamError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _image_path(text: str) -> Path:
+    """-o: a file name whose extension names an image format."""
+    try:
+        image_format(text)
+    except CamError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return Path(text)
+
+
 def parse_shard_arg(text: str) -> tuple[int, int]:
     try:
         return parse_shard(text)
@@ -111,10 +164,22 @@ def parse_levels(text: str) -> tuple[int, ...]:
     return levels
 
 
+EPILOG = """\
+other commands (each has its own --help):
+  cam-caffe models list | download NAME | path NAME    the model registry
+  cam-caffe evaluate INPUT... --boxes-file FILE        classification, localization error
+  cam-caffe export --prototxt P --weights W -o M.onnx  the net as an ONNX model
+
+exit codes:
+""" + "\n".join(f"  {code:<4d}{meaning}" for code, meaning in EXIT_CODES.items())
+
+
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(
         prog="cam-caffe",
-        description="Class Activation Maps for Caffe models (Zhou et al., CVPR 2016).")
+        usage="cam-caffe INPUT... [options]\n       cam-caffe {models,evaluate,export} ...",
+        description="Class Activation Maps for Caffe models (Zhou et al., CVPR 2016).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", metavar="INPUT",
                    help="image files, directories (recursive), globs, @list.txt, or - (stdin)")
     p.add_argument("--class", dest="classes", action="append", metavar="N",
@@ -124,16 +189,16 @@ def build_parser() -> ArgumentParser:
                    help="report the K most probable classes and map them (default 1)")
     add_method_argument(p)
     model = p.add_argument_group("model")
-    model.add_argument("--model", metavar="NAME",
+    model.add_argument("--model", type=_model_name, metavar="NAME",
                        help=f"a registered model (cam-caffe models list; default {DEFAULT_MODEL})")
     model.add_argument("--prototxt", type=Path, metavar="P",
                        help="deploy or train/test prototxt (V1 or V2 syntax)")
     model.add_argument("--weights", type=Path, metavar="W", help="caffemodel file")
     model.add_argument("--labels", type=Path, metavar="FILE",
                        help="class labels, one a line (synset_words.txt style)")
-    model.add_argument("--mean", metavar="M",
+    model.add_argument("--mean", type=_mean, metavar="M",
                        help="BGR mean: numbers (104,117,123), a .npy or .binaryproto file")
-    model.add_argument("--scale", type=float, metavar="S",
+    model.add_argument("--scale", type=_finite, metavar="S",
                        help="multiply (pixel - mean) by S (e.g. 0.00390625)")
     model.add_argument("--input-size", type=_size, metavar="HxW",
                        help="input size for nets that do not declare one")
@@ -164,15 +229,19 @@ def build_parser() -> ArgumentParser:
     run.add_argument("--shard", type=parse_shard_arg, metavar="I/N",
                      help="process only shard I of N (0 <= I < N), for job arrays")
     run.add_argument("--skip-existing", action="store_true",
-                     help="skip images whose outputs all exist (resume a run)")
+                     help="with --output-dir: skip images whose outputs all exist "
+                          "(resume a run)")
     run.add_argument("--dask", type=parse_dask, metavar="ADDRESS",
                      help="run the batch on a Dask cluster: local[:N] (N worker processes "
                           "here, default one per core), tcp://host:port or a scheduler file")
     out = p.add_argument_group("output")
-    out.add_argument("-o", "--output", type=Path, metavar="OUT",
+    out.add_argument("-o", "--output", type=_image_path, metavar="OUT",
                      help="write the first map's overlay to OUT (png, jpg, …); one image only")
     out.add_argument("--output-dir", type=Path, metavar="DIR",
                      help="write outputs here, mirroring the inputs' relative paths")
+    out.add_argument("--overwrite", action="store_true",
+                     help="with --output-dir: replace files at output names that cam-caffe "
+                          "did not write (its own earlier outputs are always replaced)")
     out.add_argument("--save", type=parse_save, default=("overlay",), metavar="KINDS",
                      help="with --output-dir: comma list of overlay,heatmap,npy,json "
                           "(default overlay)")
@@ -183,8 +252,8 @@ def build_parser() -> ArgumentParser:
     out.add_argument("--boxes", choices=("paper", "dt"),
                      help="localization boxes: paper (largest region >= threshold·max) or dt "
                           "(the official multi-threshold generator)")
-    out.add_argument("--box-threshold", type=float, default=0.2, metavar="T",
-                     help="--boxes paper: fraction of the max (default 0.2)")
+    out.add_argument("--box-threshold", type=_fraction(0, True), default=0.2, metavar="T",
+                     help="--boxes paper: fraction of the max, in (0, 1] (default 0.2)")
     out.add_argument("--dt-thresholds", type=parse_levels, default=(20, 100, 110),
                      metavar="L,L,L", help="--boxes dt: 0-255 levels (default 20,100,110)")
     out.add_argument("--jsonl", action="store_true", help="print one JSON line per image")
@@ -194,8 +263,8 @@ def build_parser() -> ArgumentParser:
                      help="paper: official repo look at image size (default); "
                           "seed: the original script's 224x224 matplotlib figure")
     out.add_argument("--colormap", default="jet", help="matplotlib colormap (default jet)")
-    out.add_argument("--alpha", type=float, metavar="A",
-                     help="heatmap weight (paper: 0.7, seed: 0.5)")
+    out.add_argument("--alpha", type=_fraction(0, False), metavar="A",
+                     help="heatmap weight in [0, 1] (paper: 0.7, seed: 0.5)")
     p.add_argument("--version", action="version", version=f"cam-caffe {__version__}")
     return p
 
@@ -254,14 +323,18 @@ def load_net(args: argparse.Namespace) -> CAMNet:
     return net
 
 
+def check_display() -> None:
+    """--show needs an interactive matplotlib backend."""
+    import matplotlib
+    if matplotlib.get_backend().lower() in ("agg", "pdf", "ps", "svg", "cairo", "template"):
+        raise CamError("--show needs a display (no interactive matplotlib backend); use -o")
+
+
 def show(net: CAMNet, image, result: Prediction, class_id: int, colormap: str,
          alpha: float | None) -> None:
     """The original script's window: the image with the CAM over it."""
     import cv2
-    import matplotlib
     import matplotlib.pyplot as plt
-    if matplotlib.get_backend().lower() in ("agg", "pdf", "ps", "svg", "cairo", "template"):
-        raise CamError("--show needs a display (no interactive matplotlib backend); use -o")
     h, w = net.input_size
     plt.imshow(cv2.resize(image, (w, h))[:, :, ::-1])
     plt.imshow(result.cam(class_id, (h, w)), cmap=colormap,
@@ -275,14 +348,16 @@ def options_from(args: argparse.Namespace, net: CAMNet) -> Options:
     classes = None
     if args.classes:
         specs = [c for group in args.classes for c in group.split(",") if c.strip()]
-        classes = [resolve_class(c, net.labels, net.spec.num_classes) for c in specs]
+        classes = [resolve_class(c, net.labels, net.spec.num_classes, "--class")
+                   for c in specs]
     return Options(output_dir=args.output_dir, save=args.save, image_format=args.image_format,
                    classes=classes, top_k=min(args.top_k, net.spec.num_classes),
                    style=args.style,
                    colormap=args.colormap, alpha=args.alpha, boxes=args.boxes,
                    box_threshold=args.box_threshold, dt_thresholds=args.dt_thresholds,
                    ten_crop=args.ten_crop, montage=args.montage,
-                   skip_existing=args.skip_existing, batch_size=batch_size(args, net),
+                   skip_existing=args.skip_existing, overwrite=args.overwrite,
+                   batch_size=batch_size(args, net),
                    jsonl=args.jsonl, quiet=args.quiet)
 
 
@@ -302,25 +377,51 @@ def single(net: CAMNet, item: Input, options: Options, args: argparse.Namespace)
         image_cost(width, height, options), item.path, width, height))
     result = net.predict([image], options.classes, options.top_k, options.ten_crop)[0]
     record = process(net, item, image, result, options)
-    if options.jsonl:
-        print(json.dumps(record, allow_nan=False))
-    elif not options.quiet:
-        print_record(record, sys.stdout)
     class_id = result.classes[0]
     if args.output:
         boxes = [Box(*b) for b in record["maps"][0]["boxes"]]
         cam_full = result.cam(class_id, result.image_size)
         write_image(args.output, render_overlay(net, image, cam_full, boxes, options))
+        record["files"] = {"overlay" if len(result.classes) == 1 else "overlay-1":
+                           str(args.output)}
+    if options.jsonl:
+        print(json.dumps(record, allow_nan=False))
+    elif not options.quiet:
+        print_record(record, sys.stdout)
     if args.show:
         show(net, image, result, class_id, args.colormap, args.alpha)
 
 
-def run(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse what cannot work before any input is read or the model loads."""
     if args.output and args.output_dir:
         raise CamError("give either -o (one image) or --output-dir (many), not both")
-    if (args.montage or args.save != ("overlay",)) and not args.output_dir:
-        raise CamError("--save and --montage need --output-dir")
+    if not args.output_dir:
+        needs = [option for option, given in [
+            ("--save", args.save != ("overlay",)), ("--montage", args.montage),
+            ("--skip-existing", args.skip_existing), ("--overwrite", args.overwrite)] if given]
+        if needs:
+            raise CamError(f"{' and '.join(needs)} need{'s' * (len(needs) == 1)} --output-dir")
+    if args.show:
+        check_display()
+    if args.output_dir:
+        check_writable(args.output_dir)
+    if args.output:
+        check_writable(args.output.parent, args.output)
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """True when ``a`` and ``b`` are one file (through links too)."""
+    try:
+        return a.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def run(argv: list[str]) -> int:
+    started = time.monotonic()
+    args = build_parser().parse_args(argv)
+    check_arguments(args)
     problems: list[CamError] = []           # inputs that could not even be listed
     inputs = collect(args.images, args.output_dir, problems=problems)
     if not inputs and problems:
@@ -339,12 +440,14 @@ def run(argv: list[str]) -> int:
         raise CamError("--dask runs a batch: use --output-dir instead of -o/--show")
     if (args.output or args.show) and len(inputs) > 1:
         raise CamError(f"-o and --show take one image, got {len(inputs)}; use --output-dir")
+    if args.output and same_file(args.output, inputs[0].path):
+        raise OutputError(f"{args.output}: -o would overwrite the input image")
     net = load_net(args)
     options = options_from(args, net)
     if args.output or args.show:
         single(net, inputs[0], options, args)
-        return EXIT_OK
-    if args.dask:
+        report = Report(done=1)
+    elif args.dask:
         with dask_client(args.dask, quiet=not args.verbose) as client:
             report = run_batch(net, inputs, options, client=client)
     else:
@@ -352,9 +455,12 @@ def run(argv: list[str]) -> int:
     report.failed[:0] = [(Path(), problem) for problem in problems]
     for _, error in report.failed:
         say(f"cam-caffe: error: {one_line(str(error))}")
-    if report.failed:
-        say(f"cam-caffe: {len(report.failed)} of {len(inputs) + len(problems)} images failed, "
-            f"{report.done} done, {report.skipped} skipped")
+    if not args.quiet or report.failed:
+        say(f"cam-caffe: {report.summary(time.monotonic() - started)}")
+    if report.done and not (args.output or args.output_dir or args.show or args.quiet
+                            or args.jsonl):
+        say("cam-caffe: no file written: -o FILE writes an image's overlay, --output-dir DIR "
+            "every image's files; --show shows the map in a window")
     return report.exit_code()
 
 

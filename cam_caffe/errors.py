@@ -16,6 +16,22 @@ EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 EXIT_BROKEN_PIPE = 141  # stdout was closed by its reader (128 + SIGPIPE, as shells report)
 EXIT_TERMINATED = 143   # SIGTERM (128 + SIGTERM), e.g. a job scheduler's time limit
 
+# What each exit code means, for `cam-caffe --help` (README.md has the same table).
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_SOME_FAILED: "a batch ran, but some images failed (each is reported)",
+    EXIT_USAGE: "bad command-line arguments",
+    EXIT_MODEL: "a model file (prototxt, caffemodel, mean, labels) cannot be used",
+    EXIT_INPUT: "no usable input image",
+    EXIT_OUTPUT: "an output could not be written",
+    EXIT_BACKEND: "the backend failed (missing pycaffe, no GPU, ...)",
+    EXIT_CLUSTER: "the Dask cluster cannot be used or was lost (--dask)",
+    EXIT_INTERNAL: "a bug in cam-caffe (CAM_CAFFE_DEBUG=1 shows the traceback)",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+    EXIT_BROKEN_PIPE: "stdout was closed by its reader (e.g. | head)",
+    EXIT_TERMINATED: "terminated (SIGTERM, e.g. a scheduler's time limit)",
+}
+
 
 MAX_MESSAGE = 1000      # characters of a message; longer ones lose their middle
 

@@ -1,6 +1,7 @@
 """Class labels: synset_words.txt-style files, and looking classes up by id or name."""
 from __future__ import annotations
 
+import operator
 import re
 from pathlib import Path
 
@@ -30,20 +31,37 @@ def class_name(labels: list[str] | None, index: int) -> str:
     return f"class {index}"
 
 
-def resolve_class(spec: str | int, labels: list[str] | None, num_classes: int) -> int:
-    """A class id from a number or a label name (full label or its first comma part)."""
+def resolve_class(spec: str | int, labels: list[str] | None, num_classes: int,
+                  option: str = "class") -> int:
+    """A class id from an id or a label name (the full label or one of its comma parts).
+
+    ``option`` names the argument in errors ("--class" for the command line).
+    An id outside 0…num_classes-1, an unknown name and a name that several
+    classes share (ImageNet's "crane" is 134 and 517) are refused.
+    """
+    if not isinstance(spec, str):
+        try:
+            if isinstance(spec, bool):
+                raise TypeError
+            spec = operator.index(spec)       # int and NumPy integers, not floats or bools
+        except TypeError:
+            raise CamError(f"{option} {spec!r}: not a class id or a label name") from None
     text = str(spec).strip()
-    if re.fullmatch(r"-?\d+", text):
+    if re.fullmatch(r"[-+]?\d+", text):
         index = int(text)
         if not 0 <= index < num_classes:
-            raise CamError(f"--class {index}: out of range, the net has {num_classes} "
+            raise CamError(f"{option} {index}: out of range, the net has {num_classes} "
                            f"classes (0–{num_classes - 1})")
         return index
-    wanted = text.lower()
-    for i, label in enumerate(labels or []):
-        names = [label.lower()] + [part.strip().lower() for part in label.split(",")]
-        if wanted in names:
-            return i
     if not labels:
-        raise CamError(f"--class {text!r}: a class name needs --labels")
-    raise CamError(f"--class {text!r}: no such label")
+        raise CamError(f"{option} {text!r}: a class name needs labels (--labels)")
+    wanted = text.lower()
+    matches = [i for i, label in enumerate(labels)
+               if wanted == label.lower()
+               or wanted in (part.strip().lower() for part in label.split(","))]
+    if len(matches) > 1:
+        listed = ", ".join(f"{i} ({labels[i]})" for i in matches)
+        raise CamError(f"{option} {text!r} is ambiguous: classes {listed}; give the id")
+    if not matches:
+        raise CamError(f"{option} {text!r}: no such label")
+    return matches[0]

@@ -12,6 +12,7 @@ same lossless PNG in a third of the time (ISA-L's deflate instead of zlib's;
 """
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import re
@@ -202,12 +203,37 @@ def publish(temporary: str | Path, path: str | Path) -> None:
     os.replace(temporary, path)
 
 
-def encode_image(path: str | Path, image: np.ndarray) -> bytes:
-    """Encode a BGR image in the format named by ``path``'s extension."""
+def image_format(path: str | Path) -> str:
+    """The image format ``path``'s extension names (".png"…); OutputError otherwise."""
     suffix = Path(path).suffix.lower()
     if suffix not in IMAGE_FORMATS:
-        raise OutputError(f"{path}: unknown image format {suffix!r}; "
-                          f"use one of {', '.join(sorted(IMAGE_FORMATS))}")
+        what = f"unknown image format {suffix!r}" if suffix else "no extension"
+        raise OutputError(f"{path}: {what}; use one of {', '.join(sorted(IMAGE_FORMATS))}")
+    return suffix
+
+
+def check_writable(folder: Path, target: Path | None = None) -> None:
+    """Make sure files can be written in ``folder``, or created where it is missing,
+    by creating and removing a file in the folder or its nearest existing ancestor:
+    OutputError otherwise, naming ``target`` (the file to be written) or the folder.
+    Nothing is left behind, so this runs before any work is done."""
+    name = target or folder
+    existing = folder
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{name}: cannot write: {existing} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".cam-caffe-probe.", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"{name}: cannot write: {e.strerror or e}") from None
+
+
+def encode_image(path: str | Path, image: np.ndarray) -> bytes:
+    """Encode a BGR image in the format named by ``path``'s extension."""
+    suffix = image_format(path)
     if suffix == ".png":
         return encode_png(image)
     ok, buffer = cv2.imencode(suffix, image)
@@ -248,3 +274,90 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 def write_image(path: str | Path, image: np.ndarray) -> None:
     """Atomically write a BGR image; the format follows the extension."""
     write_bytes(path, encode_image(path, image))
+
+
+class OutputLedger:
+    """Which files under an output folder cam-caffe wrote: a run may replace its own
+    earlier outputs (a rerun of the same command), never a file someone else put
+    there under an output's name (unless asked, with --overwrite).
+
+    Each process that writes under ``folder`` lists what it writes in a file of its
+    own, ``folder/.cam-caffe/written-*.txt`` (one JSON string a line: the path
+    relative to ``folder``), before writing it; so shards and workers that share a
+    folder never write the same list. What the lists hold is read when an existing
+    file at an output's name is not known yet (only what was added since the last
+    read). ``OutputLedger.of(folder)`` is the process's one ledger of a folder.
+    """
+
+    DIRECTORY = ".cam-caffe"
+    _of: dict[str, OutputLedger] = {}
+    _of_lock = threading.Lock()
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(os.path.abspath(folder))
+        self._known: set[str] = set()
+        self._read: dict[str, int] = {}          # bytes of each list read so far
+        self._list: int | None = None            # this process's list, once it writes
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, folder: Path) -> OutputLedger:
+        """This process's ledger of ``folder``."""
+        key = os.path.abspath(folder)
+        with cls._of_lock:
+            if key not in cls._of:
+                cls._of[key] = cls(Path(key))
+            return cls._of[key]
+
+    def foreign(self, paths: Iterable[Path]) -> list[Path]:
+        """The existing files among ``paths`` that no cam-caffe run wrote."""
+        existing = [p for p in paths if os.path.lexists(p)]
+        if not existing:
+            return []
+        with self._lock:
+            keys = [self._key(p) for p in existing]
+            if not self._known.issuperset(keys):
+                self._refresh()
+            return [p for p, key in zip(existing, keys) if key not in self._known]
+
+    def record(self, paths: Iterable[Path]) -> None:
+        """List ``paths`` as cam-caffe's, before they are written."""
+        with self._lock:
+            new = [key for key in map(self._key, paths) if key not in self._known]
+            if not new:
+                return
+            try:
+                if self._list is not None and os.fstat(self._list).st_nlink == 0:
+                    os.close(self._list)           # the folder was removed meanwhile
+                    self._list = None
+                if self._list is None:
+                    folder = self.folder / self.DIRECTORY
+                    folder.mkdir(parents=True, exist_ok=True)
+                    self._list, _ = tempfile.mkstemp(prefix="written-", suffix=".txt",
+                                                     dir=folder)
+                os.write(self._list, "".join(json.dumps(k) + "\n" for k in new).encode())
+            except OSError as e:
+                raise OutputError(f"{self.folder / self.DIRECTORY}: cannot write: "
+                                  f"{e.strerror or e}") from None
+            self._known.update(new)
+
+    def _key(self, path: Path) -> str:
+        return Path(os.path.abspath(path)).relative_to(self.folder).as_posix()
+
+    def _refresh(self) -> None:
+        """Read the lines added to the lists since the last read (whole lines only)."""
+        for listing in (self.folder / self.DIRECTORY).glob("written-*.txt"):
+            offset = self._read.get(listing.name, 0)
+            try:
+                with open(listing, "rb") as f:
+                    f.seek(offset)
+                    data = f.read()
+            except OSError:
+                continue
+            data = data[:data.rfind(b"\n") + 1]
+            self._read[listing.name] = offset + len(data)
+            for line in data.decode("utf-8", "replace").splitlines():
+                try:
+                    self._known.add(json.loads(line))
+                except ValueError:          # not a record (a damaged list)
+                    pass

@@ -6,6 +6,7 @@ Caffe's DataTransformer order: (pixel − mean) × scale.
 """
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -19,6 +20,18 @@ from .netdef import blob_shape, read_bytes
 IMAGENET_MEAN_BGR = (104.0, 117.0, 123.0)   # GoogLeNet-CAM's mean
 
 
+def mean_values(text: str) -> list[float] | None:
+    """The numbers of a ``--mean`` like "104,117,123" (None when it names a file);
+    ModelError when one is not finite."""
+    try:
+        values = [float(v) for v in re.split(r"[\s,]+", text.strip())]
+    except ValueError:
+        return None
+    if not all(math.isfinite(v) for v in values):
+        raise ModelError(f"--mean {text!r}: every value must be a finite number")
+    return values
+
+
 def parse_mean(spec: str | Path | None, channels: int = 3) -> np.ndarray:
     """A BGR mean: ``None`` (ImageNet's), numbers ("104,117,123" or one value), or a file.
 
@@ -28,11 +41,8 @@ def parse_mean(spec: str | Path | None, channels: int = 3) -> np.ndarray:
         return np.array(IMAGENET_MEAN_BGR[:channels] if channels == 3 else [117.0] * channels,
                         np.float32)
     text = str(spec)
-    if re.fullmatch(r"\s*[-+0-9.eE]+([\s,]+[-+0-9.eE]+)*\s*", text):
-        try:
-            values = [float(v) for v in re.split(r"[\s,]+", text.strip())]
-        except ValueError:
-            raise ModelError(f"--mean {text!r}: not a list of numbers") from None
+    values = mean_values(text)
+    if values is not None:
         if len(values) == 1:
             values *= channels
         if len(values) != channels:

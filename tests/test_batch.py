@@ -53,7 +53,7 @@ def test_batch_of_210_with_bad_images(square_net, tmp_path, capsys):
     assert len(records) == 210 - len(bad)
     for path in bad:
         assert f"{path}: not an image" in captured.err
-    assert f"{len(bad)} of 210 images failed" in captured.err
+    assert f"210 images: {210 - len(bad)} done, {len(bad)} failed, 0 skipped" in captured.err
     assert "Traceback" not in captured.err
     # Outputs mirror the input tree, one set per good image, nothing for bad ones.
     record = next(r for r in records if r["image"].endswith("set1/deep/img001.png"))

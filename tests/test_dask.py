@@ -35,7 +35,7 @@ from cam_caffe.batch import Options, image_cost, run_batch
 from cam_caffe.cluster import cached_net, dask_client, worker_budget
 from cam_caffe.errors import BackendError, CamError, ModelError
 from cam_caffe.inputs import collect
-from cam_caffe.output import remove_temporaries, temporary_beside
+from cam_caffe.output import OutputLedger, remove_temporaries, temporary_beside
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "models" / "demo"
@@ -91,11 +91,18 @@ def jsonl(text: str) -> dict[str, dict]:
     return by_image
 
 
+def output_files(folder: Path) -> list[Path]:
+    """The files a run wrote under ``folder``, without the lists of what each process
+    wrote (``.cam-caffe/``: one per process, so they differ between runs)."""
+    return [p for p in folder.rglob("*")
+            if p.is_file() and OutputLedger.DIRECTORY not in p.relative_to(folder).parts]
+
+
 def assert_same_outputs(reference: Path, out: Path) -> None:
     """The same files; .npy within 1e-6, the same classes and boxes in every JSON,
     overlays within one grey level; no temporary left."""
-    names = sorted(p.relative_to(reference) for p in reference.rglob("*") if p.is_file())
-    assert names == sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    names = sorted(p.relative_to(reference) for p in output_files(reference))
+    assert names == sorted(p.relative_to(out) for p in output_files(out))
     assert len(names) == 24 * 5                      # 2 overlays, 2 .npy, 1 .json per image
     for name in names:
         a, b = reference / name, out / name
@@ -355,7 +362,7 @@ def test_worker_killed_mid_run(tmp_path, external):
         for path in record["files"].values():
             assert Path(path).is_file()
         np.load(record["files"]["npy"])
-    assert len([p for p in out.rglob("*") if p.is_file()]) == 48 * 5
+    assert len(output_files(out)) == 48 * 5
     assert not [p for p in out.rglob(".*") if p.is_file()]    # no temporary left
 
 
@@ -396,7 +403,7 @@ def test_scheduler_lost_then_resume(tmp_path, external):
     resumed = {Path(path).with_suffix("") for path in
                (r["files"]["json"] for r in jsonl(child.stdout).values())}
     assert len(complete | resumed) == 48                     # together: every image
-    assert len([p for p in out.rglob("*") if p.is_file()]) == 48 * 5
+    assert len(output_files(out)) == 48 * 5
     assert not [p for p in out.rglob(".*") if p.is_file()]
 
 

@@ -158,7 +158,9 @@ def test_next_run_removes_abandoned_temporaries_only(tmp_path):
     os.utime(out / f".y.png.ijkl9012.{other}-1.tmp", (old, old))
     resumed = subprocess.run([*COMMAND, str(image), "--output-dir", str(out), "--skip-existing"],
                              capture_output=True, cwd=ROOT)
-    assert resumed.returncode == 0 and resumed.stderr == b""
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stderr.startswith(b"cam-caffe: 1 image: 0 done, 0 failed, 1 skipped in ")
+    assert resumed.stderr.count(b"\n") == 1                    # the summary, nothing else
     for name, kept in names.items():
         assert (out / name).exists() == kept, name
 
