@@ -65,6 +65,7 @@ class Options:
     montage: bool = False
     skip_existing: bool = False
     batch_size: int = 16
+    workers: int = 0                # processes that decode and write; 0: threads of this one
     jsonl: bool = False
     quiet: bool = False
 
@@ -361,13 +362,13 @@ def local_chunks(net: CAMNet, chunks: list[list[Input]], options: Options,
                  stop: threading.Event | None = None,
                  budget: MemoryBudget | None = None) -> Iterator[ChunkResult]:
     """Each chunk's result in order, two chunks in flight: while one runs its forward
-    pass (one at a time, on the GPU or on the cores the workers leave free), worker
-    threads decode the other's images or render, encode and write them. Once
-    ``stop`` is set no new chunk starts."""
+    pass (one at a time, on the GPU or on the cores the workers leave free), the
+    workers decode the other's images or render, encode and write them: with
+    ``options.workers``, that many processes (pipeline.py), else threads of this
+    process. Once ``stop`` is set no new chunk starts."""
     stop = stop or threading.Event()
-    workers = max(2, min(8, (os.cpu_count() or 2) - 1))
     forward_lock = threading.Lock()
-    with ThreadPoolExecutor(max_workers=workers) as pool, ThreadPoolExecutor(2) as lanes:
+    with step_pool(net, options.workers) as pool, ThreadPoolExecutor(2) as lanes:
         in_flight: deque[Future] = deque()
         for chunk in chunks:
             if stop.is_set():
@@ -378,6 +379,14 @@ def local_chunks(net: CAMNet, chunks: list[list[Input]], options: Options,
                 yield in_flight.popleft().result()
         while in_flight:
             yield in_flight.popleft().result()
+
+
+def step_pool(net: CAMNet, workers: int) -> Executor:
+    """The executor of the per-image steps: ``workers`` processes, or (0) threads."""
+    if workers > 0:
+        from .pipeline import ProcessPool
+        return ProcessPool(net, workers)
+    return ThreadPoolExecutor(max_workers=max(2, min(8, (os.cpu_count() or 2) - 1)))
 
 
 def write_line(text: str, out: TextIO) -> None:

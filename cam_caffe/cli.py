@@ -25,6 +25,7 @@ from .labels import class_name, resolve_class
 from .methods import METHODS
 from .models import DEFAULT_MODEL, Model
 from .output import write_image
+from .pipeline import default_workers
 from .render import DEFAULT_ALPHA, STYLES
 from .signals import exit_code, ignore_signals
 
@@ -61,14 +62,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _device_id(text: str) -> int:
+def _non_negative(text: str, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
         value = -1
     if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device ID (0, 1, …)")
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
     return value
+
+
+def _device_id(text: str) -> int:
+    return _non_negative(text, "a device ID (0, 1, …)")
+
+
+def _count(text: str) -> int:
+    return _non_negative(text, "a number >= 0")
 
 
 def _memory_size(text: str) -> int:
@@ -159,6 +168,12 @@ def build_parser() -> ArgumentParser:
                           "show the backend's log")
     run.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH, metavar="B",
                      help=f"images per forward pass (default {DEFAULT_BATCH})")
+    run.add_argument("--threads", type=_positive_int, metavar="T",
+                     help="threads of a CPU forward pass (default: one per core)")
+    run.add_argument("--workers", type=_count, metavar="N",
+                     help="processes that decode images and render and write outputs while "
+                          "the forward runs; 0: threads of the main process (default: the "
+                          "cores the forward leaves free, see README)")
     run.add_argument("--ten-crop", action="store_true",
                      help="official test-time ten-crop: averaged probabilities, merged CAM")
     run.add_argument("--shard", type=parse_shard_arg, metavar="I/N",
@@ -245,6 +260,7 @@ def load_net(args: argparse.Namespace) -> CAMNet:
                  allow_python_layers=args.allow_python_layers, max_pixels=args.max_pixels,
                  max_memory=args.max_memory, verbose=args.verbose,
                  method=args.method, batch_size=args.batch_size,
+                 threads=getattr(args, "threads", None),
                  progress=sys.stderr.isatty() and not getattr(args, "quiet", False))
     if args.verbose:
         spec = net.spec
@@ -283,7 +299,8 @@ def options_from(args: argparse.Namespace, net: CAMNet) -> Options:
                    box_threshold=args.box_threshold, dt_thresholds=args.dt_thresholds,
                    ten_crop=args.ten_crop, montage=args.montage,
                    skip_existing=args.skip_existing, batch_size=batch_size(args, net),
-                   jsonl=args.jsonl, quiet=args.quiet)
+                   workers=default_workers(args.gpu, args.threads) if args.workers is None
+                   else args.workers, jsonl=args.jsonl, quiet=args.quiet)
 
 
 def batch_size(args: argparse.Namespace, net: CAMNet) -> int:
