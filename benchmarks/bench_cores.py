@@ -12,6 +12,10 @@ overlay), batch 16.
 
     python benchmarks/bench_cores.py [--images 128] [--cores 1,2] [--workers 0,1,2]
                                      [--backends opencv,onnxruntime,caffe] [--gpu ID]
+
+In the GPU bundle (docs/GPU.md):
+    ./run.sh --python app/benchmarks/bench_cores.py --gpu 0 --command ./run.sh \
+        --images 2048 --batch-size 64 --workers 0,7,15
 """
 from __future__ import annotations
 
@@ -24,6 +28,9 @@ import time
 
 from common import (CLI, PROTOTXT, PYTHON, WORK, available_backends, googlenet_weights,
                     make_images, median, run_timed, table, title, wait_for_quiet)
+
+
+COMMAND = [CLI]                    # the cam-caffe command (--command)
 
 
 def pinned(cores: int) -> list[str]:
@@ -59,7 +66,7 @@ def end_to_end(folder, count: int, backend: str, cores: int, workers: int, batch
     listing.write_text("".join(f"{p}\n" for p in sorted(folder.glob("*.jpg"))[:count]))
     out = WORK / "cores_out"
     shutil.rmtree(out, ignore_errors=True)
-    command = [*pinned(cores), CLI, f"@{listing}", "--prototxt", str(PROTOTXT), "--weights",
+    command = [*pinned(cores), *COMMAND, f"@{listing}", "--prototxt", str(PROTOTXT), "--weights",
                str(googlenet_weights()), "--backend", backend, "--output-dir", str(out), "-q",
                "--batch-size", str(batch), "--workers", str(workers)]
     if gpu is not None:
@@ -81,6 +88,44 @@ def steady_rate(folder, images: int, backend: str, cores: int, workers: int, bat
     return (images - batch) / max(large - small, 1e-9)
 
 
+def main_process_costs(folder, batch: int) -> list[list[str]]:
+    """CPU ms per image that the main process spends with worker processes: the
+    preprocessing, receiving a decoded image, sending image and maps to a render
+    worker (pickled as ``pipeline.ProcessPool`` does)."""
+    import io
+    import pickle
+    from pathlib import Path
+
+    from cam_caffe import CAMNet
+    from cam_caffe.batch import Options, process
+    from cam_caffe.inputs import Input
+    from cam_caffe.pipeline import _NetPickler
+
+    net = CAMNet(PROTOTXT, googlenet_weights(), backend="opencv")
+    paths = sorted(folder.glob("*.jpg"))[:batch]
+    images = [net.load(p) for p in paths]
+    predictions = net.predict(images)
+    decoded = [pickle.dumps(image, protocol=5) for image in images]
+
+    def send() -> None:
+        for path, image, prediction in zip(paths, images, predictions):
+            buffer = io.BytesIO()
+            _NetPickler(buffer, net).dump((process, (net, Input(path, Path(path.stem)), image,
+                                                     prediction, Options()), {}))
+            pickle.dumps(buffer.getvalue(), protocol=5)
+
+    def cpu_ms(fn) -> str:
+        fn()
+        start = time.process_time()
+        for _ in range(5):
+            fn()
+        return f"{(time.process_time() - start) / 5 / len(paths) * 1000:.3f}"
+
+    return [["preprocess (resize, mean, NCHW)", cpu_ms(lambda: net.preprocess(images))],
+            ["receive a decoded image", cpu_ms(lambda: [pickle.loads(d) for d in decoded])],
+            ["send image and maps to a render worker", cpu_ms(send)]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=128)
@@ -92,7 +137,11 @@ def main() -> None:
     parser.add_argument("--backends", default=None, help="default: every one that loads")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--gpu", type=int, help="measure the pycaffe GPU path on device ID")
+    parser.add_argument("--command", default=CLI,
+                        help="the cam-caffe command (default: this venv's; in the GPU "
+                             "bundle: ./run.sh)")
     args = parser.parse_args()
+    COMMAND[:] = args.command.split()
     wait_for_quiet()
     usable = len(os.sched_getaffinity(0))
     cores = ([int(c) for c in args.cores.split(",")] if args.cores else
@@ -123,6 +172,9 @@ def main() -> None:
     title(f"Images/s by cores: {where}GoogLeNet-CAM, batch {args.batch_size}, "
           f"{args.images} images of 500x375 (JPEG), PNG overlays, after start-up")
     print(table(headers, rows))
+    title(f"Main-process CPU per image with worker processes (500x375 JPEG, batch "
+          f"{args.batch_size})")
+    print(table(["step", "CPU ms per image"], main_process_costs(folder, args.batch_size)))
 
 
 if __name__ == "__main__":

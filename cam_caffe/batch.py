@@ -368,7 +368,8 @@ def local_chunks(net: CAMNet, chunks: list[list[Input]], options: Options,
     process. Once ``stop`` is set no new chunk starts."""
     stop = stop or threading.Event()
     forward_lock = threading.Lock()
-    with step_pool(net, options.workers) as pool, ThreadPoolExecutor(2) as lanes:
+    workers = min(options.workers, sum(map(len, chunks)))      # none idle from the start
+    with step_pool(net, workers) as pool, ThreadPoolExecutor(2) as lanes:
         in_flight: deque[Future] = deque()
         for chunk in chunks:
             if stop.is_set():

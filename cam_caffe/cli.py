@@ -354,6 +354,9 @@ def run(argv: list[str]) -> int:
         raise CamError("no input images found", EXIT_INPUT)
     if args.dask and (args.output or args.show):
         raise CamError("--dask runs a batch: use --output-dir instead of -o/--show")
+    if args.dask and args.workers:
+        raise CamError("--workers is for a run in this process; a Dask worker runs its "
+                       "chunks itself (start one per core)")
     if (args.output or args.show) and len(inputs) > 1:
         raise CamError(f"-o and --show take one image, got {len(inputs)}; use --output-dir")
     net = load_net(args)
