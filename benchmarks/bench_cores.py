@@ -99,7 +99,7 @@ def main_process_costs(folder, batch: int) -> list[list[str]]:
     from cam_caffe import CAMNet
     from cam_caffe.batch import Options, process
     from cam_caffe.inputs import Input
-    from cam_caffe.pipeline import _NetPickler
+    from cam_caffe.pipeline import _SharedPickler
 
     net = CAMNet(PROTOTXT, googlenet_weights(), backend="opencv")
     paths = sorted(folder.glob("*.jpg"))[:batch]
@@ -110,7 +110,7 @@ def main_process_costs(folder, batch: int) -> list[list[str]]:
     def send() -> None:
         for path, image, prediction in zip(paths, images, predictions):
             buffer = io.BytesIO()
-            _NetPickler(buffer, net).dump((process, (net, Input(path, Path(path.stem)), image,
+            _SharedPickler(buffer, {"net": net}).dump((process, (net, Input(path, Path(path.stem)), image,
                                                      prediction, Options()), {}))
             pickle.dumps(buffer.getvalue(), protocol=5)
 

@@ -264,6 +264,22 @@ class ChunkResult:
     postponed: list[Input] = field(default_factory=list)
 
 
+def load_within(net: CAMNet, item: Input, options: Options,
+                budget: MemoryBudget) -> tuple[np.ndarray, int]:
+    """Decode ``item``'s image once ``budget`` has room for it: (image, bytes taken
+    from the budget, to give back when the image is done)."""
+    taken = 0
+
+    def admit(width: int, height: int) -> None:
+        nonlocal taken
+        taken = budget.reserve(image_cost(width, height, options), item.path, width, height)
+    try:
+        return net.load(item.path, item.data, admit), taken
+    except BaseException:
+        budget.release(taken)
+        raise
+
+
 def process_chunk(net: CAMNet, chunk: list[Input], options: Options, pool: Executor,
                   forward_lock: AbstractContextManager | None = None,
                   stop: threading.Event | None = None,
@@ -284,12 +300,6 @@ def process_chunk(net: CAMNet, chunk: list[Input], options: Options, pool: Execu
     budget = budget or MemoryBudget(None)
     reserved: list[int] = []
 
-    def load(item: Input) -> np.ndarray:
-        def admit(width: int, height: int) -> None:
-            reserved.append(budget.reserve(image_cost(width, height, options), item.path,
-                                           width, height))
-        return net.load(item.path, item.data, admit)
-
     def outcomes(futures: list[tuple[Input, Future]]) -> Iterator[tuple[Input, object]]:
         """Each future's result, or the failure it raised (None: dropped or postponed)."""
         for item, future in futures:
@@ -303,7 +313,10 @@ def process_chunk(net: CAMNet, chunk: list[Input], options: Options, pool: Execu
                 result.failed.append((item.path, failure(item, e)))
 
     try:
-        loaded = list(outcomes([(item, pool.submit(load, item)) for item in chunk]))
+        decoded = list(outcomes([(item, pool.submit(load_within, net, item, options, budget))
+                                 for item in chunk]))
+        reserved.extend(taken for _, (_, taken) in decoded)
+        loaded = [(item, image) for item, (image, _) in decoded]
         if stop.is_set() or not loaded:
             return result
         with forward_lock or nullcontext():
@@ -369,7 +382,13 @@ def local_chunks(net: CAMNet, chunks: list[list[Input]], options: Options,
     stop = stop or threading.Event()
     forward_lock = threading.Lock()
     workers = min(options.workers, sum(map(len, chunks)))      # none idle from the start
-    with step_pool(net, workers) as pool, ThreadPoolExecutor(2) as lanes:
+    if workers > 0:
+        from .pipeline import ProcessPool, SharedBudget
+        budget = SharedBudget(budget.total if budget else None)
+        pool: Executor = ProcessPool(net, workers, budget)
+    else:
+        pool = ThreadPoolExecutor(max_workers=max(2, min(8, (os.cpu_count() or 2) - 1)))
+    with pool, ThreadPoolExecutor(2) as lanes:
         in_flight: deque[Future] = deque()
         for chunk in chunks:
             if stop.is_set():
@@ -380,14 +399,6 @@ def local_chunks(net: CAMNet, chunks: list[list[Input]], options: Options,
                 yield in_flight.popleft().result()
         while in_flight:
             yield in_flight.popleft().result()
-
-
-def step_pool(net: CAMNet, workers: int) -> Executor:
-    """The executor of the per-image steps: ``workers`` processes, or (0) threads."""
-    if workers > 0:
-        from .pipeline import ProcessPool
-        return ProcessPool(net, workers)
-    return ThreadPoolExecutor(max_workers=max(2, min(8, (os.cpu_count() or 2) - 1)))
 
 
 def write_line(text: str, out: TextIO) -> None:

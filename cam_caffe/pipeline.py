@@ -9,8 +9,11 @@ main process (and the GPU, or the cores given to ``--threads``) busy.
 Each worker holds its own copy of the net without its backend (decoding and
 rendering need the net's settings, never a forward pass), sent once when it
 starts; a call that names the net (``net.load``, ``process(net, …)``) sends
-a reference to it, not the net. Images cross the process boundary pickled
-(``benchmarks/bench_cores.py`` measures what that costs).
+a reference to it, not the net. The memory budget of the images in flight
+(budget.py) is shared the same way, its count in shared memory, so a worker
+reserves an image's bytes before decoding it as a thread would. Images cross
+the process boundary pickled (``benchmarks/bench_cores.py`` measures what
+that costs).
 
 Workers ignore SIGINT and SIGTERM: a Ctrl-C (sent to the whole process
 group) or a SIGTERM is the main process's to handle, and it lets the steps
@@ -33,21 +36,41 @@ from typing import Any, Callable
 
 from .api import CAMNet
 from .backends import cpu_threads, usable_cores
+from .budget import MemoryBudget
 
 PARENT_POLL_S = 0.5        # how often a worker checks that its parent is alive
 
 
-class ProcessPool(Executor):
-    """An executor of ``workers`` processes, each holding a copy of ``net``
-    (without its backend); ``net`` in a call's arguments stands for that copy."""
+class SharedBudget(MemoryBudget):
+    """A memory budget that the worker processes share: the bytes in use live in
+    shared memory, under a lock of their own."""
 
-    def __init__(self, net: CAMNet, workers: int) -> None:
-        self.net = net
+    def __init__(self, total: int | None) -> None:
+        self.total = total
+        self._used = _CONTEXT.Value("q", 0)
+        self._lock = self._used.get_lock()
+
+    @property
+    def used(self) -> int:
+        return self._used.value
+
+    @used.setter
+    def used(self, value: int) -> None:
+        self._used.value = value
+
+
+class ProcessPool(Executor):
+    """An executor of ``workers`` processes, each holding a copy of ``net`` (without
+    its backend) and ``budget``; ``net`` and ``budget`` in a call's arguments stand
+    for those."""
+
+    def __init__(self, net: CAMNet, workers: int, budget: SharedBudget | None = None) -> None:
+        self.shared = {"net": net, "budget": budget}
         worker_net = copy.copy(net)
         worker_net.backend = None             # loaded libraries and buffers stay here
-        self._pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
-                                         initializer=_start_worker,
-                                         initargs=(worker_net, os.getpid()))
+        self._pool = ProcessPoolExecutor(workers, _CONTEXT, initializer=_start_worker,
+                                         initargs=({"net": worker_net, "budget": budget},
+                                                   os.getpid()))
         # Start every worker now, from this thread: the pool would start them one
         # by one on the first calls, from whichever thread made them.
         for future in [self._pool.submit(int) for _ in range(workers)]:
@@ -55,7 +78,7 @@ class ProcessPool(Executor):
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
         buffer = io.BytesIO()
-        _NetPickler(buffer, self.net).dump((fn, args, kwargs))
+        _SharedPickler(buffer, self.shared).dump((fn, args, kwargs))
         return self._pool.submit(_call, buffer.getvalue())
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -63,31 +86,31 @@ class ProcessPool(Executor):
         self._pool.shutdown(wait, cancel_futures=cancel_futures)
 
 
-class _NetPickler(pickle.Pickler):
-    """Pickles ``net`` as a reference to the worker's copy."""
+class _SharedPickler(pickle.Pickler):
+    """Pickles the objects of ``shared`` as references to the worker's copies."""
 
-    def __init__(self, file: io.BytesIO, net: CAMNet) -> None:
+    def __init__(self, file: io.BytesIO, shared: dict[str, object]) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
-        self.net = net
+        self.names = {id(obj): name for name, obj in shared.items() if obj is not None}
 
     def persistent_id(self, obj: object) -> str | None:
-        return "net" if obj is self.net else None
+        return self.names.get(id(obj))
 
 
-class _NetUnpickler(pickle.Unpickler):
-    def persistent_load(self, pid: str) -> CAMNet:
-        return _worker_net
+class _SharedUnpickler(pickle.Unpickler):
+    def persistent_load(self, name: str) -> object:
+        return _shared[name]
 
 
-_worker_net: CAMNet | None = None
+_CONTEXT = multiprocessing.get_context("spawn")
+_shared: dict[str, object] = {}       # a worker's copies of the pool's shared objects
 _calling = threading.Lock()           # held by a worker while it runs a call
 
 
-def _start_worker(net: CAMNet, parent: int) -> None:
-    """A worker's set-up: its copy of the net, signals left to the parent, and a
-    watch on the parent."""
-    global _worker_net
-    _worker_net = net
+def _start_worker(shared: dict[str, object], parent: int) -> None:
+    """A worker's set-up: its copies of the shared objects, signals left to the
+    parent, and a watch on the parent."""
+    _shared.update(shared)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
@@ -104,7 +127,7 @@ def _exit_with(parent: int) -> None:
 
 def _call(payload: bytes) -> Any:
     with _calling:
-        fn, args, kwargs = _NetUnpickler(io.BytesIO(payload)).load()
+        fn, args, kwargs = _SharedUnpickler(io.BytesIO(payload)).load()
         return fn(*args, **kwargs)
 
 

@@ -1,7 +1,8 @@
 """Worker processes (``--workers N``, pipeline.py) and the forward's threads (``--threads``).
 
 - The same outputs, byte for byte, and the same JSON lines in the same order as a
-  run in one process; a bad image in a worker is reported for that image.
+  run in one process; a bad image in a worker (undecodable, over --max-pixels or
+  over the memory budget, which the workers share) is reported for that image.
 - Ctrl-C and SIGTERM stop the workers with the run: no worker left, no temporary,
   each image's files all written or none; a killed parent's workers exit too.
 - Memory stays flat: every process's peak over 2,000 images within 1.1× of 20.
@@ -21,8 +22,10 @@ import pytest
 
 from cam_caffe import CAMNet
 from cam_caffe.backends import cpu_threads, usable_cores
+from cam_caffe.batch import Options, image_cost
 from cam_caffe.cli import main
-from cam_caffe.pipeline import ProcessPool, default_workers
+from cam_caffe.budget import Postponed
+from cam_caffe.pipeline import ProcessPool, SharedBudget, default_workers
 from conftest import ROOT, require_pycaffe
 
 DEMO = ROOT / "models" / "demo"
@@ -48,17 +51,21 @@ def tree(folder: Path) -> dict[str, bytes]:
             if p.is_file()}
 
 
-def test_workers_write_the_same_bytes_and_lines_in_order(tmp_path, capsys):
+def test_workers_write_the_same_bytes_and_lines_in_order(tmp_path, capsys, monkeypatch):
     images = tmp_path / "in"
     paths = write_images(images, 45)
     paths[7].write_bytes(b"not an image")                    # fails in a worker: decode
-    big = np.zeros((300, 400, 3), np.uint8)
-    cv2.imwrite(str(paths[30]), big)                         # over --max-pixels: refused there
+    cv2.imwrite(str(paths[30]), np.zeros((300, 400, 3), np.uint8))   # over --max-pixels
+    cv2.imwrite(str(paths[41]), np.zeros((240, 400, 3), np.uint8))   # over the memory budget
     out = tmp_path / "out"
     args = [str(images), "--output-dir", str(out), "--save", "overlay,heatmap,npy,json",
             "--top-k", "2", "--boxes", "dt", "--montage", "--jsonl", "--batch-size", "8",
             "--max-pixels", "100000", "--backend", "opencv",
             *["--prototxt", str(DEMO_NET[0]), "--weights", str(DEMO_NET[1])]]
+    # room for the two chunks in flight (workers reserve it), not for the large image
+    cost = image_cost(64, 48, Options(save=("overlay", "heatmap", "npy", "json"), top_k=2,
+                                      boxes="dt"))
+    monkeypatch.setenv("CAM_CAFFE_MEMORY", str(20 * cost))
     runs = {}
     for workers in (0, 2):
         code = main([*args, "--workers", str(workers)])
@@ -67,17 +74,26 @@ def test_workers_write_the_same_bytes_and_lines_in_order(tmp_path, capsys):
         os.rename(out, tmp_path / f"out-{workers}")
     code, lines, err, files = runs[0]
     assert code == 1
+    bad = (paths[7], paths[30], paths[41])
     assert [json.loads(l)["image"] for l in lines.splitlines()] == [
-        str(p) for p in sorted(paths) if p not in (paths[7], paths[30])]
+        str(p) for p in sorted(paths) if p not in bad]
     assert f"{paths[7]}: not an image" in err and f"{paths[30]}: 400x300 pixels" in err
-    assert len(files) == 43 * 8                               # 2 maps: 2 overlays, 2 heatmaps…
+    assert f"{paths[41]}: 400x240 pixels would need about" in err
+    assert len(files) == 42 * 8                               # 2 maps: 2 overlays, 2 heatmaps…
     assert runs[2] == runs[0]                                 # same exit, lines, errors, bytes
 
 
-def test_a_call_sends_the_net_by_reference():
+def test_a_call_sends_the_net_by_reference_and_the_budget_is_shared():
     net = CAMNet(*DEMO_NET, backend="opencv")
-    pool = ProcessPool(net, 1)
+    budget = SharedBudget(1000)
+    pool = ProcessPool(net, 1, budget)
     try:
+        assert pool.submit(budget.reserve, 300, Path("a"), 10, 30).result() == 300
+        assert budget.used == 300                        # a worker's reservation, seen here
+        with pytest.raises(Postponed):
+            pool.submit(budget.reserve, 800, Path("b"), 20, 40).result()
+        budget.release(300)
+        assert pool.submit(getattr, budget, "used").result() == 0
         image = pool.submit(net.load, ROOT / "images" / "demo_star_4.png").result()
         assert np.array_equal(image, net.load(ROOT / "images" / "demo_star_4.png"))
         # the worker's copy has the net's settings, not its backend
@@ -137,13 +153,13 @@ def many(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("signum,code,whole_group", [
-    (signal.SIGINT, 130, True),        # Ctrl-C in a terminal: every process of the group
-    (signal.SIGTERM, 143, False),      # a scheduler's SIGTERM to cam-caffe alone
-    (signal.SIGTERM, 143, True),
+@pytest.mark.parametrize("signum,code,word,whole_group", [
+    (signal.SIGINT, 130, "interrupted", True),    # Ctrl-C in a terminal: the whole group
+    (signal.SIGTERM, 143, "terminated", False),   # a scheduler's SIGTERM to cam-caffe alone
+    (signal.SIGTERM, 143, "terminated", True),
 ])
 def test_signals_stop_the_workers_and_leave_nothing_partial(many, tmp_path, signum, code,
-                                                            whole_group):
+                                                            word, whole_group):
     out = tmp_path / "out"
     child = start(many, out)
     lines = [child.stdout.readline() for _ in range(12)]
@@ -153,13 +169,14 @@ def test_signals_stop_the_workers_and_leave_nothing_partial(many, tmp_path, sign
         os.killpg(child.pid, signum)
     else:
         child.send_signal(signum)
-    rest, err = child.communicate(timeout=120)
-    # 130/143: cam-caffe stopped the run; -SIGTERM: a cam-caffe without a SIGTERM
-    # handler died at once (its workers still finish the image they write)
-    assert child.returncode in (code, 130, -signal.SIGTERM), err
-    assert b"Traceback" not in err
+    rest = child.stdout.read()          # (communicate() would skip what readline buffered)
+    err = child.stderr.read()
+    child.wait(timeout=120)
+    assert child.returncode == code, err
+    assert err == f"cam-caffe: {word}\n".encode()
     assert not wait_gone(workers), "a worker outlived the run"
     lines += rest.splitlines(keepends=True)
+    assert all(line.endswith(b"\n") for line in lines), "a line was cut short"
     printed = {Path(json.loads(l)["image"]).stem for l in lines}
     outputs = {}
     for path in out.rglob("*"):
@@ -168,7 +185,7 @@ def test_signals_stop_the_workers_and_leave_nothing_partial(many, tmp_path, sign
             outputs.setdefault(path.name.split(".")[0], set()).add(path.name.split(".", 1)[1])
     assert len(outputs) < 160                                  # it stopped early
     assert all(kinds == {"cam.png", "heatmap.png", "json"} for kinds in outputs.values())
-    assert printed <= set(outputs)                             # no line without its files
+    assert printed == set(outputs)                   # a line for every image with files
 
 
 def test_workers_exit_when_the_parent_is_killed(many, tmp_path):
