@@ -34,6 +34,8 @@ import time
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any, Callable
 
+import cv2
+
 from .api import CAMNet
 from .backends import cpu_threads, usable_cores
 from .budget import MemoryBudget
@@ -108,9 +110,10 @@ _calling = threading.Lock()           # held by a worker while it runs a call
 
 
 def _start_worker(shared: dict[str, object], parent: int) -> None:
-    """A worker's set-up: its copies of the shared objects, signals left to the
-    parent, and a watch on the parent."""
+    """A worker's set-up: its copies of the shared objects, one thread for OpenCV
+    (a worker per core), signals left to the parent, and a watch on the parent."""
     _shared.update(shared)
+    cv2.setNumThreads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()

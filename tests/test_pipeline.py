@@ -100,6 +100,7 @@ def test_a_call_sends_the_net_by_reference_and_the_budget_is_shared():
         assert pool.submit(getattr, net, "max_pixels").result() == net.max_pixels
         assert pool.submit(getattr, net, "backend").result() is None
         assert pool.submit(os.getpid).result() != os.getpid()
+        assert pool.submit(cv2.getNumThreads).result() == 1      # a worker per core
     finally:
         pool.shutdown()
 
