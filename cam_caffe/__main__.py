@@ -1,3 +1,4 @@
 from .launch import entry
 
-entry()
+if __name__ == "__main__":       # not when a worker process imports it (pipeline.py)
+    entry()

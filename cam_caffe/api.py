@@ -77,7 +77,7 @@ class CAMNet:
                  allow_python_layers: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
                  max_memory: int | None = None, verbose: bool = False,
                  method: str | None = None, batch_size: int = 16,
-                 progress: bool = False) -> None:
+                 progress: bool = False, threads: int | None = None) -> None:
         # What rebuilds this net in another process (a Dask worker): paths made absolute.
         self.arguments = dict(
             prototxt=absolute(prototxt), weights=absolute(weights), backend=backend, gpu=gpu,
@@ -125,7 +125,8 @@ class CAMNet:
         self.max_pixels = max_pixels
         self.backend: Backend = create_backend(backend, self.netdef, model, self.spec,
                                                gpu=gpu, verbose=verbose,
-                                               gradients=self.method in GRADIENT_METHODS)
+                                               gradients=self.method in GRADIENT_METHODS,
+                                               threads=threads)
         self.backend_name = self.backend.name
 
     @property

@@ -66,6 +66,7 @@ class Options:
     skip_existing: bool = False
     overwrite: bool = False         # replace files at output names that cam-caffe did not write
     batch_size: int = 16
+    workers: int = 0                # processes that decode and write; 0: threads of this one
     jsonl: bool = False
     quiet: bool = False
 
@@ -320,6 +321,22 @@ class ChunkResult:
     postponed: list[Input] = field(default_factory=list)
 
 
+def load_within(net: CAMNet, item: Input, options: Options,
+                budget: MemoryBudget) -> tuple[np.ndarray, int]:
+    """Decode ``item``'s image once ``budget`` has room for it: (image, bytes taken
+    from the budget, to give back when the image is done)."""
+    taken = 0
+
+    def admit(width: int, height: int) -> None:
+        nonlocal taken
+        taken = budget.reserve(image_cost(width, height, options), item.path, width, height)
+    try:
+        return net.load(item.path, item.data, admit), taken
+    except BaseException:
+        budget.release(taken)
+        raise
+
+
 def process_chunk(net: CAMNet, chunk: list[Input], options: Options, pool: Executor,
                   forward_lock: AbstractContextManager | None = None,
                   stop: threading.Event | None = None,
@@ -340,12 +357,6 @@ def process_chunk(net: CAMNet, chunk: list[Input], options: Options, pool: Execu
     budget = budget or MemoryBudget(None)
     reserved: list[int] = []
 
-    def load(item: Input) -> np.ndarray:
-        def admit(width: int, height: int) -> None:
-            reserved.append(budget.reserve(image_cost(width, height, options), item.path,
-                                           width, height))
-        return net.load(item.path, item.data, admit)
-
     def outcomes(futures: list[tuple[Input, Future]]) -> Iterator[tuple[Input, object]]:
         """Each future's result, or the failure it raised (None: dropped or postponed)."""
         for item, future in futures:
@@ -359,7 +370,10 @@ def process_chunk(net: CAMNet, chunk: list[Input], options: Options, pool: Execu
                 result.failed.append((item.path, failure(item, e)))
 
     try:
-        loaded = list(outcomes([(item, pool.submit(load, item)) for item in chunk]))
+        decoded = list(outcomes([(item, pool.submit(load_within, net, item, options, budget))
+                                 for item in chunk]))
+        reserved.extend(taken for _, (_, taken) in decoded)
+        loaded = [(item, image) for item, (image, _) in decoded]
         if stop.is_set() or not loaded:
             return result
         with forward_lock or nullcontext():
@@ -443,13 +457,20 @@ def local_chunks(net: CAMNet, chunks: list[list[Input]], options: Options,
                  stop: threading.Event | None = None,
                  budget: MemoryBudget | None = None) -> Iterator[ChunkResult]:
     """Each chunk's result in order, two chunks in flight: while one runs its forward
-    pass (one at a time, on the GPU or on the cores the workers leave free), worker
-    threads decode the other's images or render, encode and write them. Once
-    ``stop`` is set no new chunk starts."""
+    pass (one at a time, on the GPU or on the cores the workers leave free), the
+    workers decode the other's images or render, encode and write them: with
+    ``options.workers``, that many processes (pipeline.py), else threads of this
+    process. Once ``stop`` is set no new chunk starts."""
     stop = stop or threading.Event()
-    workers = max(2, min(8, (os.cpu_count() or 2) - 1))
     forward_lock = threading.Lock()
-    with ThreadPoolExecutor(max_workers=workers) as pool, ThreadPoolExecutor(2) as lanes:
+    workers = min(options.workers, sum(map(len, chunks)))      # none idle from the start
+    if workers > 0:
+        from .pipeline import ProcessPool, SharedBudget
+        budget = SharedBudget(budget.total if budget else None)
+        pool: Executor = ProcessPool(net, workers, budget)
+    else:
+        pool = ThreadPoolExecutor(max_workers=max(2, min(8, (os.cpu_count() or 2) - 1)))
+    with pool, ThreadPoolExecutor(2) as lanes:
         in_flight: deque[Future] = deque()
         for chunk in chunks:
             if stop.is_set():

@@ -27,6 +27,7 @@ from .labels import class_name, resolve_class
 from .methods import METHODS
 from .models import DEFAULT_MODEL, Model
 from .output import check_writable, image_format, write_image
+from .pipeline import default_workers
 from .preprocess import mean_values
 from .render import DEFAULT_ALPHA, STYLES
 from .signals import exit_code, ignore_signals
@@ -64,14 +65,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _device_id(text: str) -> int:
+def _non_negative(text: str, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
         value = -1
     if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device ID (0, 1, …)")
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
     return value
+
+
+def _device_id(text: str) -> int:
+    return _non_negative(text, "a device ID (0, 1, …)")
+
+
+def _count(text: str) -> int:
+    return _non_negative(text, "a number >= 0")
 
 
 def _memory_size(text: str) -> int:
@@ -224,6 +233,12 @@ def build_parser() -> ArgumentParser:
                           "show the backend's log")
     run.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH, metavar="B",
                      help=f"images per forward pass (default {DEFAULT_BATCH})")
+    run.add_argument("--threads", type=_positive_int, metavar="T",
+                     help="threads of a CPU forward pass (default: one per core)")
+    run.add_argument("--workers", type=_count, metavar="N",
+                     help="processes that decode images and render and write outputs while "
+                          "the forward runs; 0: threads of the main process (default: the "
+                          "cores the forward leaves free, see README)")
     run.add_argument("--ten-crop", action="store_true",
                      help="official test-time ten-crop: averaged probabilities, merged CAM")
     run.add_argument("--shard", type=parse_shard_arg, metavar="I/N",
@@ -314,6 +329,7 @@ def load_net(args: argparse.Namespace) -> CAMNet:
                  allow_python_layers=args.allow_python_layers, max_pixels=args.max_pixels,
                  max_memory=args.max_memory, verbose=args.verbose,
                  method=args.method, batch_size=args.batch_size,
+                 threads=getattr(args, "threads", None),
                  progress=sys.stderr.isatty() and not getattr(args, "quiet", False))
     if args.verbose:
         spec = net.spec
@@ -358,7 +374,8 @@ def options_from(args: argparse.Namespace, net: CAMNet) -> Options:
                    ten_crop=args.ten_crop, montage=args.montage,
                    skip_existing=args.skip_existing, overwrite=args.overwrite,
                    batch_size=batch_size(args, net),
-                   jsonl=args.jsonl, quiet=args.quiet)
+                   workers=default_workers(args.gpu, args.threads) if args.workers is None
+                   else args.workers, jsonl=args.jsonl, quiet=args.quiet)
 
 
 def batch_size(args: argparse.Namespace, net: CAMNet) -> int:
@@ -438,6 +455,9 @@ def run(argv: list[str]) -> int:
         raise CamError("no input images found", EXIT_INPUT)
     if args.dask and (args.output or args.show):
         raise CamError("--dask runs a batch: use --output-dir instead of -o/--show")
+    if args.dask and args.workers:
+        raise CamError("--workers is for a run in this process; a Dask worker runs its "
+                       "chunks itself (start one per core)")
     if (args.output or args.show) and len(inputs) > 1:
         raise CamError(f"-o and --show take one image, got {len(inputs)}; use --output-dir")
     if args.output and same_file(args.output, inputs[0].path):

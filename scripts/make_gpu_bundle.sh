@@ -42,8 +42,9 @@
 #          protobuf, six, isal, opencv-python-headless, pillow, matplotlib (+ its
 #          dependencies), and the CUDA pycaffe wheel (the `caffe` package);
 #          their tests/ folders are pruned.
-#   app/   the cam_caffe package (this checkout's), prototxt/, and
-#          scripts/gpu_check.py + scripts/bundle_check.py.
+#   app/   the cam_caffe package (this checkout's), prototxt/,
+#          scripts/gpu_check.py + scripts/bundle_check.py, and
+#          benchmarks/bench_cores.py + common.py (GPU end to end vs forward).
 #   run.sh sets LD_LIBRARY_PATH/PYTHONPATH/PYTHONHOME and runs
 #          `python3.11 -m cam_caffe "$@"` (see `run.sh --bundle-help`).
 # The host needs glibc >= 2.36 (Debian 12's python), e.g. Ubuntu 24.04.
@@ -243,6 +244,8 @@ step "cam_caffe and scripts"
 (cd "$ROOT" && tar -cf - --exclude=__pycache__ --exclude='*.pyc' cam_caffe prototxt) \
   | tar -xf - -C "$STAGE/app"
 cp "$ROOT/scripts/gpu_check.py" "$STAGE/app/scripts/"
+mkdir -p "$STAGE/app/benchmarks"
+cp "$ROOT/benchmarks/bench_cores.py" "$ROOT/benchmarks/common.py" "$STAGE/app/benchmarks/"
 cat > "$STAGE/app/scripts/bundle_check.py" <<'EOF'
 """Bundle self-check: import everything, then list every shared library this
 process mapped that is neither inside the bundle nor an expected host

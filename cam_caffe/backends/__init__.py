@@ -63,12 +63,19 @@ AUTO_ORDER_GPU = ("caffe", "onnxruntime")
 _MODULES = {"caffe": "caffe", "onnxruntime": "onnxruntime", "opencv": "cv2"}
 
 
-def cpu_threads() -> int:
-    """Threads for a CPU forward pass: ``OMP_NUM_THREADS`` when it is a positive
-    integer (a Dask worker's nanny sets 1: one worker process per core), else one
-    per core."""
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: ``taskset``, cgroups)."""
+    return len(os.sched_getaffinity(0))
+
+
+def cpu_threads(threads: int | None = None) -> int:
+    """Threads for a CPU forward pass: ``threads`` (``--threads``) if given, else
+    ``OMP_NUM_THREADS`` when it is a positive integer (a Dask worker's nanny sets 1:
+    one worker process per core), else one per usable core."""
+    if threads:
+        return threads
     value = os.environ.get("OMP_NUM_THREADS", "")
-    return int(value) if value.isdigit() and int(value) > 0 else os.cpu_count() or 1
+    return int(value) if value.isdigit() and int(value) > 0 else usable_cores()
 
 
 def installed(name: str) -> bool:
@@ -78,9 +85,10 @@ def installed(name: str) -> bool:
 
 def create_backend(name: str, netdef: NetDef, weights: CaffeModel, spec: CamSpec,
                    gpu: int | None = None, verbose: bool = False,
-                   gradients: bool = False) -> Backend:
+                   gradients: bool = False, threads: int | None = None) -> Backend:
     """Load the net into backend ``name``; ``auto`` takes the first of its order that works
-    (of those that compute gradients, with ``gradients``).
+    (of those that compute gradients, with ``gradients``). A CPU forward pass runs on
+    ``cpu_threads(threads)`` threads.
 
     When no backend of ``auto`` can run the net, the error raised is the clearest
     one: cam-caffe's own diagnosis (an unsupported layer, named) before a message
@@ -91,7 +99,7 @@ def create_backend(name: str, netdef: NetDef, weights: CaffeModel, spec: CamSpec
     if gpu is not None and gpu < 0:
         raise CamError(f"--gpu {gpu}: a CUDA device ID is 0 or more")
     if name != "auto":
-        return _create(name, netdef, weights, spec, gpu, verbose, gradients)
+        return _create(name, netdef, weights, spec, gpu, verbose, gradients, threads)
     order = AUTO_ORDER if gpu is None else AUTO_ORDER_GPU
     candidates = [b for b in order if installed(b)
                   and (not gradients or b in GRADIENT_BACKENDS)]
@@ -101,7 +109,8 @@ def create_backend(name: str, netdef: NetDef, weights: CaffeModel, spec: CamSpec
     errors: list[CamError] = []
     for candidate in candidates:
         try:
-            backend = _create(candidate, netdef, weights, spec, gpu, verbose, gradients)
+            backend = _create(candidate, netdef, weights, spec, gpu, verbose, gradients,
+                               threads)
         except CamError as error:      # e.g. a layer ONNX export does not support
             errors.append(error)
             if verbose:
@@ -120,18 +129,18 @@ def create_backend(name: str, netdef: NetDef, weights: CaffeModel, spec: CamSpec
 
 
 def _create(name: str, netdef: NetDef, weights: CaffeModel, spec: CamSpec, gpu: int | None,
-            verbose: bool, gradients: bool) -> Backend:
+            verbose: bool, gradients: bool, threads: int | None) -> Backend:
     if name == "caffe":
         from .caffe import CaffeBackend
-        return CaffeBackend(netdef, weights, spec, gpu=gpu, verbose=verbose)
+        return CaffeBackend(netdef, weights, spec, gpu=gpu, verbose=verbose, threads=threads)
     if name == "onnxruntime":
         from .onnxruntime import OnnxRuntimeBackend
         return OnnxRuntimeBackend(netdef, weights, spec, gpu=gpu, gradients=gradients,
-                                  verbose=verbose)
+                                  verbose=verbose, threads=threads)
     if gradients:
         raise no_gradients(name)
     from .opencv import OpenCVBackend
-    return OpenCVBackend(netdef, weights, spec, gpu=gpu, verbose=verbose)
+    return OpenCVBackend(netdef, weights, spec, gpu=gpu, verbose=verbose, threads=threads)
 
 
 def scores_to_probs(scores: np.ndarray, spec: CamSpec) -> np.ndarray:

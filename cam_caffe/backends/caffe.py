@@ -7,6 +7,7 @@ reason as a one-line error instead of a core dump.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import subprocess
@@ -21,7 +22,7 @@ from .. import proto
 from ..camspec import CamSpec
 from ..errors import BackendError, ModelError
 from ..netdef import CaffeModel, NetDef, param_shapes, tail
-from . import Forward, one_hot, rows, scores_to_probs
+from . import Forward, cpu_threads, one_hot, rows, scores_to_probs
 
 PROBE_TIMEOUT_S = 600
 
@@ -47,16 +48,28 @@ def set_device(caffe, gpu: int | None) -> None:
         caffe.set_device(gpu)
 
 
+def set_blas_threads(threads: int) -> None:
+    """Caffe's CPU forward is its GEMMs on OpenBLAS threads: use ``threads`` of them
+    (the OpenBLAS that _caffe.so loaded; nothing to do for another BLAS)."""
+    try:
+        openblas = ctypes.CDLL("libopenblas.so.0", mode=os.RTLD_NOLOAD)
+    except OSError:
+        return
+    openblas.openblas_set_num_threads(threads)
+
+
 class CaffeBackend:
     name = "caffe"
 
     def __init__(self, netdef: NetDef, weights: CaffeModel, spec: CamSpec,
-                 gpu: int | None = None, verbose: bool = False) -> None:
+                 gpu: int | None = None, verbose: bool = False,
+                 threads: int | None = None) -> None:
         self.spec = spec
         self.netdef, self.weights = netdef, weights
         self.input = netdef.input_name
         self.caffe = import_caffe(verbose)
         self.tail_net = None
+        set_blas_threads(cpu_threads(threads))
         with tempfile.TemporaryDirectory(prefix="cam-caffe-") as tmp:
             prototxt = Path(tmp) / "deploy.prototxt"
             prototxt.write_text(backward_ready(netdef))

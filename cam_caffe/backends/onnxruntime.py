@@ -71,10 +71,11 @@ class OnnxRuntimeBackend:
 
     def __init__(self, netdef: NetDef, weights: CaffeModel, spec: CamSpec,
                  gpu: int | None = None, gradients: bool = False,
-                 verbose: bool = False) -> None:
+                 verbose: bool = False, threads: int | None = None) -> None:
         self.ort = ort = import_onnxruntime(verbose)
         self.spec, self.verbose = spec, verbose
         self.netdef, self.weights, self.gpu = netdef, weights, gpu
+        self.threads = cpu_threads(threads)
         self.input = netdef.input_name
         self.outputs = list(dict.fromkeys([spec.score_blob, spec.logit_blob, spec.feature_blob]))
         self.tails: dict[bool, object] = {}     # tail sessions: with the gradient or without
@@ -107,7 +108,7 @@ class OnnxRuntimeBackend:
     def _session(self, source: str | bytes, optimized: str | None = None):
         """An ORT session of ``source`` (a file name or a model's bytes), writing its
         optimised graph to the file ``optimized`` if given; raises what ORT raises."""
-        options = session_options(self.ort, self.gpu, self.verbose)
+        options = session_options(self.ort, self.gpu, self.threads, self.verbose)
         if optimized:
             options.optimized_model_filepath = optimized
         return self.ort.InferenceSession(source, options, providers=self.providers)
@@ -211,12 +212,13 @@ class OnnxRuntimeBackend:
         return rows(logits)
 
 
-def session_options(ort, gpu: int | None, verbose: bool = False):
-    """ONNX Runtime's options for cam-caffe's sessions (its log: warnings with
-    ``verbose``, else nothing: failures are raised, and said in one line)."""
+def session_options(ort, gpu: int | None, threads: int, verbose: bool = False):
+    """ONNX Runtime's options for cam-caffe's sessions: ``threads`` on the CPU, its
+    log (warnings with ``verbose``, else nothing: failures are raised, and said in
+    one line)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = cpu_threads()
+    options.intra_op_num_threads = threads
     options.log_severity_level = 2 if verbose else 4
     # On the CPU, the memory pattern only cost: a second set of activation buffers
     # (GoogLeNet-CAM at batch 16: 444 instead of 289 MiB peak, 40k more page

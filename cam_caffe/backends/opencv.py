@@ -25,7 +25,8 @@ class OpenCVBackend:
     name = "opencv"
 
     def __init__(self, netdef: NetDef, weights: CaffeModel, spec: CamSpec,
-                 gpu: int | None = None, verbose: bool = False) -> None:
+                 gpu: int | None = None, verbose: bool = False,
+                 threads: int | None = None) -> None:
         self.spec = spec
         self.netdef, self.weights, self.gpu, self.verbose = netdef, weights, gpu, verbose
         self.tail_net = None
@@ -38,7 +39,7 @@ class OpenCVBackend:
                                        "use --backend caffe")
                 cv2.cuda.setDevice(gpu)
                 _on_cuda(self.net)
-            cv2.setNumThreads(cpu_threads())
+            cv2.setNumThreads(cpu_threads(threads))
             self.outputs = list(dict.fromkeys([spec.score_layer, spec.logit_layer,
                                                spec.feature_layer]))
             try:           # OpenCV creates layers lazily: fail now, not on the first image
