@@ -105,7 +105,10 @@ def test_interrupted_batch_reports_what_it_did(images, tmp_path, signals, code, 
 
 def catches_sigterm(pid: int) -> bool:
     """Whether process ``pid`` has a SIGTERM handler: cam-caffe's first step."""
-    status = Path(f"/proc/{pid}/status").read_text()
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:                 # already gone
+        return False
     caught = int(next(l for l in status.splitlines() if l.startswith("SigCgt:")).split()[1], 16)
     return bool(caught & (1 << (signal.SIGTERM - 1)))
 
@@ -116,7 +119,7 @@ def test_ctrl_c_at_any_moment(images, tmp_path, delay):
     a Ctrl-C is one line and exit 130, or the run was already done."""
     out = tmp_path / "out"
     child = start(images, out)
-    while not catches_sigterm(child.pid):
+    while child.poll() is None and not catches_sigterm(child.pid):
         time.sleep(0.001)
     time.sleep(delay)
     child.send_signal(signal.SIGINT)
