@@ -14,17 +14,19 @@ import os
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "fixtures"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 USER_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
 
-# Hypothesis tests: 60 examples each; scripts/mutation.sh runs them with fewer.
+# Hypothesis tests: 60 examples each; scripts/mutation.sh runs fewer and does not shrink a
+# failing example (a killed mutant would otherwise take long enough to count as a timeout).
 settings.register_profile("cam-caffe", max_examples=60, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("mutation", settings.get_profile("cam-caffe"), max_examples=12)
+settings.register_profile("mutation", settings.get_profile("cam-caffe"), max_examples=12,
+                          phases=[Phase.explicit, Phase.generate], database=None)  # no shrinking
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "cam-caffe"))
 
 

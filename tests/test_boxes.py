@@ -155,3 +155,15 @@ def test_draw_boxes_default_is_green_two_pixels_wide():
     out = draw_boxes(np.zeros((40, 40, 3), np.uint8), [Box(10, 10, 20, 20)])
     assert np.nonzero(out[:, 20, 1])[0].tolist() == [9, 10, 11, 29, 30, 31]
     assert not out[..., 0].any() and not out[..., 2].any() and out[10, 20, 1] == 255
+
+
+def test_contours_in_dt_boxs_margin_give_no_box():
+    """dt_box clips widths to W − x − 5: a region starting at x = W − 5 (or y = H − 5)
+    would get a zero or negative size, and is dropped."""
+    from cam_caffe.boxes import contour_boxes
+    mask = np.zeros((20, 30), np.uint8)
+    mask[5:10, 25:28] = 1                       # x = 25 = W − 5: width 0
+    mask[15:18, 2:8] = 1                        # y = 15 = H − 5: height 0
+    assert contour_boxes(mask) == []
+    mask[5:10, 24:28] = 1                       # from x = 24: width 1
+    assert contour_boxes(mask) == [Box(24, 5, 1, 5)]

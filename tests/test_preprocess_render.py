@@ -283,3 +283,10 @@ def test_seed_overlay_keeps_the_size_and_the_image_colours():
                                atol=3)
     np.testing.assert_allclose(out[75, 100], 0.5 * np.array([255, 0, 0]) + 0.5 * np.array([0, 0, 127.5]),
                                atol=3)
+
+
+def test_preprocessor_refuses_non_finite_scale_and_mean():
+    with pytest.raises(ModelError, match=r"^--scale nan: not a finite number$"):
+        Preprocessor((4, 4), parse_mean(None), scale=float("nan"))
+    with pytest.raises(ModelError, match=r"^the mean holds NaN or infinity$"):
+        Preprocessor((4, 4), np.array([1.0, np.inf, 3.0]))
