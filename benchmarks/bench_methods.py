@@ -3,6 +3,7 @@ class) for each backend at batch 16, on GoogLeNet-CAM (random weights) and the d
 against the forward pass alone.
 
     python benchmarks/bench_methods.py [--images 16] [--repeat 3] [--slow-images 1]
+                                       [--models GoogLeNet-CAM,demo] [--backends B,B]
 
 Grad-CAM & co. add one backward pass through the net after the target blob;
 Score-CAM runs K = channels masked forwards per image (1,024 for GoogLeNet-CAM,
@@ -38,13 +39,16 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--slow-images", type=int, default=1)
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--backends", help="comma list (default: every backend that loads)")
     args = parser.parse_args()
     for model in args.models.split(","):
         prototxt, weights = MODELS[model]
         weights = weights or googlenet_weights()
         title(f"Methods on {model}: ms per image at batch {BATCH} (top-1 class)")
         rows = []
-        for backend in available_backends(weights, prototxt):
+        backends = (args.backends.split(",") if args.backends
+                    else available_backends(weights, prototxt))
+        for backend in backends:
             forward_net = CAMNet(prototxt, weights, backend=backend, method="cam",
                                  batch_size=BATCH)
             batch = forward_net.preprocess(images(args.images))
