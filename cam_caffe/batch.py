@@ -18,7 +18,7 @@ import os
 import sys
 import threading
 from collections import deque
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, Executor, Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -463,13 +463,9 @@ def local_chunks(net: CAMNet, chunks: list[list[Input]], options: Options,
     process. Once ``stop`` is set no new chunk starts."""
     stop = stop or threading.Event()
     forward_lock = threading.Lock()
-    workers = min(options.workers, sum(map(len, chunks)))      # none idle from the start
-    if workers > 0:
-        from .pipeline import ProcessPool, SharedBudget
-        budget = SharedBudget(budget.total if budget else None)
-        pool: Executor = ProcessPool(net, workers, budget)
-    else:
-        pool = ThreadPoolExecutor(max_workers=max(2, min(8, (os.cpu_count() or 2) - 1)))
+    # one chunk leaves nothing to overlap; more workers than images would stay idle
+    workers = min(options.workers, sum(map(len, chunks))) if len(chunks) > 1 else 0
+    pool, budget = step_pool(net, workers, budget)
     with pool, ThreadPoolExecutor(2) as lanes:
         in_flight: deque[Future] = deque()
         for chunk in chunks:
@@ -481,6 +477,23 @@ def local_chunks(net: CAMNet, chunks: list[list[Input]], options: Options,
                 yield in_flight.popleft().result()
         while in_flight:
             yield in_flight.popleft().result()
+
+
+def step_pool(net: CAMNet, workers: int,
+              budget: MemoryBudget | None) -> tuple[Executor, MemoryBudget | None]:
+    """The executor of the per-image steps and the budget they reserve from: ``workers``
+    processes sharing a copy of ``budget`` (pipeline.py), or threads of this process
+    when ``workers`` is 0 or processes cannot start here (no shared memory, process
+    limits: said in one line, and the results are the same)."""
+    if workers > 0:
+        from .pipeline import ProcessPool, SharedBudget
+        try:
+            shared = SharedBudget(budget.total if budget else None)
+            return ProcessPool(net, workers, shared), shared
+        except (OSError, BrokenExecutor) as e:
+            print(f"cam-caffe: cannot start worker processes ({type(e).__name__}: {e}); "
+                  "using threads instead", file=sys.stderr)
+    return ThreadPoolExecutor(max_workers=max(2, min(8, (os.cpu_count() or 2) - 1))), budget
 
 
 def write_line(text: str, out: TextIO) -> None:

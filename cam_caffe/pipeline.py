@@ -75,8 +75,12 @@ class ProcessPool(Executor):
                                                    os.getpid()))
         # Start every worker now, from this thread: the pool would start them one
         # by one on the first calls, from whichever thread made them.
-        for future in [self._pool.submit(int) for _ in range(workers)]:
-            future.result()
+        try:
+            for future in [self._pool.submit(int) for _ in range(workers)]:
+                future.result()
+        except BaseException:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            raise
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
         buffer = io.BytesIO()

@@ -251,3 +251,25 @@ def test_threads_reach_the_backend(backend):
         openblas = ctypes.CDLL("libopenblas.so.0", mode=os.RTLD_NOLOAD)
         assert openblas.openblas_get_num_threads() == 1
     cv2.setNumThreads(usable_cores())
+
+
+def test_workers_that_cannot_start_leave_the_run_to_threads(many):
+    """Where worker processes cannot start (here: files limited to 200 bytes, so no
+    shared-memory semaphore), one line says so and threads give the same lines; a
+    run of one chunk, with nothing to overlap, starts no workers at all."""
+    import resource
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
+    command = [*COMMAND, str(many), "--jsonl", "--batch-size", "40"]
+    threads = subprocess.run([*command, "--workers", "0"], capture_output=True, cwd=ROOT)
+    limited = subprocess.run([*command, "--workers", "2"], capture_output=True, cwd=ROOT,
+                             preexec_fn=small_files)
+    assert limited.returncode == threads.returncode == 0, limited.stderr
+    assert limited.stdout == threads.stdout and len(threads.stdout.splitlines()) == 160
+    assert limited.stderr == (b"cam-caffe: cannot start worker processes (OSError: [Errno 27] "
+                              b"File too large); using threads instead\n")
+    one_chunk = subprocess.run([*command, "--batch-size", "200", "--workers", "2"],
+                               capture_output=True, cwd=ROOT, preexec_fn=small_files)
+    assert one_chunk.returncode == 0 and one_chunk.stderr == b""
+    assert one_chunk.stdout == threads.stdout
