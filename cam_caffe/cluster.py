@@ -174,7 +174,8 @@ def cluster_chunks(client: distributed.Client | str, net: CAMNet, chunks: list[l
     distributed = import_distributed()
     if options.output_dir is not None:
         options = replace(options, output_dir=absolute(options.output_dir))
-    chunks = [[replace(item, path=absolute(item.path)) for item in chunk] for chunk in chunks]
+    chunks = [[item if item.data is not None else replace(item, path=absolute(item.path))
+               for item in chunk] for chunk in chunks]      # image bytes on stdin travel
     arguments = net_arguments(net)
     futures = {client.submit(run_chunk, arguments, chunk, options, pure=False): chunk
                for chunk in chunks}
