@@ -7,7 +7,8 @@ the client's arguments and keeps it; a task decodes its images, runs the
 forward pass and the CAMs, and writes the outputs (``batch.process_chunk``, the
 function a single-process run uses). The client streams the records as tasks
 complete. A task whose worker dies runs again on another one (Dask retries it);
-when it killed three workers its images are reported as failed.
+once it has killed more workers than Dask allows (``allowed-failures``, 3), its
+images are reported as failed.
 
 Workers must have cam-caffe installed and see the model files, the inputs and
 the output directory under the same absolute paths (a shared filesystem): the
