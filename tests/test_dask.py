@@ -30,7 +30,7 @@ except ImportError:
     pytest.skip("the dask extra is not installed", allow_module_level=True)
 
 from cam_caffe.api import CAMNet
-from cam_caffe.backends import cpu_threads
+from cam_caffe.backends import cpu_threads, usable_cores
 from cam_caffe.batch import Options, image_cost, run_batch
 from cam_caffe.cluster import cached_net, dask_client, worker_budget
 from cam_caffe.errors import BackendError, CamError, ModelError
@@ -523,4 +523,4 @@ def test_cpu_threads_follows_omp_num_threads(monkeypatch):
     assert cpu_threads() == 1
     for value in ("", "0", "x"):
         monkeypatch.setenv("OMP_NUM_THREADS", value)
-        assert cpu_threads() == os.cpu_count()
+        assert cpu_threads() == usable_cores()
