@@ -14,6 +14,11 @@ started), then ``--repeat`` timed passes; the table gives the median.
 - ``local:N``: ``run_batch(client=…)`` on a ``LocalCluster`` of N worker
   processes with one thread each, as ``--dask local:N`` starts it.
 
+Besides images/s (wall clock), the table gives the CPU time per image of all
+the processes of a run (client and workers): on a machine that other jobs
+share, wall-clock ratios depend on the load, but the CPU spent per image shows
+what Dask costs (CPU efficiency = one core's CPU per image ÷ this run's).
+
 The per-task overhead is measured on a warm ``local:2`` cluster with tasks of
 an empty chunk (the same task function, no image): the round trip of one task
 at a time, and the rate of many tasks in flight.
@@ -34,15 +39,31 @@ from common import (PROTOTXT, PYTHON, WORK, googlenet_weights, make_images, medi
 FOLDER = WORK / "photos_375x500"
 
 
-def passes(run, repeat: int) -> list[float]:
-    """Seconds of ``repeat`` calls of ``run`` after one untimed call."""
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its children so far: the
+    worker processes of a local cluster are children of the client process."""
+    import psutil
+    me = psutil.Process()
+    total = 0.0
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def passes(run, repeat: int) -> dict[str, list[float]]:
+    """Wall and CPU seconds of ``repeat`` calls of ``run`` after one untimed call."""
     run()
-    seconds = []
+    seconds, cpu = [], []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), cpu_seconds()
         run()
         seconds.append(time.perf_counter() - start)
-    return seconds
+        cpu.append(cpu_seconds() - start_cpu)
+    return {"seconds": seconds, "cpu": cpu}
 
 
 def child(config: str, count: int, repeat: int, batch_size: int) -> dict:
@@ -60,13 +81,13 @@ def child(config: str, count: int, repeat: int, batch_size: int) -> dict:
         assert report.done == len(inputs), report
 
     if not config.startswith("local"):
-        return {"seconds": passes(run, repeat), "backend": net.backend_name}
+        return {**passes(run, repeat), "backend": net.backend_name}
     from cam_caffe.cluster import dask_client
     with dask_client(config, quiet=True) as client:
         client.wait_for_workers(int(config.split(":")[1]))
         run(client)
         start_up = time.perf_counter() - started          # cluster up, every net loaded
-        result = {"seconds": passes(lambda: run(client), repeat), "start_up": start_up,
+        result = {**passes(lambda: run(client), repeat), "start_up": start_up,
                   "backend": net.backend_name}
         if config == "local:2":
             result.update(task_overhead(client, net, options))
@@ -114,18 +135,21 @@ def main() -> None:
             command = ["taskset", "-c", str(min(os.sched_getaffinity(0))), *command]
         results[label] = run_json(command, dict(os.environ, **env))
     one_core = args.images / median(results["one process, 1 core"]["seconds"])
+    one_core_cpu = median(results["one process, 1 core"]["cpu"]) / args.images
     rows = []
     for label, result in results.items():
         rate = args.images / median(result["seconds"])
+        cpu = median(result["cpu"]) / args.images
         workers = int(label.split(":")[1]) if label.startswith("local") else None
         target = f"{rate / (workers * one_core):.2f}" if workers else ""
         start_up = f"{result['start_up']:.1f}" if "start_up" in result else ""
         rows.append([label, result["backend"], f"{rate:.1f}", f"{rate / one_core:.2f}×",
-                     target, start_up])
+                     target, f"{cpu * 1000:.0f}", f"{one_core_cpu / cpu:.2f}", start_up])
     title(f"Batch throughput, one process vs --dask local:N: GoogLeNet-CAM, {args.images} "
           f"JPEGs of 500×375 → PNG overlays, batch {args.batch_size} (median of {args.repeat})")
     print(table(["run", "backend", "images/s", "÷ one process on 1 core",
-                 "÷ (N × one core), target ≥ 0.9", "start-up s (cluster + nets)"], rows))
+                 "÷ (N × one core), target ≥ 0.9", "CPU ms per image (all processes)",
+                 "CPU efficiency vs 1 core", "start-up s (cluster + nets)"], rows))
     overhead = results["local:2"]
     print(f"\nPer task (local:2, an empty chunk): {overhead['round_trip'] * 1000:.1f} ms "
           f"round trip one at a time, {overhead['in_flight'] * 1000:.2f} ms each with "

@@ -36,9 +36,10 @@ if [ "$QUICK" = 1 ]; then
   ARGS_ORIG="--images 8 --repeat 1"; ARGS_STAGES="--images 32 --repeat 1"
   ARGS_FWD="--quick --batches 1,8"; ARGS_MEM="--large 200 --small 20 --repeat 1"
   ARGS_DEMO="--images 12 --repeat 1"; ARGS_METHODS="--images 4 --repeat 1 --models demo"
+  ARGS_DASK="--images 32 --repeat 1"
 else
   ARGS_PEAK=""; ARGS_CAM=""; ARGS_ORIG=""; ARGS_STAGES=""; ARGS_FWD=""; ARGS_MEM=""; ARGS_DEMO=""
-  ARGS_METHODS=""
+  ARGS_METHODS=""; ARGS_DASK=""
 fi
 
 {
@@ -53,4 +54,5 @@ fi
   "$PY" bench_memory.py $ARGS_MEM
   "$PY" bench_demo.py $ARGS_DEMO
   "$PY" bench_methods.py $ARGS_METHODS
+  "$PY" bench_dask.py $ARGS_DASK
 } | tee "$OUT_DIR/results.md"

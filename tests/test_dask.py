@@ -30,7 +30,7 @@ except ImportError:
     pytest.skip("the dask extra is not installed", allow_module_level=True)
 
 from cam_caffe.api import CAMNet
-from cam_caffe.backends import cpu_threads
+from cam_caffe.backends import cpu_threads, usable_cores
 from cam_caffe.batch import Options, image_cost, run_batch
 from cam_caffe.cluster import cached_net, dask_client, worker_budget
 from cam_caffe.errors import BackendError, CamError, ModelError
@@ -319,6 +319,19 @@ def test_memory_budget_on_workers(shared_cluster, tmp_path, monkeypatch):
     assert len(jsonl(out.getvalue())) == 6
 
 
+def test_image_bytes_on_stdin(shared_cluster, tmp_path):
+    """`cat img | cam-caffe - --dask …`: the bytes travel to the worker."""
+    net = CAMNet(DEMO / "deploy.prototxt", DEMO / "demo.caffemodel")
+    image = ROOT / "images" / "demo_cross_3.png"
+    out = tmp_path / "out"
+    inputs = collect(["-"], out, stdin=io.BytesIO(image.read_bytes()))
+    sink = io.StringIO()
+    report = run_batch(net, inputs, Options(output_dir=out, jsonl=True), sink,
+                       client=shared_cluster.address)
+    assert report.done == 1 and json.loads(sink.getvalue())["image"] == "-"
+    assert (out / "stdin.cam.png").is_file()
+
+
 def test_only_loopback(shared_cluster):
     """Every process a test starts listens on 127.0.0.1 only: the scheduler, workers
     and nannies here, and the embedded LocalCluster."""
@@ -510,4 +523,4 @@ def test_cpu_threads_follows_omp_num_threads(monkeypatch):
     assert cpu_threads() == 1
     for value in ("", "0", "x"):
         monkeypatch.setenv("OMP_NUM_THREADS", value)
-        assert cpu_threads() == os.cpu_count()
+        assert cpu_threads() == usable_cores()
