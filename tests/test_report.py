@@ -279,6 +279,15 @@ def test_page_sorts_filters_searches_and_shows_full_size(browser, demo_run):
     browser.save_screenshot(str(ARTIFACTS / "report-viewer.png"))
     ActionChains(browser).send_keys(Keys.ESCAPE).perform()
     assert viewer.get_attribute("open") is None
+    set_value(browser, "search", "")
+    assert browser.execute_script(      # every image says what it shows
+        "return [...document.images].every(i => i.alt.trim().length > 10)")
+    # printed: the cards without the controls
+    browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
+    assert not browser.find_element("id", "controls").is_displayed()
+    assert len([c for c in browser.find_elements("css selector", "article.card")
+                if c.is_displayed()]) == 8
+    browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
     assert console_errors(browser) == []
 
 
