@@ -54,7 +54,7 @@ def write_report(count: int) -> tuple[object, float, float]:
     shutil.rmtree(folder, ignore_errors=True)
     records = synthetic_records(folder, count)
     start = time.perf_counter()
-    writer = ReportWriter(folder, {"model": "synthetic", "backend": "none", "methods": ["CAM"],
+    writer = ReportWriter(folder, {"model": "synthetic", "backend": "none", "methods": ["cam"],
                                    "images": count}, Options(output_dir=folder))
     slowest = 0.0
     for i in range(0, count, 16):

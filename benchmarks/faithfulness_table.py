@@ -3,7 +3,7 @@ Average Drop, Increase in Confidence, Deletion AUC, Insertion AUC) on the demo
 model's held-out set (``scripts/make_demo_data.py --seed 2 --count 500``).
 
 Each method's row is one ``cam-caffe evaluate --faithfulness --boxes-file …
---json`` run. A last row, a uniform random map per image (of the same top-1
+--method NAME --json`` run. A last row, a uniform random map per image (of the same top-1
 class), is the floor a method must beat; it has no boxes of its own.
 
     python benchmarks/faithfulness_table.py [--count 500] [--steps 50] [--substrate mean]
@@ -16,11 +16,10 @@ import json
 
 import numpy as np
 
+from cam_caffe.methods import METHODS
 from common import CLI, ROOT, WORK, run_timed, table, title
 
 DEMO = ROOT / "models" / "demo"
-# display name → extra arguments of `cam-caffe evaluate` that select the method
-METHODS = {"CAM": []}
 
 
 def demo_data():
@@ -50,14 +49,16 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=500, help="held-out images (default 500)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--substrate", choices=("mean", "blur"), default="mean")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma list (default all: {','.join(METHODS)})")
     args = parser.parse_args()
     folder = WORK / f"demo-heldout-{args.count}"
     boxes = demo_data().write_split(folder, args.count, seed=2)
     rows = []
-    for name, extra in METHODS.items():
+    for name in args.methods.split(","):
         _, done = run_timed([CLI, "evaluate", str(folder), "--boxes-file", str(boxes),
                              "--model", "demo", "--faithfulness", "--steps", str(args.steps),
-                             "--substrate", args.substrate, "--json", *extra])
+                             "--substrate", args.substrate, "--json", "--method", name])
         result = json.loads(done.stdout)
         f = result["faithfulness"]
         rows.append([name, f"{100 * result['top1_loc_error']:.1f}%", f"{f['average_drop']:.1f}%",

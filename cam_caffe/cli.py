@@ -446,7 +446,7 @@ def report_writer(args: argparse.Namespace, net: CAMNet, options: Options,
     """--report's page, headed with what this run of ``count`` inputs is."""
     model = f"{args.prototxt} ({args.weights})" if args.prototxt else args.model or DEFAULT_MODEL
     return ReportWriter(args.output_dir, {
-        "model": model, "backend": net.backend_name, "methods": ["CAM"], "images": count,
+        "model": model, "backend": net.backend_name, "methods": [net.method], "images": count,
         "top_k": options.top_k, "boxes": options.boxes}, options)
 
 

@@ -56,7 +56,7 @@ def card(record: dict, root: Path) -> dict:
     return {"name": record["image"], "src": url(record["image"], root),
             "size": [record["size"]["width"], record["size"]["height"]],
             "top": [[t["class"], t["label"], t["prob"]] for t in record["top_k"]],
-            "maps": [{"method": m.get("method", "CAM"), "class": m["class"],
+            "maps": [{"method": m.get("method", record.get("method", "cam")), "class": m["class"],
                       "label": m["label"], "prob": m["prob"], "boxes": m["boxes"],
                       "thumb": file("thumb", r), "overlay": file("overlay", r),
                       "heatmap": file("heatmap", r)} for r, m in enumerate(maps, 1)]}

@@ -70,7 +70,7 @@ def save_caffemodel(netdef: NetDef, weights: dict[str, list[np.ndarray]],
     write_bytes(path, net.SerializeToString())
 
 
-def synthetic_records(folder: str | Path, count: int, methods: tuple[str, ...] = ("CAM",),
+def synthetic_records(folder: str | Path, count: int, methods: tuple[str, ...] = ("cam",),
                       labels: tuple[str, ...] = ("circle", "square", "triangle", "cross", "star"),
                       seed: int = 0) -> list[dict]:
     """``count`` batch records (as ``batch.process`` returns them) of made-up images

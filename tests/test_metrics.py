@@ -178,9 +178,11 @@ def test_evaluate_argument_errors(linear_files, tmp_path, capsys):
     assert "--ten-crop" in capsys.readouterr().err
 
 
-def test_random_map_scores_worse_than_the_cam_on_the_demo_model(tmp_path):
+@pytest.mark.parametrize("method", ["cam", "gradcam"])
+def test_random_map_scores_worse_than_the_method_on_the_demo_model(method):
     demo = ROOT / "models" / "demo"
-    net = CAMNet(demo / "deploy.prototxt", demo / "demo.caffemodel")
+    net = CAMNet(demo / "deploy.prototxt", demo / "demo.caffemodel", method=method,
+                 backend="onnxruntime")
     rng = np.random.default_rng(0)
     cams, randoms = [], []
     for sample in data.generate(24, seed=TEST_SEED):

@@ -61,7 +61,7 @@ def test_report_files_and_cards(demo_run):
         "https://" not in page                      # nothing remote: works offline
     run = run_header(out)
     assert run["finished"] and run["done"] == 7 and run["skipped"] == 0
-    assert run["images"] == 8 and run["model"] == "demo" and run["methods"] == ["CAM"]
+    assert run["images"] == 8 and run["model"] == "demo" and run["methods"] == ["cam"]
     assert [f["image"] for f in run["failed"]] == [str(images / "broken.png")]
     cards = read_cards(out)
     assert len(cards) == 8
@@ -80,6 +80,14 @@ def test_report_files_and_cards(demo_run):
                 assert (out / unquote(m[kind])).is_file()
             thumb = cv2.imread(str(out / unquote(m["thumb"])))
             assert thumb.shape[:2] == (64, 64)       # small images are not enlarged
+
+
+def test_cards_name_the_method(tmp_path):
+    out = tmp_path / "out"
+    assert main([str(DEMO_IMAGES[0]), "--model", "demo", "--method", "gradcam", "--backend",
+                 "onnxruntime", "--output-dir", str(out), "--report", "-q"]) == 0
+    assert '"methods": ["gradcam"]' in (out / "_report" / "run.js").read_text()
+    assert [m["method"] for m in read_cards(out)[0]["maps"]] == ["gradcam"]
 
 
 def test_report_needs_output_dir(capsys):
@@ -146,7 +154,7 @@ def test_skip_existing_builds_a_page_from_the_saved_records(tmp_path):
 def test_writer_flushes_every_chunk(tmp_path, monkeypatch):
     monkeypatch.setattr("cam_caffe.report.CHUNK", 4)
     records = synthetic_records(tmp_path, 10)
-    writer = ReportWriter(tmp_path, {"model": "m", "backend": "b", "methods": ["CAM"],
+    writer = ReportWriter(tmp_path, {"model": "m", "backend": "b", "methods": ["cam"],
                                      "images": 10}, Options(output_dir=tmp_path))
     for start in range(0, 10, 3):
         writer.add(ChunkResult(3, records=records[start:start + 3]))
@@ -266,7 +274,7 @@ def test_page_sorts_filters_searches_and_shows_full_size(browser, demo_run):
     # keyboard: Enter on a thumbnail opens the full-size views, Escape closes them
     set_value(browser, "search", "#1")
     thumb = browser.find_element("css selector", "button.thumb")
-    assert thumb.find_element("css selector", "img").get_attribute("alt").startswith("CAM map of")
+    assert thumb.find_element("css selector", "img").get_attribute("alt").startswith("cam map of")
     browser.execute_script("arguments[0].focus()", thumb)
     assert browser.switch_to.active_element == thumb        # a thumbnail takes the focus
     ActionChains(browser).send_keys(Keys.ENTER).perform()
@@ -294,9 +302,9 @@ def test_page_sorts_filters_searches_and_shows_full_size(browser, demo_run):
 def test_page_pages_through_many_cards_with_two_methods(browser, tmp_path, monkeypatch):
     from selenium.webdriver.support.ui import Select
     monkeypatch.setattr("cam_caffe.report.CHUNK", 50)
-    records = synthetic_records(tmp_path, 130, methods=("CAM", "Grad-CAM"))
+    records = synthetic_records(tmp_path, 130, methods=("cam", "gradcam"))
     writer = ReportWriter(tmp_path, {"model": "synthetic", "backend": "none",
-                                     "methods": ["CAM", "Grad-CAM"], "images": 130},
+                                     "methods": ["cam", "gradcam"], "images": 130},
                           Options(output_dir=tmp_path))
     for start in range(0, 130, 16):
         writer.add(ChunkResult(16, records=records[start:start + 16]))
@@ -306,7 +314,7 @@ def test_page_pages_through_many_cards_with_two_methods(browser, tmp_path, monke
     cards = browser.find_elements("css selector", "article.card")
     assert len(cards) == 48
     captions = [c.text for c in cards[0].find_elements("css selector", "figcaption")]
-    assert [c.split(" · ")[0] for c in captions] == ["CAM", "Grad-CAM"]   # side by side
+    assert [c.split(" · ")[0] for c in captions] == ["cam", "gradcam"]   # side by side
     browser.save_screenshot(str(ARTIFACTS / "report-two-methods.png"))
     pager = browser.find_element("css selector", "nav.pager")
     for shown in ("49–96", "97–130"):
