@@ -181,7 +181,8 @@ def error_rates(hits: list[tuple[int | None, int | None]]) -> dict[str, float]:
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="cam-caffe evaluate",
                        description="Top-1/top-5 classification and localization error "
-                                   "(ILSVRC rules, IoU >= 0.5) against ground-truth boxes.")
+                                   "(ILSVRC rules, IoU >= 0.5) against ground-truth boxes, "
+                                   "and/or the maps' faithfulness (--faithfulness).")
     p.add_argument("images", nargs="+", metavar="INPUT",
                    help="image files, directories, globs, @list.txt or -")
     p.add_argument("--boxes-file", type=Path, metavar="FILE",
