@@ -54,25 +54,24 @@ def main() -> None:
     args = parser.parse_args()
     folder = WORK / f"demo-heldout-{args.count}"
     boxes = demo_data().write_split(folder, args.count, seed=2)
-    rows = []
+    headers = ["method", "top-1 loc. error", "Average Drop ↓", "Increase in Conf. ↑",
+               "Deletion AUC ↓", "Insertion AUC ↑"]
+    title(f"Faithfulness on the demo model's held-out set ({args.count} images, seed 2; "
+          f"substrate {args.substrate}, {args.steps} steps)")
+    print(table(headers, []), flush=True)       # then each row as soon as it is measured
+
+    def row(name: str, loc: str, f: dict) -> None:
+        print(table(headers, [[name, loc, f"{f['average_drop']:.1f}%",
+                               f"{f['increase_in_confidence']:.1f}%", f"{f['deletion_auc']:.3f}",
+                               f"{f['insertion_auc']:.3f}"]]).splitlines()[-1], flush=True)
+
     for name in args.methods.split(","):
         _, done = run_timed([CLI, "evaluate", str(folder), "--boxes-file", str(boxes),
                              "--model", "demo", "--faithfulness", "--steps", str(args.steps),
                              "--substrate", args.substrate, "--json", "--method", name])
         result = json.loads(done.stdout)
-        f = result["faithfulness"]
-        rows.append([name, f"{100 * result['top1_loc_error']:.1f}%", f"{f['average_drop']:.1f}%",
-                     f"{f['increase_in_confidence']:.1f}%", f"{f['deletion_auc']:.3f}",
-                     f"{f['insertion_auc']:.3f}"])
-    r = random_row(args.count, args.steps, args.substrate)
-    rows.append(["random map", "—", f"{r['average_drop']:.1f}%",
-                 f"{r['increase_in_confidence']:.1f}%", f"{r['deletion_auc']:.3f}",
-                 f"{r['insertion_auc']:.3f}"])
-    title(f"Faithfulness on the demo model's held-out set ({args.count} images, seed 2; "
-          f"substrate {args.substrate}, {args.steps} steps)")
-    print(table(["method", "top-1 loc. error", "Average Drop ↓", "Increase in Conf. ↑",
-                 "Deletion AUC ↓", "Insertion AUC ↑"], rows))
-
+        row(name, f"{100 * result['top1_loc_error']:.1f}%", result["faithfulness"])
+    row("random map", "—", random_row(args.count, args.steps, args.substrate))
 
 if __name__ == "__main__":
     main()
