@@ -6,7 +6,8 @@ relative paths (``stem`` = the image's relative path without extension):
 - ``stem.cam.png`` the overlay (``stem.cam-R.png`` for the R-th of several maps),
 - ``stem.heatmap.png`` the coloured map (same numbering),
 - ``stem.cam.npy`` the raw maps (M, h, w) and ``stem.cam-full.npy`` at image size,
-- ``stem.json`` the predictions, maps and boxes, ``stem.montage.png`` with --montage.
+- ``stem.json`` the predictions, maps and boxes, ``stem.montage.png`` with --montage,
+- ``stem.thumb.jpg`` a small overlay without boxes (``--report``'s cards).
 
 One bad image never stops the batch: it is reported at the end.
 """
@@ -43,7 +44,8 @@ from .signals import held, interrupt_for
 if TYPE_CHECKING:
     import distributed
 
-SAVE_KINDS = ("overlay", "heatmap", "npy", "json")
+SAVE_KINDS = ("overlay", "heatmap", "npy", "json", "thumb")
+THUMB_SIDE = 192                # a thumbnail's longest side, pixels
 
 
 @dataclass
@@ -109,7 +111,7 @@ def output_paths(item: Input, options: Options, maps: int) -> dict[str, Path]:
     base = options.output_dir / item.stem
     ext = options.image_format
 
-    def numbered(kind: str, suffix: str) -> dict[str, Path]:
+    def numbered(kind: str, suffix: str, ext: str = ext) -> dict[str, Path]:
         if maps == 1:
             return {kind: base.with_name(f"{base.name}.{suffix}.{ext}")}
         return {f"{kind}-{r}": base.with_name(f"{base.name}.{suffix}-{r}.{ext}")
@@ -120,6 +122,8 @@ def output_paths(item: Input, options: Options, maps: int) -> dict[str, Path]:
         paths.update(numbered("overlay", "cam"))
     if "heatmap" in options.save:
         paths.update(numbered("heatmap", "heatmap"))
+    if "thumb" in options.save:
+        paths.update(numbered("thumb", "thumb", "jpg"))
     if "npy" in options.save:
         paths["npy"] = base.with_name(f"{base.name}.cam.npy")
         paths["npy-full"] = base.with_name(f"{base.name}.cam-full.npy")
@@ -153,6 +157,16 @@ def render_overlay(net: CAMNet, image: np.ndarray, cam_full: np.ndarray, boxes: 
                   for b in boxes]
         return draw_boxes(overlay_seed(small, cam_small, options.colormap, alpha), scaled)
     return draw_boxes(overlay_paper(image, cam_full, options.colormap, alpha), boxes)
+
+
+def thumbnail(net: CAMNet, image: np.ndarray, cam_full: np.ndarray,
+              options: Options) -> np.ndarray:
+    """A small overlay without boxes (the report draws them): longest side THUMB_SIDE."""
+    scale = min(1.0, THUMB_SIDE / max(image.shape[:2]))
+    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+    small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    return render_overlay(net, small, cv2.resize(cam_full, size, interpolation=cv2.INTER_AREA),
+                          [], options)
 
 
 CAPTION_FONT = (cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)   # face, scale, thickness
@@ -238,6 +252,8 @@ def process(net: CAMNet, item: Input, image: np.ndarray, result: Prediction,
             write_image(paths["overlay" + suffix], overlays[rank - 1])
         if "heatmap" in options.save:
             write_image(paths["heatmap" + suffix], heatmap(cam_full, options.colormap))
+        if "thumb" in options.save:
+            write_image(paths["thumb" + suffix], thumbnail(net, image, cam_full, options))
     if "npy" in options.save:
         write_bytes(paths["npy"], npy_bytes(result.cams))
         write_bytes(paths["npy-full"], npy_bytes(np.stack([m for _, m, _ in maps])))
@@ -503,11 +519,13 @@ def write_line(text: str, out: TextIO) -> None:
 
 
 def run_batch(net: CAMNet, inputs: list[Input], options: Options, out: TextIO | None = None,
-              client: distributed.Client | str | None = None) -> Report:
+              client: distributed.Client | str | None = None,
+              on_chunk: Callable[[ChunkResult], None] | None = None) -> Report:
     """Process ``inputs`` in chunks of ``options.batch_size``, in this process or, with
     ``client`` (a ``distributed.Client`` or a ``--dask`` address), on a Dask cluster
     (``cluster.py``). Records go to ``out`` as chunks finish: in input order here, in
-    the order chunks complete on a cluster.
+    the order chunks complete on a cluster. ``on_chunk`` (the report) gets first the
+    records of the images skipped and those refused, then each chunk's result.
 
     Images that did not fit in the memory budget next to others run again after
     the rest, in as many rounds as it takes (each round runs at least one).
@@ -530,8 +548,15 @@ def run_batch(net: CAMNet, inputs: list[Input], options: Options, out: TextIO | 
             out.flush()                  # before the bar is drawn again
 
     with held(on_signal=stop.set) as received:
-        todo = pending_inputs(inputs, options, report,
-                              lambda item, paths: emit(skipped_record(item, paths)))
+        skipped: list[dict] = []
+
+        def skip(item: Input, paths: dict[str, Path]) -> None:
+            skipped.append(skipped_record(item, paths))
+            emit(skipped[-1])
+
+        todo = pending_inputs(inputs, options, report, skip)
+        if on_chunk is not None:
+            on_chunk(ChunkResult(0, records=skipped, failed=list(report.failed)))
         progress = Progress(len(todo), sys.stderr.isatty() and not options.quiet)
         handled = 0
         while todo and not stop.is_set():
@@ -551,6 +576,8 @@ def run_batch(net: CAMNet, inputs: list[Input], options: Options, out: TextIO | 
                         for record in result.records:
                             emit(record)
                         todo.extend(result.postponed)
+                        if on_chunk is not None:
+                            on_chunk(result)
                         handled += result.size - len(result.postponed)
                         progress.update(handled)
                         if stop.is_set() and client is not None:

@@ -29,6 +29,7 @@ from .models import DEFAULT_MODEL, Model
 from .output import check_writable, image_format, write_image
 from .pipeline import default_workers
 from .preprocess import mean_values
+from .report import REPORT_KINDS, ReportWriter
 from .render import DEFAULT_ALPHA, STYLES
 from .signals import exit_code, ignore_signals
 
@@ -262,6 +263,9 @@ def build_parser() -> ArgumentParser:
                           "(default overlay)")
     out.add_argument("--format", dest="image_format", choices=("png", "jpg"), default="png",
                      help="image format of --output-dir files (default png)")
+    out.add_argument("--report", action="store_true",
+                     help="with --output-dir: an HTML page of the run, DIR/index.html "
+                          "(adds overlay,heatmap,thumb to --save)")
     out.add_argument("--montage", action="store_true",
                      help="with --output-dir: the image and its overlays side by side")
     out.add_argument("--boxes", choices=("paper", "dt"),
@@ -366,7 +370,8 @@ def options_from(args: argparse.Namespace, net: CAMNet) -> Options:
         specs = [c for group in args.classes for c in group.split(",") if c.strip()]
         classes = [resolve_class(c, net.labels, net.spec.num_classes, "--class")
                    for c in specs]
-    return Options(output_dir=args.output_dir, save=args.save, image_format=args.image_format,
+    save = args.save + tuple(k for k in REPORT_KINDS if args.report and k not in args.save)
+    return Options(output_dir=args.output_dir, save=save, image_format=args.image_format,
                    classes=classes, top_k=min(args.top_k, net.spec.num_classes),
                    style=args.style,
                    colormap=args.colormap, alpha=args.alpha, boxes=args.boxes,
@@ -416,7 +421,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     if not args.output_dir:
         needs = [option for option, given in [
             ("--save", args.save != ("overlay",)), ("--montage", args.montage),
-            ("--skip-existing", args.skip_existing), ("--overwrite", args.overwrite)] if given]
+            ("--skip-existing", args.skip_existing), ("--overwrite", args.overwrite),
+            ("--report", args.report)] if given]
         if needs:
             raise CamError(f"{' and '.join(needs)} need{'s' * (len(needs) == 1)} --output-dir")
     if args.show:
@@ -433,6 +439,15 @@ def same_file(a: Path, b: Path) -> bool:
         return a.exists() and os.path.samefile(a, b)
     except OSError:
         return False
+
+
+def report_writer(args: argparse.Namespace, net: CAMNet, options: Options,
+                  count: int) -> ReportWriter:
+    """--report's page, headed with what this run of ``count`` inputs is."""
+    model = f"{args.prototxt} ({args.weights})" if args.prototxt else args.model or DEFAULT_MODEL
+    return ReportWriter(args.output_dir, {
+        "model": model, "backend": net.backend_name, "methods": [net.method], "images": count,
+        "top_k": options.top_k, "boxes": options.boxes}, options)
 
 
 def run(argv: list[str]) -> int:
@@ -464,14 +479,18 @@ def run(argv: list[str]) -> int:
         raise OutputError(f"{args.output}: -o would overwrite the input image")
     net = load_net(args)
     options = options_from(args, net)
+    writer = report_writer(args, net, options, len(inputs)) if args.report else None
+    on_chunk = writer.add if writer else None
     if args.output or args.show:
         single(net, inputs[0], options, args)
         report = Report(done=1)
     elif args.dask:
         with dask_client(args.dask, quiet=not args.verbose) as client:
-            report = run_batch(net, inputs, options, client=client)
+            report = run_batch(net, inputs, options, client=client, on_chunk=on_chunk)
     else:
-        report = run_batch(net, inputs, options)
+        report = run_batch(net, inputs, options, on_chunk=on_chunk)
+    if writer:
+        writer.close()
     report.failed[:0] = [(Path(), problem) for problem in problems]
     for _, error in report.failed:
         say(f"cam-caffe: error: {one_line(str(error))}")

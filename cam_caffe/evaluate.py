@@ -1,4 +1,4 @@
-"""``cam-caffe evaluate``: classification and localization error against ground-truth boxes.
+"""``cam-caffe evaluate``: localization error against ground-truth boxes, and faithfulness.
 
 As in ILSVRC and the CAM paper: each of an image's top-k predictions is a
 class with one box, from the CAM of that class at the image's size
@@ -18,9 +18,14 @@ extension:
 
 A label is a class id, a label of ``--labels`` or a WordNet id (``n01440764``)
 looked up by the first word of the labels file's lines.
+
+``--faithfulness`` (with or without ground truth) adds Average Drop, Increase
+in Confidence and Deletion/Insertion AUC of each image's top-1 class and its
+map (``cam_caffe.metrics``): per image with ``--json``, averaged in the table.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -37,8 +42,9 @@ from .cli import (DEFAULT_BATCH, ArgumentParser, _device_id, _memory_size, _posi
                   parse_levels)
 from .errors import EXIT_INPUT, EXIT_OK, EXIT_SOME_FAILED, CamError
 from .image import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
-from .inputs import collect
+from .inputs import Input, collect
 from .labels import resolve_class
+from .metrics import DEFAULT_STEPS, SUBSTRATES, faithfulness, summary
 
 IOU = 0.5
 TOP_K = 5
@@ -175,12 +181,21 @@ def error_rates(hits: list[tuple[int | None, int | None]]) -> dict[str, float]:
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="cam-caffe evaluate",
                        description="Top-1/top-5 classification and localization error "
-                                   "(ILSVRC rules, IoU >= 0.5) against ground-truth boxes.")
+                                   "(ILSVRC rules, IoU >= 0.5) against ground-truth boxes, "
+                                   "and/or the maps' faithfulness (--faithfulness).")
     p.add_argument("images", nargs="+", metavar="INPUT",
                    help="image files, directories, globs, @list.txt or -")
-    p.add_argument("--boxes-file", type=Path, required=True, metavar="FILE",
+    p.add_argument("--boxes-file", type=Path, metavar="FILE",
                    help="ground truth: CSV (image,label,x,y,w,h), JSON, or ILSVRC XML "
                         "(a file or a folder)")
+    p.add_argument("--faithfulness", action="store_true",
+                   help="Average Drop, Increase in Confidence, Deletion and Insertion AUC "
+                        "of each image's top-1 class")
+    p.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS, metavar="N",
+                   help=f"--faithfulness: deletion/insertion steps (default {DEFAULT_STEPS})")
+    p.add_argument("--substrate", choices=SUBSTRATES, default="mean",
+                   help="--faithfulness: what replaces pixels: the net's mean (default) or "
+                        "the image blurred (Gaussian 11x11, sigma 5)")
     p.add_argument("--boxes", choices=("paper", "dt"), default="paper",
                    help="box from each CAM: paper (default) or dt (largest official box)")
     p.add_argument("--box-threshold", type=float, default=0.2, metavar="T",
@@ -210,24 +225,26 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    truth = read_truth(args.boxes_file)
+def select(images: list[str], truth: dict[str, Truth] | None) -> tuple[list[Input], int]:
+    """The inputs to evaluate (those with ground truth, when there is some) and the
+    number left out for lack of it."""
     inputs, unmatched, seen = [], 0, {}
-    for item in collect(args.images):
+    for item in collect(images):
         key = image_key(item.path.name)
-        if key in seen:
+        if truth is not None and key in seen:
             raise CamError(f"{item.path} and {seen[key]}: ground truth is matched by file name, "
                            "and these two have the same")
         seen[key] = item.path
-        if key in truth:
+        if truth is None or key in truth:
             inputs.append(item)
         else:
             unmatched += 1
-    if not inputs:
-        raise CamError(f"none of the input images has ground truth in {args.boxes_file}",
-                       EXIT_INPUT)
-    net = load_net(args)
+    return inputs, unmatched
+
+
+def localization(net, inputs: list[Input], truth: dict[str, Truth],
+                 args: argparse.Namespace) -> tuple[dict, list[tuple[Path, CamError]]]:
+    """Top-1/top-5 classification and localization error, and the images that failed."""
     labels_file = args.labels or model_files(args)[2]
     resolve = class_resolver(labels_file, net.labels, net.spec.num_classes)
     targets = {str(item.path): [(resolve(label), box) for label, box in
@@ -244,21 +261,94 @@ def main(argv: list[str]) -> int:
         guesses = [(m["class"], Box(*m["boxes"][0]) if m["boxes"] else None)
                    for m in record["maps"]]
         hits.append(first_hits(guesses, targets[record["image"]]))
-    for path, reason in report.failed:
-        print(f"cam-caffe: error: {reason}", file=sys.stderr)
-    if not hits:
-        raise CamError("no image could be evaluated", EXIT_INPUT)
-    result = {"images": len(hits), "failed": len(report.failed), "no_ground_truth": unmatched,
-              "method": net.method, "boxes": args.boxes, **error_rates(hits)}
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
+    result = {"images": len(hits), "boxes": args.boxes, **error_rates(hits)} if hits else {}
+    return result, report.failed
+
+
+def faithfulness_run(net, inputs: list[Input], args: argparse.Namespace
+                     ) -> tuple[dict, list[tuple[Path, CamError]]]:
+    """Each image's faithfulness for its top-1 class and map, and their averages."""
+    results, failed = [], []
+    for start in range(0, len(inputs), args.batch_size):
+        loaded = []
+        for item in inputs[start:start + args.batch_size]:
+            try:
+                loaded.append((item, net.load(item.path)))
+            except CamError as e:
+                failed.append((item.path, e))
+        predictions = net.predict([image for _, image in loaded], top_k=1)
+        for (item, image), prediction in zip(loaded, predictions):
+            class_id = prediction.classes[0]
+            results.append((item, faithfulness(net, image, class_id, prediction.cam(class_id),
+                                               args.steps, args.substrate, args.batch_size)))
+    if not results:
+        return {}, failed
+    return {"images": len(results), "map": f"{net.method} map of the top-1 class",
+            "substrate": args.substrate, "steps": args.steps,
+            **summary([r for _, r in results]),
+            "per_image": [{"image": str(item.path), **r.as_dict()} for item, r in results]
+            }, failed
+
+
+def print_tables(result: dict, args: argparse.Namespace) -> None:
+    """The human-readable report of ``main``'s result."""
+    print(f"{result['images']} images ({result['failed']} failed"
+          + (f", {result['no_ground_truth']} without ground truth" if args.boxes_file else "")
+          + f"); maps: {result['method']}")
+    if args.boxes_file:
         method = (f"paper, threshold {args.box_threshold:g}" if args.boxes == "paper"
                   else f"dt, levels {','.join(map(str, args.dt_thresholds))}")
-        print(f"{len(hits)} images ({len(report.failed)} failed, {unmatched} without ground "
-              f"truth); maps: {net.method}; boxes: {method}; IoU >= {IOU}")
+        print(f"boxes: {method}; IoU >= {IOU}")
         print(f"{'error':<16}{'top-1':>8}{'top-5':>8}")
         for name, key in (("classification", "cls"), ("localization", "loc")):
             print(f"{name:<16}{100 * result[f'top1_{key}_error']:7.2f}%"
                   f"{100 * result[f'top5_{key}_error']:7.2f}%")
-    return EXIT_SOME_FAILED if report.failed else EXIT_OK
+    if args.faithfulness:
+        f = result["faithfulness"]
+        print(f"faithfulness: {f['map']}; substrate {f['substrate']}; {f['steps']} steps")
+        rows = (("Average Drop", f"{f['average_drop']:.2f}%", "lower is better"),
+                ("Increase in Confidence", f"{f['increase_in_confidence']:.2f}%",
+                 "higher is better"),
+                ("Deletion AUC", f"{f['deletion_auc']:.4f}", "lower is better"),
+                ("Insertion AUC", f"{f['insertion_auc']:.4f}", "higher is better"))
+        for name, value, better in rows:
+            print(f"{name:<24}{value:>8}  ({better})")
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if not (args.boxes_file or args.faithfulness):
+        raise CamError("give --boxes-file (localization error), --faithfulness, or both")
+    if args.faithfulness and args.ten_crop:
+        raise CamError("--faithfulness masks the net's input: it does not work with --ten-crop")
+    truth = read_truth(args.boxes_file) if args.boxes_file else None
+    inputs, unmatched = select(args.images, truth)
+    if not inputs:
+        raise CamError(f"none of the input images has ground truth in {args.boxes_file}"
+                       if truth is not None else "no input images found", EXIT_INPUT)
+    net = load_net(args)
+    result: dict = {}
+    failed: dict[Path, CamError] = {}
+    if truth is not None:
+        found, errors = localization(net, inputs, truth, args)
+        result.update(found)
+        failed.update(errors)
+    if args.faithfulness:
+        found, errors = faithfulness_run(net, inputs, args)
+        if found:
+            result.setdefault("images", found["images"])
+            result["faithfulness"] = found
+        failed.update(errors)
+    for reason in failed.values():
+        print(f"cam-caffe: error: {reason}", file=sys.stderr)
+    if "images" not in result:
+        raise CamError("no image could be evaluated", EXIT_INPUT)
+    result["failed"] = len(failed)
+    result["method"] = net.method
+    if truth is not None:
+        result["no_ground_truth"] = unmatched
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_tables(result, args)
+    return EXIT_SOME_FAILED if failed else EXIT_OK

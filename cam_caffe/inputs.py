@@ -83,7 +83,7 @@ def _is_image(data: bytes) -> bool:
 
 # Names of the files cam-caffe writes (see batch.py), never taken as inputs from
 # a folder that holds the output directory.
-OUTPUT_NAME = re.compile(r"\.(cam|heatmap)(-\d+)?\.(png|jpg)$|\.montage\.(png|jpg)$")
+OUTPUT_NAME = re.compile(r"\.(cam|heatmap|thumb)(-\d+)?\.(png|jpg)$|\.montage\.(png|jpg)$")
 
 
 def identity(path: Path) -> Path:

@@ -1,4 +1,5 @@
-"""Write caffemodels without Caffe: random weights for any net, or weights given by hand.
+"""Write caffemodels without Caffe: random weights for any net, or weights given by hand;
+and made-up batch records with thumbnails, for a report without a net.
 
 Used by the tests, the benchmarks and the example scripts to make real model
 files when trained weights are not available (the official GoogLeNet-CAM
@@ -67,3 +68,41 @@ def save_caffemodel(netdef: NetDef, weights: dict[str, list[np.ndarray]],
         for array in weights.get(layer.name, []):
             stored.blobs.append(blob(array))
     write_bytes(path, net.SerializeToString())
+
+
+def synthetic_records(folder: str | Path, count: int, methods: tuple[str, ...] = ("cam",),
+                      labels: tuple[str, ...] = ("circle", "square", "triangle", "cross", "star"),
+                      seed: int = 0) -> list[dict]:
+    """``count`` batch records (as ``batch.process`` returns them) of made-up images
+    ``img_NNNNN.png``, one map per method of the top-1 class, each with a real
+    32×32 JPEG thumbnail in ``folder``: a report to test and time without a net."""
+    import cv2
+    rng = np.random.default_rng(seed)
+    folder = Path(folder)
+    records = []
+    for i in range(count):
+        probs = rng.dirichlet(np.full(len(labels), 0.3))
+        order = np.argsort(-probs, kind="stable")
+        top, name = int(order[0]), f"img_{i:05d}"
+        files = {}
+        for rank, _ in enumerate(methods, 1):
+            suffix = "" if len(methods) == 1 else f"-{rank}"
+            thumb = folder / f"{name}.thumb{suffix}.jpg"
+            colour = rng.integers(0, 256, 3).tolist()
+            picture = np.full((32, 32, 3), colour, np.uint8)
+            cv2.circle(picture, (int(rng.integers(8, 24)), int(rng.integers(8, 24))), 6,
+                       (0, 0, 255), -1)
+            write_bytes(thumb, cv2.imencode(".jpg", picture)[1].tobytes())
+            files |= {f"thumb{suffix}": str(thumb),
+                      f"overlay{suffix}": str(folder / f"{name}.cam{suffix}.png"),
+                      f"heatmap{suffix}": str(folder / f"{name}.heatmap{suffix}.png")}
+        records.append({
+            "image": str(folder / "images" / f"{name}.png"),
+            "size": {"width": 64, "height": 64},
+            "top_k": [{"class": int(c), "label": labels[c], "prob": round(float(probs[c]), 6)}
+                      for c in order[:3]],
+            "maps": [{"method": method, "class": top, "label": labels[top],
+                      "prob": round(float(probs[top]), 6), "boxes": [[8, 8, 24, 24]]}
+                     for method in methods],
+            "files": files})
+    return records

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up cam-caffe on Debian 12 / Ubuntu: a virtual environment in .venv with
-# the package, its test tools, the ONNX and the Dask extras. Installs python3 and
-# python3-venv with apt when they are missing (as root, or through sudo).
+# the package, its test tools, the ONNX and the Dask extras. Installs python3,
+# python3-venv, and chromium + chromium-driver (the tests open --report's page
+# in headless Chromium) with apt when they are missing (as root, or through sudo).
 # Usage: scripts/setup.sh
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,6 +18,10 @@ apt_install() {
 if ! command -v python3 >/dev/null; then
   echo "==> installing python3"
   apt_install python3 python3-venv
+fi
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  echo "==> installing chromium and chromium-driver (for the report's browser tests)"
+  apt_install chromium chromium-driver
 fi
 if [ ! -x .venv/bin/python ]; then
   echo "==> creating .venv"

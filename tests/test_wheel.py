@@ -116,6 +116,19 @@ def test_demo_model_from_another_folder(installed):
         assert overlay.shape == cv2.imread(str(image)).shape
 
 
+def test_report_page_comes_from_the_wheel(installed):
+    images = installed.work / "report-images"
+    images.mkdir()
+    shutil.copy(ROOT / "images" / "demo_star_4.png", images)
+    out = installed.cam_caffe("--model", "demo", str(images), "--output-dir", "report", "--report")
+    assert out.returncode == 0, out.stderr
+    assets = ROOT / "cam_caffe" / "report_assets"
+    page = installed.work / "report"
+    assert (page / "index.html").read_bytes() == (assets / "index.html").read_bytes()
+    for name in ("app.js", "style.css"):
+        assert (page / "_report" / name).read_bytes() == (assets / name).read_bytes()
+
+
 @pytest.fixture
 def server(tmp_path):
     """A local HTTP server over tmp_path/served: (its URL, the folder)."""

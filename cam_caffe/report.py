@@ -1,0 +1,147 @@
+"""``--report``: an HTML page of a batch run, ``<output-dir>/index.html``.
+
+The page works from ``file://`` with no network. It is static (``index.html``,
+``_report/app.js``, ``_report/style.css``, copied from the package) and reads
+the run through ``<script>`` tags, since ``file://`` pages cannot fetch:
+
+- ``_report/run.js``: ``CAM_RUN = {…}``, the header (model, backend, methods,
+  counts, failures, wall time, images/s, whether the run finished) and the
+  number of data chunks;
+- ``_report/data-NNNN.js``: ``CAM_CHUNK(N, [card, …])``, up to ``CHUNK`` cards.
+
+The page is written incrementally: after each batch the current chunk and
+then ``run.js`` are replaced atomically, so an interrupted run leaves a page
+of what it finished. With ``--skip-existing`` the skipped images' cards come
+from the report already there, else from their saved ``.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from datetime import datetime, timezone
+from importlib.resources import files
+from pathlib import Path
+from urllib.parse import quote
+
+from .batch import ChunkResult, Options
+from .errors import CamError
+from .output import write_bytes
+
+ASSETS = ("app.js", "style.css")
+REPORT_KINDS = ("overlay", "heatmap", "thumb")     # files the cards show and link to
+FOLDER = "_report"
+CHUNK = 256                     # cards per data file
+_CHUNK_FILE = re.compile(r"data-(\d{4,})\.js")
+_CHUNK_TEXT = re.compile(r"CAM_CHUNK\(\d+, (.*)\);\s*", re.S)
+_RUN_TEXT = re.compile(r"CAM_RUN = (.*);\s*", re.S)
+
+
+def url(target: str | Path, start: Path) -> str:
+    """``target`` as a URL relative to the folder ``start`` (forward slashes, quoted)."""
+    relative = os.path.relpath(os.path.abspath(target), os.path.abspath(start))
+    return quote(relative.replace(os.sep, "/"))
+
+
+def card(record: dict, root: Path) -> dict:
+    """The page's view of one image's JSON record: names, numbers and relative URLs."""
+    files = record.get("files", {})
+    maps = record.get("maps", [])
+
+    def file(kind: str, rank: int) -> str | None:
+        name = files.get(kind if len(maps) == 1 else f"{kind}-{rank}")
+        return url(name, root) if name else None
+
+    return {"name": record["image"], "src": url(record["image"], root),
+            "size": [record["size"]["width"], record["size"]["height"]],
+            "top": [[t["class"], t["label"], t["prob"]] for t in record["top_k"]],
+            "maps": [{"method": m.get("method", record.get("method", "cam")), "class": m["class"],
+                      "label": m["label"], "prob": m["prob"], "boxes": m["boxes"],
+                      "thumb": file("thumb", r), "overlay": file("overlay", r),
+                      "heatmap": file("heatmap", r)} for r, m in enumerate(maps, 1)]}
+
+
+def failed_card(path: Path, error: CamError, root: Path) -> dict:
+    return {"name": str(path), "src": url(path, root), "error": str(error), "failed": True}
+
+
+def read_cards(root: Path) -> list[dict]:
+    """The cards of the report in ``root``: those of the chunks its run.js names
+    (none when there is no readable report)."""
+    folder = root / FOLDER
+    try:
+        run = json.loads(_RUN_TEXT.fullmatch((folder / "run.js").read_text("utf-8")).group(1))
+        cards = []
+        for n in range(run["chunks"]):
+            text = (folder / f"data-{n:04d}.js").read_text("utf-8")
+            cards += json.loads(_CHUNK_TEXT.fullmatch(text).group(1))
+        return cards
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return []
+
+
+class ReportWriter:
+    """Writes the page as a run goes: ``add`` after each batch, ``close`` at the end."""
+
+    def __init__(self, root: Path, header: dict, options: Options) -> None:
+        """``header``: model, backend, methods and images (the run's count)."""
+        self.root, self.options = Path(root), options
+        self.header = {**header, "done": 0, "skipped": 0, "failed": [],
+                       "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        self.start = time.monotonic()
+        self.previous = ({c["name"]: c for c in read_cards(self.root) if not c.get("failed")}
+                         if options.skip_existing else {})
+        self.cards: list[dict] = []
+        self.written = 0                 # chunks already final on disk
+        for asset in ASSETS:
+            write_bytes(self.root / FOLDER / asset,
+                        files(__package__).joinpath("report_assets", asset).read_bytes())
+        write_bytes(self.root / "index.html",
+                    files(__package__).joinpath("report_assets", "index.html").read_bytes())
+
+    def add(self, result: ChunkResult) -> None:
+        """One chunk's outcome (``run_batch``'s ``on_chunk``): its records (done, or
+        skipped by --skip-existing) and failures get their cards; the page is rewritten."""
+        for record in result.records:
+            skipped = bool(record.get("skipped"))
+            self.cards.append(self.resumed(record) if skipped else card(record, self.root))
+            self.header["skipped" if skipped else "done"] += 1
+        self.cards += [failed_card(path, error, self.root) for path, error in result.failed]
+        self.header["failed"] += [{"image": str(path), "error": str(error)}
+                                  for path, error in result.failed]
+        self.flush(finished=False)
+
+    def resumed(self, record: dict) -> dict:
+        """A skipped image's card: from the page already there, else from its saved
+        record (``batch.skipped_record``), else just its name."""
+        if record["image"] in self.previous:
+            return self.previous[record["image"]]
+        if "top_k" in record:
+            return card(record, self.root)
+        return {"name": record["image"], "src": url(record["image"], self.root), "top": [],
+                "maps": [], "note": "done by an earlier run; no record of it"}
+
+    def flush(self, finished: bool) -> None:
+        """Replace the chunks that changed, then run.js (which names how many there are)."""
+        chunks = max(1, -(-len(self.cards) // CHUNK))
+        for n in range(self.written, chunks):
+            text = json.dumps(self.cards[n * CHUNK:(n + 1) * CHUNK], ensure_ascii=False,
+                              separators=(",", ":"))
+            write_bytes(self.root / FOLDER / f"data-{n:04d}.js",
+                        f"CAM_CHUNK({n}, {text});\n".encode())
+        self.written = chunks - 1
+        wall = time.monotonic() - self.start
+        self.header.update(chunks=chunks, finished=finished, wall_s=round(wall, 3),
+                           images_per_s=round(self.header["done"] / wall, 2) if wall > 0 else 0)
+        write_bytes(self.root / FOLDER / "run.js",
+                    f"CAM_RUN = {json.dumps(self.header, ensure_ascii=False)};\n".encode())
+        if finished:
+            for stale in (self.root / FOLDER).glob("data-*.js"):
+                match = _CHUNK_FILE.fullmatch(stale.name)
+                if match and int(match.group(1)) >= chunks:
+                    stale.unlink()
+
+    def close(self) -> None:
+        """The run is over: say so, with its final time."""
+        self.flush(finished=True)
