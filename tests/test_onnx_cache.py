@@ -196,7 +196,7 @@ def reference(square, tmp_path_factory):
     """The square net's output with a working cache: what every odd case must print."""
     _, args, image = square
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path_factory.mktemp("reference-cache")))
-    child = run([image, *args, "--jsonl", "--top-k", "2"], env=env)
+    child = run([image, *args, "--jsonl", "--top-k", "2", "-q"], env=env)   # -q: no summary
     assert child.returncode == 0 and child.stderr == "", child.stderr
     return child.stdout
 
