@@ -64,3 +64,11 @@ def require_pycaffe():
         if IN_CI:
             pytest.fail(f"pycaffe must be installed in CI: {e}")
         pytest.skip(f"pycaffe not installed: {e}")
+
+
+def output_files(folder: Path) -> list[Path]:
+    """The files a run wrote under ``folder``, without the lists of what each process
+    wrote (``.cam-caffe/``: one per process, so they differ between runs)."""
+    from cam_caffe.output import OutputLedger
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and OutputLedger.DIRECTORY not in p.relative_to(folder).parts)
