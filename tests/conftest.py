@@ -45,6 +45,22 @@ def private_home(tmp_path_factory):
             os.environ[name] = value
 
 
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+@pytest.fixture(autouse=True)
+def thread_environment():
+    """Each test sees the session's thread variables: an embedded Dask cluster sets
+    OMP_NUM_THREADS=1 in this process, which changes --workers' default later."""
+    saved = {name: os.environ.get(name) for name in THREAD_VARIABLES}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def shared(*parts: str) -> Path:
     """A fixture file under ../shared/fixtures (skip, or fail in CI, when absent)."""
     path = SHARED.joinpath(*parts)
