@@ -30,6 +30,15 @@ settings.register_profile("mutation", settings.get_profile("cam-caffe"), max_exa
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "cam-caffe"))
 
 
+def restore_environment(saved: dict[str, str | None]) -> None:
+    """Put back environment variables as ``saved`` (None: it was not set)."""
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_home(tmp_path_factory):
     """HOME and XDG_CACHE_HOME in a session temporary folder (children inherit them)."""
@@ -38,11 +47,7 @@ def private_home(tmp_path_factory):
     os.environ["HOME"] = str(home)
     os.environ["XDG_CACHE_HOME"] = str(home / ".cache")
     yield home
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    restore_environment(saved)
 
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -54,11 +59,7 @@ def thread_environment():
     OMP_NUM_THREADS=1 in this process, which changes --workers' default later."""
     saved = {name: os.environ.get(name) for name in THREAD_VARIABLES}
     yield
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    restore_environment(saved)
 
 
 def shared(*parts: str) -> Path:
