@@ -30,6 +30,15 @@ settings.register_profile("mutation", settings.get_profile("cam-caffe"), max_exa
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "cam-caffe"))
 
 
+def restore_environment(saved: dict[str, str | None]) -> None:
+    """Put back environment variables as ``saved`` (None: it was not set)."""
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_home(tmp_path_factory):
     """HOME and XDG_CACHE_HOME in a session temporary folder (children inherit them)."""
@@ -38,11 +47,19 @@ def private_home(tmp_path_factory):
     os.environ["HOME"] = str(home)
     os.environ["XDG_CACHE_HOME"] = str(home / ".cache")
     yield home
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    restore_environment(saved)
+
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+@pytest.fixture(autouse=True)
+def thread_environment():
+    """Each test sees the session's thread variables: an embedded Dask cluster sets
+    OMP_NUM_THREADS=1 in this process, which changes --workers' default later."""
+    saved = {name: os.environ.get(name) for name in THREAD_VARIABLES}
+    yield
+    restore_environment(saved)
 
 
 def shared(*parts: str) -> Path:
@@ -64,3 +81,11 @@ def require_pycaffe():
         if IN_CI:
             pytest.fail(f"pycaffe must be installed in CI: {e}")
         pytest.skip(f"pycaffe not installed: {e}")
+
+
+def output_files(folder: Path) -> list[Path]:
+    """The files a run wrote under ``folder``, without the lists of what each process
+    wrote (``.cam-caffe/``: one per process, so they differ between runs)."""
+    from cam_caffe.output import OutputLedger
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and OutputLedger.DIRECTORY not in p.relative_to(folder).parts)

@@ -19,7 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import IN_CI
+from conftest import IN_CI, output_files
 
 try:
     import distributed                   # the dask extra, which scripts/setup.sh installs
@@ -89,13 +89,6 @@ def jsonl(text: str) -> dict[str, dict]:
     by_image = {r["image"]: r for r in records}
     assert len(by_image) == len(records)              # each image reported once
     return by_image
-
-
-def output_files(folder: Path) -> list[Path]:
-    """The files a run wrote under ``folder``, without the lists of what each process
-    wrote (``.cam-caffe/``: one per process, so they differ between runs)."""
-    return [p for p in folder.rglob("*")
-            if p.is_file() and OutputLedger.DIRECTORY not in p.relative_to(folder).parts]
 
 
 def assert_same_outputs(reference: Path, out: Path) -> None:

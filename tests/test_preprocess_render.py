@@ -203,7 +203,7 @@ def test_mean_values_parse_as_float32_numbers():
                                      ("7", 2, [7.0, 7.0])]:
         mean = parse_mean(spec, channels)
         assert mean.dtype == np.float32 and mean.tolist() == expected, spec
-    with pytest.raises(ModelError, match=r"--mean '1\.\.2': not a list of numbers"):
+    with pytest.raises(ModelError, match=r"^--mean '1\.\.2': expected numbers, a \.npy or a \.binaryproto file$"):
         parse_mean("1..2")
 
 

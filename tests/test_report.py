@@ -103,7 +103,8 @@ def test_interrupted_run_keeps_its_page_and_skip_existing_resumes_it(tmp_path, m
         shutil.copy(path, images / path.name)
     out = tmp_path / "out"
     args = [str(images), "--model", "demo", "--output-dir", str(out), "--report",
-            "--batch-size", "2", "--save", "json", "-q"]
+            "--batch-size", "2", "--save", "json", "-q",
+            "--workers", "0"]              # the patched load runs in this process
     load = CAMNet.load
 
     def interrupted(self, path, *rest):         # Ctrl-C while decoding the 3rd image
