@@ -69,6 +69,7 @@ def test_prediction_maps_raw_or_upsampled(colour_net):
     np.testing.assert_array_equal(result.cam(second), result.cams[1])
     assert result.cam(first).shape == (12, 12)
     np.testing.assert_array_equal(result.cam(first, (40, 50)), upsample(result.cams[0], (40, 50)))
+    assert result.top(1) == [(first, load(colour_net).labels[first], float(result.probs[first]))]
     missing = ({0, 1, 2, 3, 4} - {first, second}).pop()
     with pytest.raises(CamError, match=f"^no CAM computed for class {missing} "):
         result.cam(missing)
