@@ -95,3 +95,32 @@ def test_max_batch_counts_ten_crops_as_ten_inputs(colour_net):
     one, ten = net.max_batch(), net.max_batch(10)
     assert one == max_batch(net.netdef, 64 << 20) and one >= 20
     assert ten == max_batch(net.netdef, 64 << 20, 10) and ten <= one // 10
+
+
+def test_memory_check_counts_ten_crops(colour_net):
+    """A limit that fits two inputs: two images pass, one image's ten crops do not."""
+    from cam_caffe.errors import ModelError
+    from cam_caffe.limits import forward_bytes
+    net = load(colour_net)
+    net.max_memory = forward_bytes(net.netdef, 2)
+    images = colour_images(2)
+    assert len(net.predict(images)) == 2
+    with pytest.raises(ModelError, match="a batch of 3 inputs"):
+        net.predict(colour_images(3))
+    with pytest.raises(ModelError, match="a batch of 10 inputs"):
+        net.predict(images[:1], ten_crop=True)
+
+
+def test_arguments_rebuild_the_same_net(colour_net, tmp_path, monkeypatch):
+    """CAMNet.arguments (what a Dask worker gets) make an equal net from another folder."""
+    net = load(colour_net, max_memory=1 << 30, batch_size=4, method="cam")
+    monkeypatch.chdir(tmp_path)
+    again = CAMNet(**net.arguments)
+    assert again.arguments == net.arguments and again.backend_name == "opencv"
+    assert (again.labels, again.max_memory, again.batch_size, again.method) == (
+        net.labels, 1 << 30, 4, "cam")
+    image = colour_images(1)[0]
+    a, b = net.predict([image], top_k=2)[0], again.predict([image], top_k=2)[0]
+    assert a.classes == b.classes
+    np.testing.assert_array_equal(a.cams, b.cams)
+    np.testing.assert_array_equal(net.preprocess([image]), again.preprocess([image]))
