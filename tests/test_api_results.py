@@ -71,7 +71,9 @@ def test_prediction_maps_raw_or_upsampled(colour_net):
     np.testing.assert_array_equal(result.cam(first, (40, 50)), upsample(result.cams[0], (40, 50)))
     assert result.top(1) == [(first, load(colour_net).labels[first], float(result.probs[first]))]
     missing = ({0, 1, 2, 3, 4} - {first, second}).pop()
-    with pytest.raises(CamError, match=f"^no CAM computed for class {missing} "):
+    with pytest.raises(CamError, match=f"^no CAM computed for class {missing} .*: this "
+                                       f"prediction has {first} .*, {second} .*; ask "
+                                       rf"predict\(\) for it with classes=\[{missing}\]$"):
         result.cam(missing)
 
 
