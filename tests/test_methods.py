@@ -333,6 +333,26 @@ def test_auto_backend_for_gradients_skips_opencv(tmp_path):
     assert CAMNet(prototxt, weights, method="gradcam").backend_name == "onnxruntime"
 
 
+# A Python without ONNX Runtime and pycaffe (a pip-only install without the onnx extra):
+# a None in sys.modules is how Python marks a module absent (find_spec gives None).
+WITHOUT_GRADIENT_BACKENDS = """
+import sys
+sys.modules["onnxruntime"] = sys.modules["caffe"] = None
+from cam_caffe.launch import entry
+entry()
+"""
+
+
+def test_gradient_methods_without_their_backends_say_what_to_install():
+    child = subprocess.run([sys.executable, "-c", WITHOUT_GRADIENT_BACKENDS, "--model", "demo",
+                            str(ROOT / "images" / "demo_star_4.png"), "--method", "gradcam"],
+                           capture_output=True, text=True)
+    assert child.returncode == 6
+    assert child.stderr == ("cam-caffe: error: gradient methods need ONNX Runtime or pycaffe, "
+                            "and neither is installed: pip install 'cam-caffe[onnx]', or run "
+                            "scripts/install_pycaffe.sh\n")
+
+
 POWER_TAIL = TINY.replace(
     'layer { name: "gap"',
     'layer { name: "pow" type: "Power" bottom: "conv" top: "p" power_param { power: 2 } }\n'

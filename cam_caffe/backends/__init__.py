@@ -103,6 +103,10 @@ def create_backend(name: str, netdef: NetDef, weights: CaffeModel, spec: CamSpec
     order = AUTO_ORDER if gpu is None else AUTO_ORDER_GPU
     candidates = [b for b in order if installed(b)
                   and (not gradients or b in GRADIENT_BACKENDS)]
+    if not candidates and gradients:
+        raise BackendError("gradient methods need ONNX Runtime or pycaffe, and neither is "
+                           "installed: pip install 'cam-caffe[onnx]', or run "
+                           "scripts/install_pycaffe.sh")
     if not candidates:
         raise BackendError("no backend installed: pip install opencv-python-headless, "
                            "or run scripts/install_pycaffe.sh")
