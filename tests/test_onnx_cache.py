@@ -282,7 +282,10 @@ def as_user_without_passwd_entry():
         except KeyError:
             break
         uid += 1
-    return ("setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--")
+    # It may read (not write) what root can: the checkout may sit in a private folder
+    # (mktemp -d is 0700), and the uid still has to import cam-caffe from it.
+    return ("setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+            "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search", "--")
 
 
 @pytest.mark.parametrize("home", [None, ""])
