@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -71,6 +72,7 @@ def child(config: str, count: int, repeat: int, batch_size: int) -> dict:
     from cam_caffe.batch import Options, run_batch
     from cam_caffe.inputs import collect
     out = WORK / "dask_out" / config.replace(" ", "_").replace(":", "")
+    shutil.rmtree(out, ignore_errors=True)     # the repeats then rewrite this run's own files
     inputs = collect([str(p) for p in sorted(FOLDER.glob("*.jpg"))[:count]], out)
     options = Options(output_dir=out, batch_size=batch_size, quiet=True)
     started = time.perf_counter()
