@@ -56,6 +56,14 @@ def square_image(top: int, left: int, size: int = 40,
     return image
 
 
+def square_case(folder: Path) -> tuple[Path, list[str]]:
+    """The square net and one image of it in ``folder``: (image, the model's CLI arguments)."""
+    prototxt, weights, _ = write_square_net(folder)
+    image = folder / "i.png"
+    cv2.imwrite(str(image), square_image(10, 10))
+    return image, ["--prototxt", str(prototxt), "--weights", str(weights), "--mean", "0"]
+
+
 def write_random_net(folder: Path, prototxt_text: str, name: str, seed: int = 0,
                      **load_args) -> tuple[Path, Path]:
     """Write ``prototxt_text`` and a He-random caffemodel for it."""

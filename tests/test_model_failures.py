@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import cv2
 import pytest
 
 from cam_caffe.backends import create_backend
@@ -19,7 +18,7 @@ from cam_caffe.camspec import find_cam_layers
 from cam_caffe.errors import MAX_MESSAGE, CamError, ModelError, shorten
 from cam_caffe.netdef import CaffeModel, load_netdef
 from cam_caffe.synthetic import save_caffemodel
-from nets import SQUARE_PROTOTXT, square_image, write_square_net
+from nets import SQUARE_PROTOTXT, square_case
 from test_onnx import SLICE_NET
 
 
@@ -33,10 +32,8 @@ def run(*args, env=None):
 @pytest.fixture(scope="module")
 def square(tmp_path_factory):
     folder = tmp_path_factory.mktemp("square")
-    prototxt, weights, labels = write_square_net(folder)
-    image = folder / "i.png"
-    cv2.imwrite(str(image), square_image(10, 10))
-    return folder, image, ["--prototxt", prototxt, "--weights", weights, "--mean", "0"]
+    image, args = square_case(folder)
+    return folder, image, args
 
 
 def side_reshape_net(folder: Path, name_length: int) -> tuple[Path, Path]:

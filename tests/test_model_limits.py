@@ -24,7 +24,7 @@ from cam_caffe.errors import ModelError
 from cam_caffe.limits import default_max_memory, human
 from cam_caffe.netdef import forward_bytes, load_netdef
 from conftest import require_pycaffe, shared
-from nets import SQUARE_PROTOTXT, square_image, write_square_net
+from nets import SQUARE_PROTOTXT, square_case, square_image
 from test_onnx import CONV, ELTWISE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,11 +82,8 @@ def run(*args: str) -> tuple[int, list[str]]:
 @pytest.fixture(scope="module")
 def square(tmp_path_factory):
     folder = tmp_path_factory.mktemp("square")
-    prototxt, weights, labels = write_square_net(folder)
-    image = folder / "i.png"
-    cv2.imwrite(str(image), square_image(10, 10))
-    return folder, image, ["--prototxt", prototxt, "--weights", weights, "--mean", "0",
-                           "--backend", "opencv", "-q"]
+    image, args = square_case(folder)
+    return folder, image, args + ["--backend", "opencv", "-q"]
 
 
 BIG = st.one_of(st.integers(1, 64), st.integers(1, 2 ** 64), st.integers(1, 10 ** 30),
