@@ -8,6 +8,7 @@ import numpy as np
 
 from cam_caffe.netdef import load_netdef
 from cam_caffe.synthetic import random_weights, save_caffemodel
+from conftest import require_pycaffe, shared
 
 # A bright-square detector. conv "bright" (1x1): channel 0 = mean brightness − 0.5
 # (> 0 on white), channel 1 = 0.5 − brightness (> 0 on black); ReLU; 2x2 max pool
@@ -137,3 +138,15 @@ def colour_images(count: int = 7, seed: int = 0) -> list[np.ndarray]:
         image += rng.normal(0, 12, image.shape)
         images.append(np.clip(cv2.GaussianBlur(image, (0, 0), 1.5), 0, 255).astype(np.uint8))
     return images
+
+
+def pycaffe_googlenet_weights(folder: Path, seed: int) -> Path:
+    """A caffemodel of the official GoogLeNet-CAM prototxt with random weights from its
+    own fillers, made and saved by pycaffe (seeded)."""
+    caffe = require_pycaffe()
+    caffe.set_mode_cpu()
+    caffe.set_random_seed(seed)
+    net = caffe.Net(str(shared("googlenet_cam", "deploy_googlenetCAM.prototxt")), caffe.TEST)
+    path = folder / "googlenet.caffemodel"
+    net.save(str(path))
+    return path

@@ -28,7 +28,8 @@ from cam_caffe.errors import CamError, ModelError
 from cam_caffe.methods import METHODS
 from cam_caffe.netdef import load_netdef
 from cam_caffe.synthetic import save_caffemodel
-from conftest import ROOT, require_pycaffe, shared
+from conftest import ROOT, require_pycaffe
+from nets import pycaffe_googlenet_weights
 from numpy_net import bilinear, finite_differences, run_from, stored_weights
 from test_onnx import nontrivial_weights
 from test_parity import TINY, assert_rel_close, images
@@ -261,14 +262,8 @@ def test_batch_and_top_k_equal_one_image_one_class(tmp_path, method):
 # ---------------------------------------------------------------- GoogLeNet-CAM
 @pytest.fixture(scope="module")
 def googlenet(tmp_path_factory):
-    caffe = require_pycaffe()
-    prototxt = shared("googlenet_cam", "deploy_googlenetCAM.prototxt")
-    caffe.set_mode_cpu()
-    caffe.set_random_seed(7)
-    net = caffe.Net(str(prototxt), caffe.TEST)
-    path = tmp_path_factory.mktemp("gcam") / "googlenet.caffemodel"
-    net.save(str(path))
-    return ROOT / "prototxt" / "deploy_googlenetCAM.prototxt", path
+    weights = pycaffe_googlenet_weights(tmp_path_factory.mktemp("gcam"), seed=7)
+    return ROOT / "prototxt" / "deploy_googlenetCAM.prototxt", weights
 
 
 @pytest.mark.parametrize("blob", ["CAM_conv", "inception_4e/output"])

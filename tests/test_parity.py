@@ -12,7 +12,7 @@ import pytest
 from cam_caffe import CAMNet
 from cam_caffe.errors import BackendError, ModelError
 from conftest import ROOT, require_pycaffe, shared
-from nets import square_image, write_random_net, write_square_net
+from nets import pycaffe_googlenet_weights, square_image, write_random_net, write_square_net
 from test_netdef import NIN_NET, V1_NET
 
 REL = 1e-4
@@ -63,14 +63,8 @@ def compare_backends(prototxt, weights, batch, **kwargs):
 @pytest.fixture(scope="module")
 def googlenet_pycaffe_weights(tmp_path_factory):
     """The official prototxt with its own fillers' random weights, saved by pycaffe."""
-    caffe = require_pycaffe()
-    prototxt = shared("googlenet_cam", "deploy_googlenetCAM.prototxt")
-    caffe.set_mode_cpu()
-    caffe.set_random_seed(3)
-    net = caffe.Net(str(prototxt), caffe.TEST)
-    path = tmp_path_factory.mktemp("gcam") / "googlenet_pycaffe.caffemodel"
-    net.save(str(path))
-    return prototxt, path
+    return (shared("googlenet_cam", "deploy_googlenetCAM.prototxt"),
+            pycaffe_googlenet_weights(tmp_path_factory.mktemp("gcam"), seed=3))
 
 
 def test_googlenet_cam_backends_agree(googlenet_pycaffe_weights):
