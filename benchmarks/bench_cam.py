@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import argparse
 import timeit
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
+from common import median, table, title
 
 from cam_caffe.cam import class_activation_maps
-from common import median, table, title
 
 CHANNELS, SIZE, CLASSES = 1024, 14, 1000
 
@@ -45,7 +45,7 @@ def main() -> None:
     for images, count in ((1, 1), (1, 5), (32, 1), (32, 5)):
         features = np.maximum(rng.normal(0, 1, (images, CHANNELS, SIZE, SIZE)), 0) \
             .astype(np.float32)
-        classes = rng.choice(CLASSES, (images, count), replace=False if images == 1 else True)
+        classes = rng.choice(CLASSES, (images, count), replace=not images == 1)
         vectorised = per_call(lambda: class_activation_maps(features, weights, classes),
                               args.repeat) / images
         loop = per_call(lambda: [original_loop(features[i], weights, list(classes[i]))

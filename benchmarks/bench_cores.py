@@ -26,9 +26,20 @@ import shutil
 import sys
 import time
 
-from common import (CLI, PROTOTXT, PYTHON, WORK, available_backends, googlenet_weights,
-                    make_images, median, run_timed, table, title, wait_for_quiet)
-
+from common import (
+    CLI,
+    PROTOTXT,
+    PYTHON,
+    WORK,
+    available_backends,
+    googlenet_weights,
+    make_images,
+    median,
+    run_timed,
+    table,
+    title,
+    wait_for_quiet,
+)
 
 COMMAND = [CLI]                    # the cam-caffe command (--command)
 

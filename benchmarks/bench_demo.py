@@ -14,9 +14,20 @@ import argparse
 import shutil
 
 import numpy as np
-
-from common import (CLI, ROOT, WORK, available_backends, compile_package, median,
-                    original_script_seconds, run_timed, table, times, title, wait_for_quiet)
+from common import (
+    CLI,
+    ROOT,
+    WORK,
+    available_backends,
+    compile_package,
+    median,
+    original_script_seconds,
+    run_timed,
+    table,
+    times,
+    title,
+    wait_for_quiet,
+)
 
 DEMO = ROOT / "models" / "demo"
 PROTOTXT, WEIGHTS = DEMO / "deploy.prototxt", DEMO / "demo.caffemodel"
@@ -58,7 +69,7 @@ def main() -> None:
     total = sum(per_process)
     rows = [["original script, 1 process per image", f"{total:.1f}",
              f"{1000 * total / len(paths):.0f}", "1×"]]
-    for backend in ["auto"] + backends:
+    for backend in ["auto", *backends]:
         runs = []
         for _ in range(args.repeat):
             shutil.rmtree(out_dir, ignore_errors=True)

@@ -21,10 +21,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 import sgemm_peak
-from common import (PROTOTXT, PYTHON, WORK, available_backends, googlenet_weights, median,
-                    run_json, table, times, title, wait_for_quiet)
+from common import (
+    PROTOTXT,
+    PYTHON,
+    WORK,
+    available_backends,
+    googlenet_weights,
+    median,
+    run_json,
+    table,
+    times,
+    title,
+    wait_for_quiet,
+)
 
 GFLOP = None   # per image, filled in by main()
 ORT_SETTINGS = {"threads", "opt_level", "spinning", "mem_pattern"}   # need a new session
@@ -97,6 +107,7 @@ def profile(net, data: np.ndarray, repeat: int = 3) -> dict[str, float]:
             by_type[layer.type] += median(seconds) / n
     else:                                   # onnxruntime: its profiler's per-node times
         import json as json_module
+
         import onnxruntime as ort
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -156,7 +167,7 @@ def run_parallel(config: dict, env: dict[str, str], processes: int = 2) -> float
         if c.returncode != 0:
             raise RuntimeError(err[-2000:])
         ms = json.loads(out.strip().splitlines()[-1])["ms"]
-        rates.append(1000 / list(ms.values())[0])        # images per second
+        rates.append(1000 / next(iter(ms.values())))        # images per second
     return 1000 / sum(rates)
 
 
@@ -283,7 +294,7 @@ def lrn_graph(kind: str, shape: tuple[int, ...], size: int = 5, alpha: float = 1
     C×C weight, then Pow) and ``conv-sqrt`` (the same with k as the Conv's bias and
     x^−0.75 as 1/(√s·√√s): what it emits since version 4; version 3 added k apart)."""
     from onnx import TensorProto, helper, numpy_helper
-    n, c, h, w = shape
+    _n, c, h, w = shape
     consts = {"alpha": np.float32(alpha), "bias": np.float32(bias), "beta": np.float32(-beta),
               "mean": np.float32(alpha / size)}
     if kind == "LRN":
@@ -355,7 +366,7 @@ def forward_table(backends: list[str], batches: list[int], images: int, peak: fl
     for backend in backends:
         ms = run_config({"backend": backend, "batches": batches, "images": images})["ms"]
         for batch in batches:
-            rows.append([backend, batch] + cells(ms[str(batch)], peak))
+            rows.append([backend, batch, *cells(ms[str(batch)], peak)])
     title(f"Forward throughput, GoogLeNet-CAM ({GFLOP:.3f} GFLOP/image), default settings; "
           f"measured SGEMM peak {peak:.1f} GFLOP/s")
     print(table(["backend", "batch", "ms/image", "GFLOP/s", "% of SGEMM peak"], rows))
@@ -385,8 +396,7 @@ def variants_table(backends: list[str], images: int, peak: float) -> None:
             continue
         combined = run_parallel({"backend": backend, "batches": [16], "images": images,
                                  **settings}, env)
-        rows.append([f"{backend}: 2 processes × 1 thread (throughput of both)", "1 thread each",
-                     "", ""] + cells(combined, peak)[:2] + [""])
+        rows.append([f"{backend}: 2 processes × 1 thread (throughput of both)", "1 thread each", "", "", *cells(combined, peak)[:2], ""])
     title("Forward: what changes it (ms/image and GFLOP/s at batch 1 and batch 16, peak "
           "RSS of the process)")
     print(table(["configuration", "in effect", "b=1 ms", "b=1 GFLOP/s", "b=16 ms",

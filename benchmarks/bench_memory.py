@@ -15,8 +15,19 @@ import json
 import shutil
 import sys
 
-from common import (CLI, PROTOTXT, PYTHON, WORK, googlenet_weights, make_images, median,
-                    run_timed, table, title, wait_for_quiet)
+from common import (
+    CLI,
+    PROTOTXT,
+    PYTHON,
+    WORK,
+    googlenet_weights,
+    make_images,
+    median,
+    run_timed,
+    table,
+    title,
+    wait_for_quiet,
+)
 
 WRAPPER = """
 import json, resource, subprocess, sys

@@ -16,11 +16,21 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+from common import (
+    PROTOTXT,
+    ROOT,
+    available_backends,
+    googlenet_weights,
+    median,
+    ms,
+    source_images,
+    table,
+    times,
+    title,
+)
 
 from cam_caffe import CAMNet
 from cam_caffe.methods import GRADIENT_METHODS, METHODS
-from common import (PROTOTXT, ROOT, available_backends, googlenet_weights, median, ms,
-                    source_images, table, times, title)
 
 BATCH = 16
 MODELS = {"GoogLeNet-CAM": (PROTOTXT, None),

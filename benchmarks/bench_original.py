@@ -15,9 +15,21 @@ import random
 import shutil
 import sys
 
-from common import (CLI, PROTOTXT, WORK, available_backends, compile_package, googlenet_weights,
-                    make_images, median, original_script_seconds, run_timed, table, title,
-                    wait_for_quiet)
+from common import (
+    CLI,
+    PROTOTXT,
+    WORK,
+    available_backends,
+    compile_package,
+    googlenet_weights,
+    make_images,
+    median,
+    original_script_seconds,
+    run_timed,
+    table,
+    title,
+    wait_for_quiet,
+)
 
 
 def cli(image_dir, weights, out_dir, extra: list[str]) -> float:

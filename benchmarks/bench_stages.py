@@ -20,8 +20,19 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from common import (PROTOTXT, PYTHON, WORK, available_backends, googlenet_weights, make_images,
-                    median, run_json, table, title, wait_for_quiet)
+from common import (
+    PROTOTXT,
+    PYTHON,
+    WORK,
+    available_backends,
+    googlenet_weights,
+    make_images,
+    median,
+    run_json,
+    table,
+    title,
+    wait_for_quiet,
+)
 
 STAGES = ("decode", "preprocess", "forward", "CAM", "upsample", "boxes", "render", "encode",
           "write")
@@ -131,10 +142,11 @@ def options_table(path: Path, repeat: int) -> None:
     """Render, encode and write alternatives on one 500×375 image (ms, median)."""
     import cv2
     import numpy as np
+    from common import times
+
     from cam_caffe.cam import upsample
     from cam_caffe.output import encode_image, write_bytes
     from cam_caffe.render import colormap_lut, heatmap, overlay_paper
-    from common import times
     image = cv2.imread(str(path))
     rng = np.random.default_rng(0)
     cam_full = upsample(rng.random((14, 14), np.float32), image.shape[:2])
@@ -207,9 +219,7 @@ def main() -> None:
                            f"{serial * 1000:.1f}", f"{r['run_batch'] * 1000:.1f}"])
     title(f"Stages per image (ms, median of {args.repeat} passes over {args.images} JPEGs of "
           "500×375), GoogLeNet-CAM")
-    print(table(["backend", "batch"] + list(STAGES)
-                + ["all but forward (excl. boxes)", "÷ forward (target ≤10%)",
-                   "serial sum", "run_batch (overlapped)"], rows))
+    print(table(["backend", "batch", *list(STAGES), "all but forward (excl. boxes)", "÷ forward (target ≤10%)", "serial sum", "run_batch (overlapped)"], rows))
     options_table(WORK / "photos_375x500" / "img00000.jpg", args.repeat)
 
 

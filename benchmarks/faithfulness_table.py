@@ -15,9 +15,9 @@ import importlib.util
 import json
 
 import numpy as np
+from common import CLI, ROOT, WORK, run_timed, table, title
 
 from cam_caffe.methods import METHODS
-from common import CLI, ROOT, WORK, run_timed, table, title
 
 DEMO = ROOT / "models" / "demo"
 

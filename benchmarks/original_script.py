@@ -12,13 +12,13 @@ import sys
 
 os.environ.setdefault("GLOG_minloglevel", "2")
 
-import caffe                               # noqa: E402
-import cv2                                 # noqa: E402
-import matplotlib                          # noqa: E402
-import numpy as np                         # noqa: E402
+import caffe
+import cv2
+import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt            # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def main(prototxt: str, weights: str, image_path: str, out_path: str,

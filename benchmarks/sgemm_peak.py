@@ -18,7 +18,6 @@ import os
 import sys
 
 import numpy as np
-
 from common import PYTHON, median, run_json, table, times, title
 
 SYSTEM_OPENBLAS = "libopenblas.so.0"

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["CAMNet", "Prediction", "CamError", "__version__"]
+__all__ = ["CAMNet", "CamError", "Prediction", "__version__"]
 
 
 def __getattr__(name: str):

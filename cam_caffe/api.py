@@ -9,9 +9,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -19,10 +19,11 @@ from .backends import Backend, create_backend
 from .cam import cam_weights, upsample
 from .camspec import CamSpec, find_target
 from .errors import CamError, ModelError
-from .methods import GRADIENT_METHODS, METHODS, Evidence, compute
 from .image import DEFAULT_MAX_PIXELS, load_image
 from .labels import class_name, read_labels, resolve_class
-from .limits import check as check_memory, default_max_memory, max_batch
+from .limits import check as check_memory
+from .limits import default_max_memory, max_batch
+from .methods import GRADIENT_METHODS, METHODS, Evidence, compute
 from .netdef import CaffeModel, check_weights, load_netdef
 from .preprocess import Preprocessor, parse_mean
 from .tencrop import merge_ten_crops, ten_crops
@@ -79,14 +80,14 @@ class CAMNet:
                  method: str | None = None, batch_size: int = 16,
                  progress: bool = False, threads: int | None = None) -> None:
         # What rebuilds this net in another process (a Dask worker): paths made absolute.
-        self.arguments = dict(
-            prototxt=absolute(prototxt), weights=absolute(weights), backend=backend, gpu=gpu,
-            mean=absolute(mean) if mean and Path(mean).is_file() else mean, scale=scale,
-            input_size=input_size, labels=absolute(labels) if labels else None,
-            feature_blob=feature_blob, fc_layer=fc_layer,
-            allow_python_layers=allow_python_layers, max_pixels=max_pixels,
-            max_memory=max_memory, verbose=verbose, method=method,
-            batch_size=batch_size)   # no progress bar in other processes
+        self.arguments = {
+            "prototxt": absolute(prototxt), "weights": absolute(weights), "backend": backend, "gpu": gpu,
+            "mean": absolute(mean) if mean and Path(mean).is_file() else mean, "scale": scale,
+            "input_size": input_size, "labels": absolute(labels) if labels else None,
+            "feature_blob": feature_blob, "fc_layer": fc_layer,
+            "allow_python_layers": allow_python_layers, "max_pixels": max_pixels,
+            "max_memory": max_memory, "verbose": verbose, "method": method,
+            "batch_size": batch_size}   # no progress bar in other processes
         self.netdef = load_netdef(prototxt, input_size=input_size,
                                   allow_python_layers=allow_python_layers)
         weights = self.weights = Path(weights)

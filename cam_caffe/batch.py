@@ -19,11 +19,12 @@ import os
 import sys
 import threading
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import BrokenExecutor, Executor, Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import cv2
 import numpy as np
@@ -31,8 +32,16 @@ import numpy as np
 from .api import CAMNet, Prediction
 from .boxes import Box, draw_boxes, dt_boxes_from_cam, paper_box
 from .budget import MemoryBudget, Postponed, memory_budget
-from .errors import (EXIT_INPUT, EXIT_INTERNAL, EXIT_MODEL, EXIT_OK, EXIT_SOME_FAILED, CamError,
-                     OutputError, one_line)
+from .errors import (
+    EXIT_INPUT,
+    EXIT_INTERNAL,
+    EXIT_MODEL,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    CamError,
+    OutputError,
+    one_line,
+)
 from .files import TEXT_LIMIT, read_limited
 from .inputs import Input, identity
 from .labels import class_name

@@ -26,7 +26,7 @@ def class_activation_maps(features: np.ndarray, weights: np.ndarray,
     return maps.reshape(n, -1, h, w)
 
 
-def cam_weights(netdef: NetDef, weights: "proto.NetParameter", spec: CamSpec) -> np.ndarray:
+def cam_weights(netdef: NetDef, weights: proto.NetParameter, spec: CamSpec) -> np.ndarray:
     """The CAM head's W as (C, K) float32, read from the parsed caffemodel ``weights``;
     the identity for a head without FC (global pooling straight into Softmax)."""
     if spec.fc_layer is None:

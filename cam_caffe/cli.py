@@ -13,24 +13,42 @@ from pathlib import Path
 from . import __version__, models
 from .api import CAMNet, Prediction
 from .backends import BACKENDS
-from .batch import (SAVE_KINDS, Options, Report, image_cost, print_record, process,
-                    render_overlay, run_batch)
-from .budget import MemoryBudget, memory_budget, parse_size
+from .batch import (
+    SAVE_KINDS,
+    Options,
+    Report,
+    image_cost,
+    print_record,
+    process,
+    render_overlay,
+    run_batch,
+)
 from .boxes import Box
+from .budget import MemoryBudget, memory_budget, parse_size
 from .cluster import check_address, dask_client
-from .errors import (EXIT_CODES, EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, CamError,
-                     ModelError, OutputError, Terminated, one_line)
+from .errors import (
+    EXIT_CODES,
+    EXIT_INPUT,
+    EXIT_INTERNAL,
+    EXIT_OK,
+    EXIT_USAGE,
+    CamError,
+    ModelError,
+    OutputError,
+    Terminated,
+    one_line,
+)
 from .image import DEFAULT_MAX_PIXELS
 from .inputs import Input, collect, in_shard, parse_shard
-from .launch import reader_gone, say
 from .labels import class_name, resolve_class
+from .launch import reader_gone, say
 from .methods import METHODS
 from .models import DEFAULT_MODEL, Model
 from .output import check_writable, image_format, write_image
 from .pipeline import default_workers
 from .preprocess import mean_values
-from .report import REPORT_KINDS, ReportWriter
 from .render import DEFAULT_ALPHA, STYLES
+from .report import REPORT_KINDS, ReportWriter
 from .signals import exit_code, ignore_signals
 
 # The original script's layout, in a source checkout: the official weights in models/.

@@ -26,15 +26,17 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError, Executor, Future
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING
 
 from .api import CAMNet, absolute
 from .batch import ChunkResult, Options, output_paths, process_chunk
-from .budget import ENV as MEMORY_ENV, MemoryBudget, memory_budget
+from .budget import ENV as MEMORY_ENV
+from .budget import MemoryBudget, memory_budget
 from .errors import BackendError, CamError, ClusterError
 from .inputs import Input
 from .output import remove_temporaries

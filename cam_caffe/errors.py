@@ -1,7 +1,6 @@
 """One exception type for every problem a user can fix, with its exit code."""
 from __future__ import annotations
 
-
 # Exit codes of the `cam-caffe` command (documented in README.md).
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1   # a batch ran, but some images could not be processed

@@ -37,9 +37,19 @@ from pathlib import Path
 from .backends import BACKENDS
 from .batch import Options, run_batch
 from .boxes import Box
-from .cli import (DEFAULT_BATCH, ArgumentParser, _device_id, _memory_size, _positive_int,
-                  _size, add_method_argument, batch_size, load_net, model_files,
-                  parse_levels)
+from .cli import (
+    DEFAULT_BATCH,
+    ArgumentParser,
+    _device_id,
+    _memory_size,
+    _positive_int,
+    _size,
+    add_method_argument,
+    batch_size,
+    load_net,
+    model_files,
+    parse_levels,
+)
 from .errors import EXIT_INPUT, EXIT_OK, EXIT_SOME_FAILED, CamError
 from .image import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
 from .inputs import Input, collect

@@ -7,8 +7,8 @@ checked from the header before decoding, so a decompression bomb is refused.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import cv2
 import numpy as np

@@ -16,9 +16,10 @@ import os
 import re
 import sys
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
-from typing import BinaryIO, Iterator, TextIO
+from typing import BinaryIO, TextIO
 
 from PIL import Image
 

@@ -8,6 +8,7 @@ errors/signals modules are imported before ``cli``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import TextIO
@@ -66,10 +67,8 @@ def open_missing_streams() -> None:
 
 def say(line: str) -> None:
     """Print one line on stderr; a stderr that cannot take it is not an error."""
-    try:
+    with contextlib.suppress(OSError, ValueError):
         print(line, file=sys.stderr, flush=True)
-    except (OSError, ValueError):
-        pass
 
 
 def reader_gone() -> int:
@@ -104,8 +103,6 @@ def entry() -> None:
     except CamError as e:
         say(f"cam-caffe: error: {e}")
         code = e.exit_code
-    try:
+    with contextlib.suppress(OSError, ValueError):
         sys.stderr.flush()
-    except (OSError, ValueError):
-        pass
     os._exit(code)

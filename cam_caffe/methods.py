@@ -29,8 +29,8 @@ ReLU, as pytorch-grad-cam's methods do.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

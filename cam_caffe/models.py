@@ -28,11 +28,11 @@ import re
 import sys
 import time
 import urllib.parse
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
 
 from . import __version__
 from .errors import EXIT_OK, ModelError, OutputError
@@ -622,7 +622,7 @@ class _Progress:
 # ---------------------------------------------------------------- command line
 
 def build_parser():
-    from .cli import ArgumentParser      # here, not at the top: cli may import this module
+    from .cli import ArgumentParser  # here, not at the top: cli may import this module
     p = ArgumentParser(prog="cam-caffe models",
                        description="List, download (checked) and locate known CAM models.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")

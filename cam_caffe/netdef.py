@@ -16,7 +16,6 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 
@@ -68,7 +67,7 @@ class Transform:
 class NetDef:
     """A normalised deploy net and what is known about its blobs."""
 
-    net: "proto.NetParameter"
+    net: proto.NetParameter
     path: Path
     input_name: str
     input_shape: Shape                     # (1, C, H, W)
@@ -76,13 +75,13 @@ class NetDef:
     producers: dict[str, str]              # blob -> name of the last layer that writes it
     transform: Transform | None = None     # from a data layer, if the file had one
 
-    def layer(self, name: str) -> "proto.LayerParameter":
+    def layer(self, name: str) -> proto.LayerParameter:
         for layer in self.net.layer:
             if layer.name == name:
                 return layer
         raise KeyError(name)
 
-    def consumers(self, blob: str) -> list["proto.LayerParameter"]:
+    def consumers(self, blob: str) -> list[proto.LayerParameter]:
         """Layers that read ``blob`` and are not in-place ops on it."""
         return [l for l in self.net.layer if blob in l.bottom and blob not in l.top]
 
@@ -94,7 +93,7 @@ class NetDef:
         return text_format.MessageToString(net)
 
 
-def read_prototxt(path: str | Path) -> "proto.NetParameter":
+def read_prototxt(path: str | Path) -> proto.NetParameter:
     """Parse a prototxt file; errors name the file and line."""
     path = Path(path)
     text = _read_text(path, "prototxt")
@@ -123,7 +122,7 @@ class CaffeModel:
         return read_bytes(self.path, "caffemodel")
 
     @cached_property
-    def net(self) -> "proto.NetParameter":
+    def net(self) -> proto.NetParameter:
         """The parsed V2 NetParameter (don't modify it: it is shared)."""
         return _parse_caffemodel(self.data, self.path)
 
@@ -138,12 +137,12 @@ class CaffeModel:
             return hashlib.sha256(b"".join(hashes)).hexdigest()
 
 
-def read_caffemodel(path: str | Path) -> "proto.NetParameter":
+def read_caffemodel(path: str | Path) -> proto.NetParameter:
     """Parse a binary caffemodel (V1 or V2) into a V2 NetParameter."""
     return CaffeModel(path).net
 
 
-def _parse_caffemodel(data: bytes, path: Path) -> "proto.NetParameter":
+def _parse_caffemodel(data: bytes, path: Path) -> proto.NetParameter:
     net = proto.NetParameter()
     try:
         net.ParseFromString(data)
@@ -224,7 +223,7 @@ def load_netdef(path: str | Path, *, input_size: tuple[int, int] | None = None,
     return NetDef(deploy, path, input_name, shape, shapes, producers, transform)
 
 
-def _upgrade_v1(net: "proto.NetParameter") -> None:
+def _upgrade_v1(net: proto.NetParameter) -> None:
     """Convert legacy V1 ``layers`` into V2 ``layer`` messages, in place."""
     v1_enum = proto.V1LayerParameter.DESCRIPTOR.enum_types_by_name["LayerType"]
     v2_fields = proto.LayerParameter.DESCRIPTOR.fields_by_name
@@ -265,7 +264,7 @@ def _rule_matches(rule, level: int = 0, stages: frozenset[str] = frozenset()) ->
     return all(s in stages for s in rule.stage) and not any(s in stages for s in rule.not_stage)
 
 
-def _keep_test_phase(net: "proto.NetParameter") -> None:
+def _keep_test_phase(net: proto.NetParameter) -> None:
     kept = []
     for layer in net.layer:
         if layer.include:
@@ -277,13 +276,13 @@ def _keep_test_phase(net: "proto.NetParameter") -> None:
     _replace_layers(net, kept)
 
 
-def _replace_layers(net: "proto.NetParameter", layers: list) -> None:
+def _replace_layers(net: proto.NetParameter, layers: list) -> None:
     copies = [proto.LayerParameter.FromString(l.SerializeToString()) for l in layers]
     del net.layer[:]
     net.layer.extend(copies)
 
 
-def _take_input(net: "proto.NetParameter", path: Path) -> tuple[str, Shape, Transform | None]:
+def _take_input(net: proto.NetParameter, path: Path) -> tuple[str, Shape, Transform | None]:
     """Find the net's image input, remove its declaration, return (name, shape, transform).
 
     The shape's H and W are 0 when the file does not say.
@@ -332,7 +331,7 @@ def _shape4(dims: tuple, path: Path) -> Shape:
     return (1, int(dims[1]), int(dims[2]), int(dims[3]))
 
 
-def _drop_losses(net: "proto.NetParameter") -> None:
+def _drop_losses(net: proto.NetParameter) -> None:
     """Replace SoftmaxWithLoss by Softmax, drop other loss/accuracy layers."""
     kept = []
     taken = {n for l in net.layer if l.type not in LOSS_TYPES for n in [l.name, *l.top]}
@@ -346,8 +345,8 @@ def _drop_losses(net: "proto.NetParameter") -> None:
     _replace_layers(net, kept)
 
 
-def _with_input(net: "proto.NetParameter", name: str, shape: Shape,
-                layer_name: str | None = None) -> "proto.NetParameter":
+def _with_input(net: proto.NetParameter, name: str, shape: Shape,
+                layer_name: str | None = None) -> proto.NetParameter:
     """A copy of ``net`` whose first layer is an Input layer of ``shape`` (top ``name``)."""
     out = proto.NetParameter(name=net.name)
     layer = out.layer.add(name=layer_name or name, type="Input", top=[name])
@@ -356,7 +355,7 @@ def _with_input(net: "proto.NetParameter", name: str, shape: Shape,
     return out
 
 
-def _solve_input_size(net: "proto.NetParameter", path: Path) -> tuple[int, int]:
+def _solve_input_size(net: proto.NetParameter, path: Path) -> tuple[int, int]:
     """(H, W) for a net that declares no input size, from its fixed final pooling."""
     fixed = _fixed_pooling(net)
     if fixed is None:
@@ -365,7 +364,7 @@ def _solve_input_size(net: "proto.NetParameter", path: Path) -> tuple[int, int]:
     return fixed[0]
 
 
-def _fixed_pooling(net: "proto.NetParameter") -> tuple[tuple[int, int], str] | None:
+def _fixed_pooling(net: proto.NetParameter) -> tuple[tuple[int, int], str] | None:
     """The input size a net's last pooling, a fixed (not global) AVE window, was made
     for: its kernel times the total stride before it; with that layer's name."""
     pools = [l for l in net.layer if l.type == "Pooling"]
@@ -393,7 +392,7 @@ def _pair(param, name: str, default: int) -> tuple[int, int]:
     return values[0], values[-1]
 
 
-def infer_shapes(net: "proto.NetParameter", path: Path) -> tuple[dict[str, Shape | None], dict[str, str]]:
+def infer_shapes(net: proto.NetParameter, path: Path) -> tuple[dict[str, Shape | None], dict[str, str]]:
     """Blob shapes at batch 1 and each blob's last producer, following Caffe's layer rules.
 
     Layers of unknown type give unknown (None) shapes downstream. Inconsistent
@@ -476,7 +475,7 @@ def _layer_shapes(layer, ins: list[Shape | None]) -> list[Shape | None]:
     if t == "InnerProduct":
         p = layer.inner_product_param
         axis = p.axis % len(ins[0])
-        return [ins[0][:axis] + (p.num_output,)]
+        return [(*ins[0][:axis], p.num_output)]
     if t == "Concat":
         axis = (layer.concat_param.axis if layer.concat_param.HasField("axis")
                 else layer.concat_param.concat_dim if layer.concat_param.HasField("concat_dim")
@@ -486,7 +485,7 @@ def _layer_shapes(layer, ins: list[Shape | None]) -> list[Shape | None]:
             if len(s) != len(ins[0]) or any(a != b for i, (a, b) in enumerate(zip(s, ins[0]))
                                             if i != axis):
                 raise ValueError(f"cannot concatenate shapes {list(ins[0])} and {list(s)}")
-        return [ins[0][:axis] + (sum(s[axis] for s in ins),) + ins[0][axis + 1:]]
+        return [(*ins[0][:axis], sum(s[axis] for s in ins), *ins[0][axis + 1:])]
     if t == "Eltwise":
         for s in ins[1:]:
             if s != ins[0]:
@@ -499,12 +498,12 @@ def _layer_shapes(layer, ins: list[Shape | None]) -> list[Shape | None]:
         points = list(p.slice_point) or [size * i // len(layer.top)
                                          for i in range(1, len(layer.top))]
         bounds = [0, *points, size]
-        return [ins[0][:axis] + (b - a,) + ins[0][axis + 1:] for a, b in zip(bounds, bounds[1:])]
+        return [(*ins[0][:axis], b - a, *ins[0][axis + 1:]) for a, b in zip(bounds, bounds[1:])]
     if t == "Flatten":
         s = ins[0]
         axis = layer.flatten_param.axis % len(s)
         end = layer.flatten_param.end_axis % len(s)
-        return [s[:axis] + (math.prod(s[axis:end + 1]),) + s[end + 1:]]
+        return [(*s[:axis], math.prod(s[axis:end + 1]), *s[end + 1:])]
     if t == "Reshape":
         return [_reshape(ins[0], layer.reshape_param)]
     return [None] * len(layer.top)
@@ -591,7 +590,7 @@ def _same_shape(a: Shape, b: Shape) -> bool:
     return strip(a) == strip(b)
 
 
-def check_weights(netdef: NetDef, weights: "proto.NetParameter", weights_path: Path) -> None:
+def check_weights(netdef: NetDef, weights: proto.NetParameter, weights_path: Path) -> None:
     """Fail clearly where Caffe would abort: blob counts or shapes that do not match.
 
     Caffe copies weights by layer name; a caffemodel that shares no layer with
@@ -630,7 +629,7 @@ def check_weights(netdef: NetDef, weights: "proto.NetParameter", weights_path: P
                          "no layer of the prototxt has weights in this caffemodel")
 
 
-def stored_layers(weights: "proto.NetParameter") -> dict[str, object]:
+def stored_layers(weights: proto.NetParameter) -> dict[str, object]:
     """The caffemodel's layers that hold blobs, by name (Caffe copies weights by name)."""
     return {l.name: l for l in weights.layer if l.blobs}
 

@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from . import proto
 from .camspec import CamSpec, find_cam_layers
 from .errors import BackendError, ModelError
-from .netdef import (NetDef, Shape, _layer_shapes, _pair, layer_blobs,  # noqa: F401 (API)
-                     stored_layers)
+from .netdef import NetDef, Shape, _layer_shapes, _pair, layer_blobs, stored_layers
 
 # Bump when the converter's output changes: it keys the ONNX cache of the backend.
 CONVERTER_VERSION = "4"
@@ -56,7 +55,7 @@ def _onnx():
     return onnx
 
 
-def convert(netdef: NetDef, weights: "proto.NetParameter", spec: CamSpec | None = None,
+def convert(netdef: NetDef, weights: proto.NetParameter, spec: CamSpec | None = None,
             outputs: Sequence[str] | None = None, check: bool = True,
             gradient: str | None = None):
     """The ONNX ModelProto of ``netdef`` with ``weights`` (a parsed caffemodel).
@@ -100,7 +99,7 @@ def gradient_names(output: str, blob: str) -> tuple[str, str]:
 class _Converter:
     """One conversion: Caffe layers → ONNX nodes, tracking each blob's current tensor."""
 
-    def __init__(self, onnx, netdef: NetDef, weights: "proto.NetParameter") -> None:
+    def __init__(self, onnx, netdef: NetDef, weights: proto.NetParameter) -> None:
         self.onnx = onnx
         self.helper = onnx.helper
         self.netdef = netdef
@@ -283,7 +282,7 @@ class _Converter:
         multiplied by a constant k·k / Caffe's divisor where the two differ.
         """
         p = layer.pooling_param
-        n, c, hgt, wid = shapes[0]
+        _n, _c, hgt, wid = shapes[0]
         if p.pool not in (p.MAX, p.AVE):
             raise _Unsupported("only MAX and AVE pooling")
         if p.global_pooling:
@@ -297,7 +296,7 @@ class _Converter:
         ow = caffe_pool_size(wid, kw, sw, pw, p.ceil_mode, padded)
         end_h = max(0, (oh - 1) * sh + kh - hgt - ph)
         end_w = max(0, (ow - 1) * sw + kw - wid - pw)
-        attrs = dict(kernel_shape=[kh, kw], strides=[sh, sw], pads=[ph, pw, end_h, end_w])
+        attrs = {"kernel_shape": [kh, kw], "strides": [sh, sw], "pads": [ph, pw, end_h, end_w]}
         full_h = (hgt + ph + end_h - kh) // sh + 1
         full_w = (wid + pw + end_w - kw) // sw + 1
         ratio = None
@@ -536,7 +535,7 @@ class _Converter:
         if axis == 1 and end == len(shape) - 1:
             self.node("Flatten", ins, tops, layer.name, axis=1)
             return
-        out = list(shape[:axis]) + [math.prod(shape[axis:end + 1])] + list(shape[end + 1:])
+        out = [*list(shape[:axis]), math.prod(shape[axis:end + 1]), *list(shape[end + 1:])]
         self._reshape_to(layer, ins, tops, out, batch_kept=axis > 0)
 
     def _reshape(self, layer, ins, tops, shapes):
@@ -556,9 +555,9 @@ class _Converter:
     def _reshape_to(self, layer, ins, tops, out: list[int], batch_kept: bool):
         """Reshape to ``out`` (batch-1 shape) keeping the dynamic batch dimension."""
         if batch_kept:
-            target = [0] + out[1:]
+            target = [0, *out[1:]]
         else:            # the batch is lumped into the first dim: infer it
-            target = [-1] + out[1:]
+            target = [-1, *out[1:]]
         self.node("Reshape", [ins[0], self.const("shape", target, np.int64)], tops, layer.name)
 
     # ------------------------------------------------------ gradients (VJPs)
@@ -668,7 +667,7 @@ class _Converter:
         times its window's 1 / Caffe's divisor, spread over the window by a transposed
         depthwise convolution of ones."""
         p = layer.pooling_param
-        n, c, hgt, wid = shapes[0]
+        _n, c, hgt, wid = shapes[0]
         if p.global_pooling:
             (kh, kw), (sh, sw), (ph, pw) = (hgt, wid), (1, 1), (0, 0)
         else:
@@ -683,7 +682,7 @@ class _Converter:
         end_w = max(0, (ow - 1) * sw + kw - wid - pw)
         full_h = (hgt + ph + end_h - kh) // sh + 1
         full_w = (wid + pw + end_w - kw) // sw + 1
-        attrs = dict(kernel_shape=[kh, kw], strides=[sh, sw], pads=[ph, pw, end_h, end_w])
+        attrs = {"kernel_shape": [kh, kw], "strides": [sh, sw], "pads": [ph, pw, end_h, end_w]}
         if p.pool == p.MAX:
             indices = self.fresh(f"{layer.name}/grad/indices")
             self.node("MaxPool", [ins[0]], [self.fresh(f"{layer.name}/grad/max"), indices],

@@ -12,6 +12,7 @@ same lossless PNG in a third of the time (ISA-L's deflate instead of zlib's;
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -22,8 +23,8 @@ import tempfile
 import threading
 import time
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import cv2
 import numpy as np
@@ -72,10 +73,8 @@ def write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
         publish(tmp, target)
     except BaseException as e:               # a full disk, or Ctrl-C in the middle
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         if isinstance(e, OSError):
             raise OutputError(f"{path}: cannot write: {e.strerror or e}") from None
         raise

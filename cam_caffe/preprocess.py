@@ -71,7 +71,7 @@ def parse_mean(spec: str | Path | None, channels: int = 3) -> np.ndarray:
     else:
         raise ModelError(f"--mean {text!r}: expected numbers, a .npy or a .binaryproto file")
     mean = np.asarray(mean, np.float32)
-    if mean.ndim == 1 and mean.shape[0] == channels or (
+    if (mean.ndim == 1 and mean.shape[0] == channels) or (
             mean.ndim == 3 and mean.shape[0] == channels):
         return mean
     raise ModelError(f"{path}: mean has shape {list(mean.shape)}, expected ({channels},) "

@@ -34,7 +34,7 @@ def colormap_lut(name: str) -> np.ndarray:
     if name == "jet":
         rgb = np.stack([segment_lut(JET_SEGMENTS[c]) for c in ("red", "green", "blue")], axis=1)
     else:
-        import matplotlib                  # only for the other colormaps
+        import matplotlib  # only for the other colormaps
         try:
             cmap = matplotlib.colormaps[name]
         except KeyError:

@@ -20,7 +20,7 @@ import json
 import os
 import re
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib.resources import files
 from pathlib import Path
 from urllib.parse import quote
@@ -88,7 +88,7 @@ class ReportWriter:
         """``header``: model, backend, methods and images (the run's count)."""
         self.root, self.options = Path(root), options
         self.header = {**header, "done": 0, "skipped": 0, "failed": [],
-                       "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                       "started": datetime.now(UTC).isoformat(timespec="seconds")}
         self.start = time.monotonic()
         self.previous = ({c["name"]: c for c in read_cards(self.root) if not c.get("failed")}
                          if options.skip_existing else {})

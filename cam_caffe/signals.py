@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import Callable, Iterator
 
 from .errors import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated
 

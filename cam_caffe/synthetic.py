@@ -18,7 +18,7 @@ from .netdef import NetDef, param_shapes
 from .output import write_bytes
 
 
-def blob(array: np.ndarray) -> "proto.BlobProto":
+def blob(array: np.ndarray) -> proto.BlobProto:
     """A BlobProto holding ``array`` (float32) with its shape."""
     array = np.asarray(array, np.float32)
     b = proto.BlobProto()

@@ -104,8 +104,8 @@ def make_sample(rng: np.random.Generator, size: int = IMAGE_SIZE,
     kind = CLASSES[label]
     shift = 4                                               # sub-pixel precision for OpenCV
     if kind == "circle":
-        c = tuple(int(round(v * (1 << shift))) for v in centre)
-        r = int(round(radius * (1 << shift)))
+        c = tuple(round(v * (1 << shift)) for v in centre)
+        r = round(radius * (1 << shift))
         cv2.circle(image, c, r, colour, -1, cv2.LINE_AA, shift)
         cv2.circle(mask, c, r, 255, -1, cv2.LINE_8, shift)
     else:

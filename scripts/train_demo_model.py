@@ -48,8 +48,9 @@ PROJECT_ROOT = SCRIPTS.parent
 sys.path.insert(0, str(SCRIPTS))
 sys.path.insert(0, str(PROJECT_ROOT))
 
-import make_demo_data as data                                 # noqa: E402
-from cam_caffe.preprocess import Preprocessor, parse_mean      # noqa: E402
+import make_demo_data as data  # noqa: E402
+
+from cam_caffe.preprocess import Preprocessor, parse_mean  # noqa: E402
 
 INPUT_SCALE = 1 / 128
 # (name, outputs, kernel, stride, dilation, 2x2 max pool after) of the convolutions before
@@ -76,8 +77,7 @@ def body(num_classes: int, train: bool) -> str:
     layers = [f'layer {{ name: "input_scale" type: "Power" bottom: "data" top: "scaled" '
               f'power_param {{ scale: {INPUT_SCALE} }} }}']
     bottom = "scaled"
-    for name, outputs, kernel, stride, dilation, pool in CONVS + [
-            ("CAM_conv", CAM_CHANNELS, CAM_KERNEL, 1, 1, False)]:
+    for name, outputs, kernel, stride, dilation, pool in [*CONVS, ("CAM_conv", CAM_CHANNELS, CAM_KERNEL, 1, 1, False)]:
         relu = "CAM_relu" if name == "CAM_conv" else f"relu_{name}"
         extra = (f" stride: {stride}" if stride > 1 else "") + (
             f" dilation: {dilation}" if dilation > 1 else "")

@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from test_onnx import caffe_lrn, caffe_pool
 
 from cam_caffe.netdef import _pair, read_caffemodel
-from test_onnx import caffe_lrn, caffe_pool
 
 
 def stored_weights(path) -> dict[str, list[np.ndarray]]:
@@ -21,7 +21,7 @@ def stored_weights(path) -> dict[str, list[np.ndarray]]:
 
 
 def conv(x, w, b, stride, pad, dilation, group):
-    n, c, h, wid = x.shape
+    n, _c, h, wid = x.shape
     out_c, per_group, kh, kw = w.shape
     (sh, sw), (ph, pw), (dh, dw) = stride, pad, dilation
     oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1

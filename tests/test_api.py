@@ -2,12 +2,12 @@
 names (refused when ambiguous), and a clear error for a map that was not computed."""
 import numpy as np
 import pytest
+from conftest import ROOT, shared
 
 from cam_caffe import CAMNet, models
 from cam_caffe.cam import upsample
 from cam_caffe.errors import CamError
 from cam_caffe.labels import read_labels, resolve_class
-from conftest import ROOT, shared
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def test_class_ids_out_of_range_are_refused(demo, star, bad):
         demo.predict([star], classes=[bad])
 
 
-@pytest.mark.parametrize("bad,words", [(2.0, "2.0: not a class id or a label name"),
+@pytest.mark.parametrize(("bad", "words"), [(2.0, "2.0: not a class id or a label name"),
                                        (True, "True: not a class id or a label name"),
                                        ("giraffe", "'giraffe': no such label")])
 def test_other_classes_are_refused(demo, star, bad, words):
@@ -73,6 +73,6 @@ def test_imagenet_crane_is_ambiguous():
 
 
 def test_non_finite_scale_is_refused():
-    prototxt, weights, labels = models.model_path("demo")
+    prototxt, weights, _labels = models.model_path("demo")
     with pytest.raises(CamError, match="scale nan: not a finite number"):
         CAMNet(prototxt, weights, backend="opencv", scale=float("nan"))

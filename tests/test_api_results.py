@@ -3,6 +3,7 @@ ten-crop against the crops' own maps merged, Prediction's accessors, load and th
 memory limit's batch size."""
 import numpy as np
 import pytest
+from nets import COLOUR_ARGS, colour_images, write_colour_net, write_random_net
 
 from cam_caffe import CAMNet
 from cam_caffe.cam import upsample
@@ -10,7 +11,6 @@ from cam_caffe.errors import CamError, ImageError
 from cam_caffe.limits import max_batch
 from cam_caffe.output import encode_image
 from cam_caffe.tencrop import merge_ten_crops, ten_crops
-from nets import COLOUR_ARGS, colour_images, write_colour_net, write_random_net
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,9 @@ import zlib
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import IN_CI
 from nets import square_image, write_random_net, write_square_net
+from PIL import Image
 from test_parity import TINY
 
 
@@ -222,7 +221,7 @@ def test_bad_model_files(tiny, backend):
         assert len(lines) == 1 and words in lines[0], f"{name}: {child.stderr}"
 
 
-@pytest.mark.parametrize("args,words", [
+@pytest.mark.parametrize(("args", "words"), [
     (["--class", "7"], "out of range"),
     (["--class", "giraffe"], "no such label"),
     (["--batch-size", "0"], "not a positive integer"),

@@ -6,11 +6,11 @@ import sys
 import cv2
 import numpy as np
 import pytest
+from nets import square_image, write_square_net
 
 from cam_caffe.cli import main
-from cam_caffe.inputs import collect, in_shard, parse_shard
 from cam_caffe.errors import CamError
-from nets import square_image, write_square_net
+from cam_caffe.inputs import collect, in_shard, parse_shard
 
 
 @pytest.fixture(scope="module")

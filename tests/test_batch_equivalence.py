@@ -9,13 +9,13 @@ import json
 
 import numpy as np
 import pytest
+from conftest import IN_CI, require_pycaffe
+from nets import COLOUR_ARGS, colour_images, write_colour_net
 
 from cam_caffe import CAMNet
 from cam_caffe.batch import Options, run_batch
 from cam_caffe.inputs import collect
 from cam_caffe.output import write_image
-from conftest import IN_CI, require_pycaffe
-from nets import COLOUR_ARGS, colour_images, write_colour_net
 
 BACKENDS = ["opencv", "onnxruntime", "caffe"]
 MODES = {                           # predict() arguments

@@ -4,9 +4,9 @@ import math
 import cv2
 import numpy as np
 import pytest
+from conftest import shared
 
 from cam_caffe.boxes import Box, draw_boxes, dt_boxes, dt_boxes_from_cam, paper_box
-from conftest import shared
 
 OFFICIAL_HEATMAP_6 = [(41, 145, 362, 202), (102, 188, 242, 126)]  # dt_box heatmap_6.jpg 20 100 110
 
@@ -59,7 +59,7 @@ def test_dt_boxes_from_cam_work_on_negative_maps():
     assert x0 < 100 < x1 and y0 < 50 < y1
 
 
-@pytest.mark.parametrize("cx, cy, sigma", [(40, 30, 6.0), (100, 70, 10.0), (15, 90, 4.0)])
+@pytest.mark.parametrize(("cx", "cy", "sigma"), [(40, 30, 6.0), (100, 70, 10.0), (15, 90, 4.0)])
 def test_paper_box_around_a_gaussian_blob(cx, cy, sigma):
     box = paper_box(gaussian((120, 160), cx, cy, sigma))
     r = sigma * math.sqrt(2 * math.log(5))        # exp(-r²/2σ²) = 0.2

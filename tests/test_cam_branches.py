@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from nets import write_random_net
 
 from cam_caffe.backends.opencv import OpenCVBackend
 from cam_caffe.cam import cam_weights, softmax
 from cam_caffe.camspec import AmbiguousCamHead, find_cam_layers, find_target
 from cam_caffe.errors import ModelError
 from cam_caffe.netdef import CaffeModel, load_netdef, read_caffemodel
-from nets import write_random_net
 
 INPUT = 'input: "data"\ninput_shape { dim: 1 dim: 3 dim: 12 dim: 12 }\n'
 # name → (layer text, blobs it reads); the main branch "a" ends in the Softmax "prob",
@@ -55,7 +55,7 @@ def file_orders(draw) -> list[str]:
         order.append(name)
         done.add(PRODUCES[name])
         rest.remove(name)
-    return order + ["prob"]
+    return [*order, "prob"]
 
 
 @settings(max_examples=30, deadline=None,

@@ -10,12 +10,12 @@ import sys
 import cv2
 import numpy as np
 import pytest
+from conftest import ROOT
+from test_bad_inputs import error_lines, run_cli
 
 from cam_caffe.batch import CAPTION_FONT, fit_caption, montage
 from cam_caffe.cli import main
 from cam_caffe.errors import EXIT_CODES
-from conftest import ROOT
-from test_bad_inputs import error_lines, run_cli
 
 IMAGES = ROOT / "images"
 STAR = IMAGES / "demo_star_4.png"          # the demo model's class 4, "star"
@@ -80,7 +80,7 @@ def test_own_outputs_are_recognised_across_processes_and_shards(tmp_path):
     assert len(list((out / ".cam-caffe").glob("written-*.txt"))) == 3   # the .json files
 
 
-@pytest.mark.parametrize("args,code,words", [
+@pytest.mark.parametrize(("args", "code", "words"), [
     (["-o", "x.xyz"], 2, "x.xyz: unknown image format '.xyz'"),
     (["-o", "noext"], 2, "noext: no extension"),
     (["--show"], 2, "--show needs a display"),
@@ -104,7 +104,7 @@ def test_outputs_are_checked_before_the_model_loads(tmp_path, args, code, words)
     assert blocker.read_text() == "a file" and sorted(os.listdir(tmp_path)) == ["blocker"]
 
 
-@pytest.mark.parametrize("args,words", [
+@pytest.mark.parametrize(("args", "words"), [
     (["--alpha", "-0.1"], "'-0.1' is not a number in [0, 1]"),
     (["--alpha", "1.5"], "'1.5' is not a number in [0, 1]"),
     (["--alpha", "nan"], "'nan' is not a number in [0, 1]"),

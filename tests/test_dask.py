@@ -22,12 +22,14 @@ import pytest
 from conftest import IN_CI, output_files
 
 try:
-    import distributed                   # the dask extra, which scripts/setup.sh installs
-    import psutil                        # a dependency of distributed
+    import distributed  # the dask extra, which scripts/setup.sh installs
+    import psutil  # a dependency of distributed
 except ImportError:
     if IN_CI:
         raise
     pytest.skip("the dask extra is not installed", allow_module_level=True)
+
+import contextlib
 
 from cam_caffe.api import CAMNet
 from cam_caffe.backends import cpu_threads, usable_cores
@@ -35,7 +37,7 @@ from cam_caffe.batch import Options, image_cost, run_batch
 from cam_caffe.cluster import cached_net, dask_client, worker_budget
 from cam_caffe.errors import BackendError, CamError, ModelError
 from cam_caffe.inputs import collect
-from cam_caffe.output import OutputLedger, remove_temporaries, temporary_beside
+from cam_caffe.output import remove_temporaries, temporary_beside
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "models" / "demo"
@@ -69,7 +71,7 @@ def make_folder(folder: Path, variants: int = 4, scale: int = 1) -> list[Path]:
         bad.append(folder / name)
     truncated = folder / "set1" / "truncated.png"
     truncated.write_bytes((ROOT / "images" / sources[0].name).read_bytes()[:200])
-    return bad + [truncated]
+    return [*bad, truncated]
 
 
 @pytest.fixture(scope="module")
@@ -168,10 +170,8 @@ class ExternalCluster:
 
     def stop(self) -> None:
         for process in self.processes:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             process.wait()
 
 
@@ -240,7 +240,7 @@ def test_scheduler_file_cli_same_outputs_and_one_net_per_worker(mixed, shared_cl
 
 def test_api_client_same_outputs(mixed, shared_cluster, tmp_path):
     """run_batch(client=…) with a distributed.Client of a tcp:// scheduler."""
-    folder, bad, reference, records = mixed
+    folder, bad, reference, _records = mixed
     net = CAMNet(DEMO / "deploy.prototxt", DEMO / "demo.caffemodel", labels=DEMO / "labels.txt")
     inputs = collect([str(folder)], tmp_path / "out")
     options = Options(output_dir=tmp_path / "out", save=("overlay", "npy", "json"), top_k=2,
@@ -465,7 +465,7 @@ def test_model_not_visible_to_workers(tmp_path, shared_cluster):
             run_batch(net, inputs, Options(quiet=True), client=client)
 
 
-@pytest.mark.parametrize("address, code, message", [
+@pytest.mark.parametrize(("address", "code", "message"), [
     ("tcp://127.0.0.1:9", 7, "cannot start or reach the cluster"),
     ("nowhere", 2, "expected local, local:N"),
     ("local:0", 2, "expected local, local:N"),

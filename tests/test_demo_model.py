@@ -11,13 +11,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import ROOT, require_pycaffe
+from nets import square_image, write_square_net
 
 from cam_caffe import CAMNet
 from cam_caffe.boxes import Box
 from cam_caffe.cli import main
 from cam_caffe.evaluate import error_rates, first_hits, image_key, read_truth
-from conftest import ROOT, require_pycaffe
-from nets import square_image, write_square_net
 
 DEMO = ROOT / "models" / "demo"
 DEMO_ARGS = ["--prototxt", str(DEMO / "deploy.prototxt"), "--weights",
@@ -174,7 +174,7 @@ def test_evaluate_table_and_unmatched_images(square_case, capsys):
 
 
 def test_evaluate_errors(square_case, capsys, tmp_path):
-    folder, images, args = square_case
+    _folder, images, args = square_case
     bad = tmp_path / "bad.csv"
     bad.write_text("image,label\na.png,square\n")
     assert main(["evaluate", str(images), "--boxes-file", str(bad), *map(str, args)]) == 2

@@ -8,11 +8,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from nets import square_image, write_square_net
 
 from cam_caffe import CAMNet, models
 from cam_caffe.cli import main
 from cam_caffe.errors import EXIT_SOME_FAILED
-from nets import square_image, write_square_net
 
 POSITIONS = [(10, 10), (10, 150), (110, 20), (60, 80), (115, 155)]
 
@@ -22,7 +22,7 @@ def square_net(tmp_path_factory):
     return write_square_net(tmp_path_factory.mktemp("square"))
 
 
-@pytest.mark.parametrize("top,left", POSITIONS)
+@pytest.mark.parametrize(("top", "left"), POSITIONS)
 def test_cam_peak_falls_on_the_square(square_net, top, left):
     prototxt, model, labels = square_net
     net = CAMNet(prototxt, model, backend="opencv", mean="0", scale=1 / 255, labels=labels)
@@ -72,7 +72,7 @@ def test_cli_writes_overlay_png(square_net, tmp_path, capsys):
     # The paper style's jet colouring: red where the square is, blue far from it.
     b, g, r = overlay[80, 100].astype(int)
     assert r > 120 and b < 60                    # jet at the max: dark red
-    b, g, r = overlay[150, 5].astype(int)
+    b, _g, r = overlay[150, 5].astype(int)
     assert b > r
 
 

@@ -9,13 +9,12 @@ import cv2
 import numpy as np
 import pytest
 from google.protobuf import text_format
+from nets import SQUARE_PROTOTXT
 
 from cam_caffe import proto
 from cam_caffe.flops import count_flops, layer_flops
 from cam_caffe.netdef import load_netdef
 from cam_caffe.synthetic import random_weights, save_caffemodel
-
-from nets import SQUARE_PROTOTXT
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOGLENET = ROOT / "prototxt" / "deploy_googlenetCAM.prototxt"
@@ -58,7 +57,7 @@ def test_square_net_hand_count(tmp_path: Path) -> None:
     assert count_flops(load_netdef(path)) == 14336 + 2048 + 2048 + 512 + 10 + 6
 
 
-@pytest.mark.parametrize("eltwise, eltwise_flops", [
+@pytest.mark.parametrize(("eltwise", "eltwise_flops"), [
     ("", 512),                                                   # SUM: n − 1 = 1 per element
     ("eltwise_param { coeff: 1 coeff: -1 }", 3 * 512),           # with coefficients: 2n − 1
 ])

@@ -6,12 +6,12 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from test_netdef import V1_NET, VGG_LIKE
+from test_parity import TINY
 
 from cam_caffe.camspec import find_cam_layers
 from cam_caffe.errors import ImageError, ModelError
 from cam_caffe.image import load_image
-from test_netdef import V1_NET, VGG_LIKE
-from test_parity import TINY
 
 FUZZ = settings(max_examples=150, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])

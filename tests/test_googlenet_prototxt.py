@@ -18,10 +18,9 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from conftest import IN_CI
 from google.protobuf import text_format
 from google.protobuf.message import Message
-
-from conftest import IN_CI
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

@@ -20,7 +20,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
 from conftest import IN_CI, ROOT, USER_CACHE, require_pycaffe
 from nets import SQUARE_PROTOTXT
 

@@ -72,7 +72,7 @@ def complete(out: Path) -> set[str]:
             if p.with_name(p.stem + ".cam.png").is_file()}
 
 
-@pytest.mark.parametrize("signals,code,word", [
+@pytest.mark.parametrize(("signals", "code", "word"), [
     ([signal.SIGINT], 130, "interrupted"),
     ([signal.SIGTERM], 143, "terminated"),
     ([signal.SIGINT, signal.SIGINT, signal.SIGTERM], 130, "interrupted"),   # impatient

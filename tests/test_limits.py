@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from nets import SQUARE_PROTOTXT, square_image, write_square_net
 from PIL import Image
 
 from cam_caffe.batch import Options, image_cost, run_batch
@@ -33,7 +34,6 @@ from cam_caffe.errors import CamError, one_line
 from cam_caffe.inputs import collect
 from cam_caffe.netdef import load_netdef
 from cam_caffe.synthetic import save_caffemodel
-from nets import SQUARE_PROTOTXT, square_image, write_square_net
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ["--model", "demo"]
@@ -108,7 +108,7 @@ def test_bad_entries_among_good_images(tmp_path):
         [f"good{i}.cam.png" for i in range(3)] + [os.fsdecode(b"caf\xe9.cam.png")])
 
 
-@pytest.mark.parametrize("option,what", [("--labels", "labels"), ("--prototxt", "prototxt")])
+@pytest.mark.parametrize(("option", "what"), [("--labels", "labels"), ("--prototxt", "prototxt")])
 def test_endless_model_files_are_refused(option, what, tmp_path):
     args = DEMO if option == "--labels" else ["--weights", "x.caffemodel"]
     code, _, err = cli(*args, option, "/dev/zero", picture(tmp_path / "a.png"), timeout=60)
@@ -191,7 +191,7 @@ def test_nan_weights_fail_each_image(backend, nan_net, tmp_path, capsys):
     assert captured.out == "" and not out.exists()
 
 
-@pytest.mark.parametrize("args,code,words", [
+@pytest.mark.parametrize(("args", "code", "words"), [
     (["--scale", "nan"], 2, "argument --scale: 'nan' is not a finite number (see cam-caffe "
                             "--help)"),
     (["--scale=-inf"], 2, "argument --scale: '-inf' is not a finite number (see cam-caffe "
@@ -287,6 +287,7 @@ def test_forward_out_of_memory_shrinks_the_batch(square, tmp_path, monkeypatch):
     """A forward pass that runs out of memory for a batch is retried one image at a
     time; an image that fails even alone is reported, the others are done."""
     import io
+
     from cam_caffe import CAMNet
     paths = [picture(tmp_path / f"{i}.png", (60 + i, 80)) for i in range(5)]
     net = CAMNet(Path(square[1]), Path(square[3]), backend="opencv", mean="0", scale=1 / 255)

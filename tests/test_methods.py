@@ -21,6 +21,11 @@ import sys
 import cv2
 import numpy as np
 import pytest
+from conftest import ROOT, require_pycaffe
+from nets import pycaffe_googlenet_weights
+from numpy_net import bilinear, finite_differences, run_from, stored_weights
+from test_onnx import nontrivial_weights
+from test_parity import TINY, assert_rel_close, images
 
 from cam_caffe import CAMNet
 from cam_caffe.camspec import find_target
@@ -28,11 +33,6 @@ from cam_caffe.errors import CamError, ModelError
 from cam_caffe.methods import METHODS
 from cam_caffe.netdef import load_netdef
 from cam_caffe.synthetic import save_caffemodel
-from conftest import ROOT, require_pycaffe
-from nets import pycaffe_googlenet_weights
-from numpy_net import bilinear, finite_differences, run_from, stored_weights
-from test_onnx import nontrivial_weights
-from test_parity import TINY, assert_rel_close, images
 
 GRADIENT_BACKENDS = ("caffe", "onnxruntime")
 ALL_BACKENDS = ("caffe", "onnxruntime", "opencv")
@@ -197,7 +197,7 @@ def reference_maps(method, netdef, weights, spec, batch, features, classes):
         if method == "eigencam":
             x = features.reshape(k, h * w).T.astype(np.float64)
             x = x - x.mean(axis=0)
-            u, s, vt = np.linalg.svd(x)
+            _u, _s, vt = np.linalg.svd(x)
             projection = x @ vt[0]
             if np.corrcoef(projection, features.sum(axis=0).ravel())[0, 1] < 0:
                 projection = -projection

@@ -12,14 +12,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from nets import SQUARE_PROTOTXT, square_case
+from test_onnx import SLICE_NET
 
 from cam_caffe.backends import create_backend
 from cam_caffe.camspec import find_cam_layers
 from cam_caffe.errors import MAX_MESSAGE, CamError, ModelError, shorten
 from cam_caffe.netdef import CaffeModel, load_netdef
 from cam_caffe.synthetic import save_caffemodel
-from nets import SQUARE_PROTOTXT, square_case
-from test_onnx import SLICE_NET
 
 
 def run(*args, env=None):
@@ -78,7 +78,7 @@ def test_messages_are_one_short_line():
 @pytest.mark.parametrize("backend", ["opencv", "onnxruntime", "caffe", "auto"])
 def test_negative_gpu_is_a_usage_error(square, backend, command):
     """--gpu -1 with OpenCV was exit 70 (cv2.cuda.setDevice(-1))."""
-    folder, image, args = square
+    _folder, image, args = square
     child = run(*command, image, *args, "--backend", backend, "--gpu", "-1")
     assert child.returncode == 2 and len(child.stderr.splitlines()) == 1
     assert "'-1' is not a device ID" in child.stderr
@@ -132,7 +132,7 @@ def test_export_through_a_symlink_writes_its_target(square, tmp_path):
 
 
 def test_image_outputs_follow_the_same_rule(square, tmp_path):
-    folder, image, args = square
+    _folder, image, args = square
     fifo = tmp_path / "o.png"
     os.mkfifo(fifo)
     child = run(image, *args, "--backend", "opencv", "-o", fifo)
@@ -141,7 +141,7 @@ def test_image_outputs_follow_the_same_rule(square, tmp_path):
 
 
 def test_verbose_says_which_backend_auto_chose_and_why(square, tmp_path):
-    folder, image, args = square
+    _folder, image, args = square
     child = run(image, *args, "-v", "-q")
     assert child.returncode == 0, child.stderr
     assert ("cam-caffe: backend auto: chose onnxruntime (the first of onnxruntime, opencv, "

@@ -15,17 +15,17 @@ from pathlib import Path
 
 import cv2
 import pytest
+from conftest import require_pycaffe, shared
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from nets import SQUARE_PROTOTXT, square_case, square_image
+from test_onnx import CONV, ELTWISE
 
 from cam_caffe import budget, cli
 from cam_caffe.api import CAMNet
 from cam_caffe.errors import ModelError
 from cam_caffe.limits import default_max_memory, human
 from cam_caffe.netdef import forward_bytes, load_netdef
-from conftest import require_pycaffe, shared
-from nets import SQUARE_PROTOTXT, square_case, square_image
-from test_onnx import CONV, ELTWISE
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOGLENET = ROOT / "prototxt" / "deploy_googlenetCAM.prototxt"
@@ -83,7 +83,7 @@ def run(*args: str) -> tuple[int, list[str]]:
 def square(tmp_path_factory):
     folder = tmp_path_factory.mktemp("square")
     image, args = square_case(folder)
-    return folder, image, args + ["--backend", "opencv", "-q"]
+    return folder, image, [*args, "--backend", "opencv", "-q"]
 
 
 BIG = st.one_of(st.integers(1, 64), st.integers(1, 2 ** 64), st.integers(1, 10 ** 30),
@@ -169,7 +169,7 @@ def test_default_limit_is_half_the_available_memory(monkeypatch):
     assert default_max_memory() == os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
 
 
-@pytest.mark.parametrize("text,code", [("64M", 0), ("1.5G", 0), ("3x", 2), ("0", 2), ("1.5Q", 2),
+@pytest.mark.parametrize(("text", "code"), [("64M", 0), ("1.5G", 0), ("3x", 2), ("0", 2), ("1.5Q", 2),
                                        ("1000", 3)])
 def test_max_memory_option(square, text, code):
     _, image, args = square

@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 import cv2
 import numpy as np
 import pytest
+from conftest import ROOT
+from nets import SQUARE_LABELS, SQUARE_PROTOTXT, square_image, write_square_net
 
 from cam_caffe import cli, models
 from cam_caffe.cli import main
@@ -25,8 +27,6 @@ from cam_caffe.errors import EXIT_MODEL, ModelError
 from cam_caffe.models import FileSpec, Model
 from cam_caffe.netdef import load_netdef
 from cam_caffe.synthetic import random_weights, save_caffemodel
-from conftest import ROOT
-from nets import SQUARE_LABELS, SQUARE_PROTOTXT, square_image, write_square_net
 
 # The same layer names with other sizes: a caffemodel of "another net".
 OTHER_PROTOTXT = SQUARE_PROTOTXT.replace("num_output: 2 kernel_size: 1",
@@ -59,7 +59,7 @@ class Server:
 
 def _handler(state: Server):
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:                  # noqa: N802 (http.server's naming)
+        def do_GET(self) -> None:
             name = urlsplit(self.path).path.lstrip("/")
             range_header = self.headers.get("Range")
             state.requests.append((name, range_header))
@@ -309,7 +309,7 @@ def test_base_url_from_the_environment(server, blobs, monkeypatch):
     server.files.update(blobs)
     register(monkeypatch, "http://models.invalid/cam", labels=None)
     monkeypatch.setenv(models.BASE_URL_ENV, server.url)
-    prototxt, weights, labels = models.download("tiny", progress=False)
+    _prototxt, weights, labels = models.download("tiny", progress=False)
     assert labels is None and weights.read_bytes() == blobs["tiny.caffemodel"]
     assert sorted(name for name, _ in server.requests) == ["tiny.caffemodel", "tiny.prototxt"]
 

@@ -1,14 +1,14 @@
 """Reading and normalising prototxt files, and finding the CAM layers."""
 import numpy as np
 import pytest
+from conftest import ROOT, shared
+from nets import write_random_net
 
 from cam_caffe import CAMNet
 from cam_caffe.camspec import find_cam_layers
 from cam_caffe.errors import ModelError
 from cam_caffe.netdef import CaffeModel, check_weights, load_netdef, read_caffemodel
 from cam_caffe.synthetic import random_weights, save_caffemodel
-from conftest import ROOT, shared
-from nets import write_random_net
 
 V1_NET = """
 name: "V1Net"
@@ -147,7 +147,7 @@ def test_python_layers_are_refused_by_default(tmp_path):
 def test_weights_of_another_net_are_refused(tmp_path):
     prototxt, _ = write_random_net(tmp_path, V1_NET, "a")
     other = NIN_NET.replace("num_output: 5", "num_output: 8")
-    other_proto, other_model = write_random_net(tmp_path, other, "b")
+    _other_proto, other_model = write_random_net(tmp_path, other, "b")
     netdef = load_netdef(prototxt)
     with pytest.raises(ModelError, match="no layer of the prototxt"):
         check_weights(netdef, read_caffemodel(other_model), other_model)

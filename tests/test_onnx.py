@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import IN_CI
 
 if IN_CI:       # CI installs the "onnx" extra: a missing package is an error there
@@ -27,16 +26,16 @@ else:
     onnx = pytest.importorskip("onnx", reason="the 'onnx' extra is not installed")
     ort = pytest.importorskip("onnxruntime", reason="the 'onnx' extra is not installed")
 
-from cam_caffe import cli  # noqa: E402
-from cam_caffe.backends import create_backend  # noqa: E402
-from cam_caffe.backends.onnxruntime import OnnxRuntimeBackend, cache_dir  # noqa: E402
-from cam_caffe.backends.opencv import OpenCVBackend  # noqa: E402
-from cam_caffe.cam import cam_weights  # noqa: E402
-from cam_caffe.camspec import find_cam_layers  # noqa: E402
-from cam_caffe.errors import BackendError, ModelError  # noqa: E402
-from cam_caffe.netdef import CaffeModel, load_netdef, param_shapes, read_caffemodel  # noqa: E402
-from cam_caffe.onnx_export import SUPPORTED, convert  # noqa: E402
-from cam_caffe.synthetic import random_weights, save_caffemodel  # noqa: E402
+from cam_caffe import cli
+from cam_caffe.backends import create_backend
+from cam_caffe.backends.onnxruntime import OnnxRuntimeBackend, cache_dir
+from cam_caffe.backends.opencv import OpenCVBackend
+from cam_caffe.cam import cam_weights
+from cam_caffe.camspec import find_cam_layers
+from cam_caffe.errors import BackendError, ModelError
+from cam_caffe.netdef import CaffeModel, load_netdef, param_shapes, read_caffemodel
+from cam_caffe.onnx_export import SUPPORTED, convert
+from cam_caffe.synthetic import random_weights, save_caffemodel
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -420,7 +419,7 @@ def test_opencv_refuses_lrn_k(tmp_path):
         model.reference("opencv")
 
 
-@pytest.mark.parametrize("name,reference", [
+@pytest.mark.parametrize(("name", "reference"), [
     (name, reference) for name in sorted(NETS) for reference in REFERENCES
     if not (reference == "opencv" and name in NOT_IN_OPENCV)])
 def test_tiny_net_matches_reference_backend(tmp_path, name, reference):
@@ -431,7 +430,7 @@ def test_tiny_net_matches_reference_backend(tmp_path, name, reference):
 @pytest.mark.parametrize("name", sorted(POOL_CASES))
 def test_pooling_matches_caffe_loops(tmp_path, name):
     """Caffe's ceil-mode size, its 'last window starts in the image' rule and its AVE divisor."""
-    shape, _, (kernel, stride, pad, mode, ceil_mode) = POOL_CASES[name]
+    _shape, _, (kernel, stride, pad, mode, ceil_mode) = POOL_CASES[name]
     model = Model(tmp_path, NETS[f"pool_{name}"])
     x = model.batch(2, scale=3.0)
     expected = caffe_pool(x, kernel, stride, pad, mode, ceil_mode)
@@ -724,7 +723,7 @@ def test_export_input_size_and_errors(tmp_path, capsys):
     model = Model(tmp_path, ELTWISE)
     out = tmp_path / "m.onnx"
     args = ["export", "--prototxt", str(model.netdef.path), "--weights", str(model.weights)]
-    assert cli.main(args + ["-o", str(out), "--input-size", "10x12"]) == 0
+    assert cli.main([*args, "-o", str(out), "--input-size", "10x12"]) == 0
     dims = onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in dims[2:]] == [10, 12]
     capsys.readouterr()
@@ -732,7 +731,7 @@ def test_export_input_size_and_errors(tmp_path, capsys):
     assert "required" in capsys.readouterr().err
     assert cli.main(["export", "--prototxt", str(model.netdef.path), "--weights",
                      str(tmp_path / "missing.caffemodel"), "-o", str(out)]) == 3
-    assert cli.main(args + ["-o", str(out), "--input-size", "ten"]) == 2
+    assert cli.main([*args, "-o", str(out), "--input-size", "ten"]) == 2
 
 
 def test_export_a_registered_model(tmp_path, capsys):

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import IN_CI
 from nets import square_image, write_square_net
 
@@ -30,14 +29,15 @@ else:
     onnx = pytest.importorskip("onnx", reason="the 'onnx' extra is not installed")
     ort = pytest.importorskip("onnxruntime", reason="the 'onnx' extra is not installed")
 
-import cam_caffe.onnx_export as export_module  # noqa: E402
-from cam_caffe import output  # noqa: E402
-from cam_caffe.backends.onnxruntime import CACHE_KEY, OnnxRuntimeBackend, cache_dir  # noqa: E402
-from cam_caffe.backends.opencv import OpenCVBackend  # noqa: E402
-from cam_caffe.camspec import find_cam_layers  # noqa: E402
-from cam_caffe.netdef import CaffeModel, load_netdef  # noqa: E402
-from cam_caffe.synthetic import save_caffemodel  # noqa: E402
-from test_onnx import CONV, nontrivial_weights  # noqa: E402
+from test_onnx import CONV, nontrivial_weights
+
+import cam_caffe.onnx_export as export_module
+from cam_caffe import output
+from cam_caffe.backends.onnxruntime import CACHE_KEY, OnnxRuntimeBackend, cache_dir
+from cam_caffe.backends.opencv import OpenCVBackend
+from cam_caffe.camspec import find_cam_layers
+from cam_caffe.netdef import CaffeModel, load_netdef
+from cam_caffe.synthetic import save_caffemodel
 
 ROOT = Path(__file__).resolve().parents[1]
 

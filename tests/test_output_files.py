@@ -8,6 +8,8 @@ import sys
 import cv2
 import numpy as np
 import pytest
+from conftest import ROOT
+from nets import COLOUR_ARGS, colour_images, write_colour_net
 
 from cam_caffe import CAMNet
 from cam_caffe.batch import montage
@@ -17,8 +19,6 @@ from cam_caffe.cli import main
 from cam_caffe.inputs import collect
 from cam_caffe.output import write_bytes, write_image
 from cam_caffe.render import heatmap, overlay_paper, overlay_seed
-from conftest import ROOT
-from nets import COLOUR_ARGS, colour_images, write_colour_net
 
 BATCH = 2
 TOP_K = 3

@@ -8,12 +8,12 @@ import sys
 import cv2
 import numpy as np
 import pytest
-
-from cam_caffe import CAMNet
-from cam_caffe.errors import BackendError, ModelError
 from conftest import ROOT, require_pycaffe, shared
 from nets import pycaffe_googlenet_weights, square_image, write_random_net, write_square_net
 from test_netdef import NIN_NET, V1_NET
+
+from cam_caffe import CAMNet
+from cam_caffe.errors import BackendError, ModelError
 
 REL = 1e-4
 
@@ -94,7 +94,7 @@ def test_v1_syntax_backends_agree(tmp_path):
 def test_tiny_nets_backends_agree(tmp_path):
     prototxt, weights = write_random_net(tmp_path, NIN_NET, "nin", seed=2)
     compare_backends(prototxt, weights, images(2, (16, 16)))
-    prototxt, weights, labels = write_square_net(tmp_path)
+    prototxt, weights, _labels = write_square_net(tmp_path)
     nets, _ = compare_backends(prototxt, weights, [square_image(20, 30), square_image(90, 100)],
                                mean="0", scale=1 / 255)
     result = nets["caffe"].predict([square_image(20, 30)], classes=[0])[0]
@@ -104,7 +104,7 @@ def test_tiny_nets_backends_agree(tmp_path):
 
 def numpy_forward(image_chw, w1, b1, fc_w, fc_b):
     """Conv 3x3 pad 1 → ReLU → global average → FC → softmax, by plain loops/einsum."""
-    c, h, w = image_chw.shape
+    _c, h, w = image_chw.shape
     padded = np.pad(image_chw.astype(np.float64), ((0, 0), (1, 1), (1, 1)))
     conv = np.zeros((w1.shape[0], h, w))
     for y in range(h):
@@ -187,7 +187,7 @@ def test_pycaffe_max_pooling_values_and_mask_match_numpy(tmp_path):
 def test_caffe_abort_becomes_a_clear_error(tmp_path):
     require_pycaffe()
     bad = TINY + 'layer { name: "extra" type: "NoSuchLayer" bottom: "prob" top: "extra" }\n'
-    prototxt, weights = write_random_net(tmp_path, TINY, "ok")
+    _prototxt, weights = write_random_net(tmp_path, TINY, "ok")
     (tmp_path / "bad.prototxt").write_text(bad)
     with pytest.raises(ModelError, match="Unknown layer type: NoSuchLayer"):
         CAMNet(tmp_path / "bad.prototxt", weights, backend="caffe", mean="0")

@@ -19,14 +19,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import ROOT, output_files, require_pycaffe
 
 from cam_caffe import CAMNet
 from cam_caffe.backends import cpu_threads, usable_cores
 from cam_caffe.batch import Options, image_cost
-from cam_caffe.cli import main
 from cam_caffe.budget import Postponed
+from cam_caffe.cli import main
 from cam_caffe.pipeline import ProcessPool, SharedBudget, default_workers
-from conftest import ROOT, output_files, require_pycaffe
 
 DEMO = ROOT / "models" / "demo"
 DEMO_NET = [DEMO / "deploy.prototxt", DEMO / "demo.caffemodel"]
@@ -155,7 +155,7 @@ def many(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("signum,code,word,whole_group", [
+@pytest.mark.parametrize(("signum", "code", "word", "whole_group"), [
     (signal.SIGINT, 130, "interrupted", True),    # Ctrl-C in a terminal: the whole group
     (signal.SIGTERM, 143, "terminated", False),   # a scheduler's SIGTERM to cam-caffe alone
     (signal.SIGTERM, 143, "terminated", True),
@@ -181,7 +181,7 @@ def test_signals_stop_the_workers_and_leave_nothing_partial(many, tmp_path, sign
     assert all(line.endswith(b"\n") for line in lines), "a line was cut short"
     printed = {Path(json.loads(l)["image"]).stem for l in lines}
     outputs = {}
-    assert not [path for path in out.rglob("*.tmp")]            # no temporary left
+    assert not list(out.rglob("*.tmp"))            # no temporary left
     for path in output_files(out):
         outputs.setdefault(path.name.split(".")[0], set()).add(path.name.split(".", 1)[1])
     assert len(outputs) < 160                                  # it stopped early

@@ -2,6 +2,7 @@
 import cv2
 import numpy as np
 import pytest
+from conftest import shared
 from PIL import Image
 
 from cam_caffe import proto
@@ -10,7 +11,6 @@ from cam_caffe.image import load_image
 from cam_caffe.output import encode_image, encode_png
 from cam_caffe.preprocess import Preprocessor, parse_mean
 from cam_caffe.render import colormap_lut, heatmap, normalize, overlay_paper, overlay_seed
-from conftest import shared
 
 
 def test_preprocess_is_bgr_resize_minus_mean_times_scale():
@@ -46,7 +46,7 @@ def test_imagenet_mean_file_channel_means():
     np.testing.assert_allclose(mean.mean(axis=(1, 2)), [104.0, 116.7, 122.7], atol=0.1)
 
 
-@pytest.mark.parametrize("spec,message", [("1,2", "gives 2 values"), ("x.txt", "expected numbers"),
+@pytest.mark.parametrize(("spec", "message"), [("1,2", "gives 2 values"), ("x.txt", "expected numbers"),
                                           ("missing.npy", "not found")])
 def test_bad_mean(spec, message):
     with pytest.raises(ModelError, match=message):

@@ -160,7 +160,7 @@ def test_paper_box_is_the_largest_8_connected_region(cam, threshold):
         return
     assert box in expected
     height, width = cam.shape
-    assert 0 <= box.x and box.x + box.w <= width and 0 <= box.y and box.y + box.h <= height
+    assert box.x >= 0 and box.x + box.w <= width and box.y >= 0 and box.y + box.h <= height
 
 
 @PROPERTY

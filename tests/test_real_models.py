@@ -2,12 +2,12 @@
 import cv2
 import numpy as np
 import pytest
+from conftest import ROOT, shared
 
 from cam_caffe import CAMNet
 from cam_caffe.cli import main
 from cam_caffe.netdef import load_netdef, read_caffemodel
 from cam_caffe.synthetic import random_weights, save_caffemodel
-from conftest import ROOT, shared
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +63,7 @@ def test_cifar_cli(tmp_path, capsys):
     image = tmp_path / "x.png"
     cv2.imwrite(str(image), np.full((32, 32, 3), 90, np.uint8))
     labels = tmp_path / "cifar.txt"
-    labels.write_text("\n".join("airplane automobile bird cat deer dog frog horse ship truck".split()))
+    labels.write_text("\n".join(["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]))
     code = main([str(image), "--prototxt", str(shared("cifar10_resnet20", "test_ResNet_20.prototxt")),
                  "--weights", str(shared("cifar10_resnet20", "cifar10_ResNet_20_iter_53500.caffemodel")),
                  "--input-size", "32", "--labels", str(labels), "--backend", "opencv", "--top-k", "5",

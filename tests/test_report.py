@@ -13,13 +13,13 @@ from urllib.parse import unquote
 
 import cv2
 import pytest
+from conftest import IN_CI, ROOT
 
 from cam_caffe import CAMNet
 from cam_caffe.batch import ChunkResult, Options
 from cam_caffe.cli import main
 from cam_caffe.report import ReportWriter, read_cards
 from cam_caffe.synthetic import synthetic_records
-from conftest import IN_CI, ROOT
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
 DEMO_IMAGES = sorted((ROOT / "images").glob("demo_*.png"))
@@ -225,7 +225,7 @@ def test_page_sorts_filters_searches_and_shows_full_size(browser, demo_run):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select
-    images, out = demo_run
+    _images, out = demo_run
     records = saved_records(out)
     open_page(browser, out)
     assert console_errors(browser) == []

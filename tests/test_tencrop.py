@@ -2,9 +2,9 @@
 import cv2
 import numpy as np
 import pytest
+from conftest import shared
 
 from cam_caffe.tencrop import crop_offsets, merge_ten_crops, ten_crops
-from conftest import shared
 
 CUP = 968
 # The white cup with its saucer in img1.jpg (256×256), x0, y0, x1, y1 in pixels, read off

@@ -10,12 +10,11 @@ in place of an LMDB data layer, which pycaffe could not open.
 import re
 
 import numpy as np
-import pytest
+from conftest import require_pycaffe, shared
+from nets import write_random_net
 
 from cam_caffe import CAMNet
 from cam_caffe.cam import softmax
-from conftest import require_pycaffe, shared
-from nets import write_random_net
 
 BACKENDS = ["caffe", "opencv", "onnxruntime"]
 REL = 1e-4

@@ -14,6 +14,7 @@ it cannot be written (read-only, full disk), the backend runs without it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -26,7 +27,6 @@ from ..errors import BackendError, CamError, ModelError, OutputError
 from ..netdef import CaffeModel, NetDef, tail
 from ..output import cache_home, publish, temporary_beside, write_bytes
 from . import Forward, cpu_threads, one_hot, rows, scores_to_probs
-
 
 # Metadata entry of every model this backend converts: the cache key it was made for.
 # A cached file is used only if it holds this backend's key (it survives ORT's
@@ -121,10 +121,8 @@ class OnnxRuntimeBackend:
         session = saved = None
         try:
             if temporary:
-                try:
+                with contextlib.suppress(Exception):
                     session = saved = self._session(source, temporary)
-                except Exception:
-                    pass
             if session is None:
                 session = self._session(source)
             if session.get_modelmeta().custom_metadata_map.get(CACHE_KEY) != self.key:

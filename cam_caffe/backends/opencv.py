@@ -6,8 +6,8 @@ layer that writes it (with Caffe's in-place ReLU: ``CAM_relu``, not ``CAM_conv``
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import cv2
 import numpy as np
