@@ -11,6 +11,9 @@ started), then ``--repeat`` timed passes; the table gives the median.
   (``sched_setaffinity``) with one forward thread (``OMP_NUM_THREADS=1``) — the
   reference the issue's target names (``local:N`` ≥ 0.9 × N × this);
 - ``one process, all cores``: ``run_batch`` as ``cam-caffe`` runs it by default;
+- ``N × one process, 1 core each``: N of the one-core runs at once, each
+  pinned to its own core, no Dask: what N independent processes get from this
+  machine's cores and memory, the ceiling for ``local:N`` here;
 - ``local:N``: ``run_batch(client=…)`` on a ``LocalCluster`` of N worker
   processes with one thread each, as ``--dask local:N`` starts it.
 
@@ -34,8 +37,18 @@ import shutil
 import sys
 import time
 
-from common import (PROTOTXT, PYTHON, WORK, googlenet_weights, make_images, median, run_json,
-                    table, title, wait_for_quiet)
+from common import (
+    PROTOTXT,
+    PYTHON,
+    WORK,
+    googlenet_weights,
+    make_images,
+    median,
+    run_json,
+    table,
+    title,
+    wait_for_quiet,
+)
 
 FOLDER = WORK / "photos_375x500"
 
@@ -71,7 +84,7 @@ def child(config: str, count: int, repeat: int, batch_size: int) -> dict:
     from cam_caffe import CAMNet
     from cam_caffe.batch import Options, run_batch
     from cam_caffe.inputs import collect
-    out = WORK / "dask_out" / config.replace(" ", "_").replace(":", "")
+    out = WORK / "dask_out" / config.replace(" ", "_").replace(":", "")   # one folder per child
     shutil.rmtree(out, ignore_errors=True)     # the repeats then rewrite this run's own files
     inputs = collect([str(p) for p in sorted(FOLDER.glob("*.jpg"))[:count]], out)
     options = Options(output_dir=out, batch_size=batch_size, quiet=True)
@@ -99,6 +112,7 @@ def child(config: str, count: int, repeat: int, batch_size: int) -> dict:
 def task_overhead(client, net, options, sequential: int = 50, many: int = 400) -> dict:
     """Round trip of one empty-chunk task at a time, and the rate of ``many`` at once."""
     from distributed import wait
+
     from cam_caffe.cluster import net_arguments, run_chunk
     arguments = net_arguments(net)
     rounds = []
@@ -109,6 +123,22 @@ def task_overhead(client, net, options, sequential: int = 50, many: int = 400) -
     start = time.perf_counter()
     wait([client.submit(run_chunk, arguments, [], options, pure=False) for _ in range(many)])
     return {"round_trip": median(rounds), "in_flight": (time.perf_counter() - start) / many}
+
+
+def independent(cores: int, args: argparse.Namespace) -> dict:
+    """``cores`` one-core runs started together, each pinned to its own core: their
+    summed images/s and mean CPU per image (the child's medians)."""
+    import subprocess
+    children = [subprocess.Popen(
+        ["taskset", "-c", str(core), PYTHON, __file__, "--child", f"one-core-{core}",
+         "--images", str(args.images), "--repeat", str(args.repeat),
+         "--batch-size", str(args.batch_size)],
+        env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, text=True)
+        for core in sorted(os.sched_getaffinity(0))[:cores]]
+    results = [json.loads(child.communicate()[0].strip().splitlines()[-1]) for child in children]
+    return {"seconds": [median(r["seconds"]) for r in results],
+            "cpu": [median(r["cpu"]) for r in results], "backend": results[0]["backend"],
+            "images/s": sum(args.images / median(r["seconds"]) for r in results)}
 
 
 def main() -> None:
@@ -136,13 +166,16 @@ def main() -> None:
         if config == "one-core":
             command = ["taskset", "-c", str(min(os.sched_getaffinity(0))), *command]
         results[label] = run_json(command, dict(os.environ, **env))
+    if cores > 1:
+        results[f"{cores} × one process, 1 core each"] = independent(cores, args)
     one_core = args.images / median(results["one process, 1 core"]["seconds"])
     one_core_cpu = median(results["one process, 1 core"]["cpu"]) / args.images
     rows = []
     for label, result in results.items():
-        rate = args.images / median(result["seconds"])
+        rate = result.get("images/s") or args.images / median(result["seconds"])
         cpu = median(result["cpu"]) / args.images
-        workers = int(label.split(":")[1]) if label.startswith("local") else None
+        workers = (int(label.split(":")[1]) if label.startswith("local")
+                   else cores if "images/s" in result else None)
         target = f"{rate / (workers * one_core):.2f}" if workers else ""
         start_up = f"{result['start_up']:.1f}" if "start_up" in result else ""
         rows.append([label, result["backend"], f"{rate:.1f}", f"{rate / one_core:.2f}×",
