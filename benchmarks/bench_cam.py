@@ -45,7 +45,7 @@ def main() -> None:
     for images, count in ((1, 1), (1, 5), (32, 1), (32, 5)):
         features = np.maximum(rng.normal(0, 1, (images, CHANNELS, SIZE, SIZE)), 0) \
             .astype(np.float32)
-        classes = rng.choice(CLASSES, (images, count), replace=not images == 1)
+        classes = rng.choice(CLASSES, (images, count), replace=images != 1)
         vectorised = per_call(lambda: class_activation_maps(features, weights, classes),
                               args.repeat) / images
         loop = per_call(lambda: [original_loop(features[i], weights, list(classes[i]))

@@ -119,10 +119,11 @@ def main_process_costs(folder, batch: int) -> list[list[str]]:
     decoded = [pickle.dumps(image, protocol=5) for image in images]
 
     def send() -> None:
-        for path, image, prediction in zip(paths, images, predictions):
+        for path, image, prediction in zip(paths, images, predictions, strict=True):
             buffer = io.BytesIO()
-            _SharedPickler(buffer, {"net": net}).dump((process, (net, Input(path, Path(path.stem)), image,
-                                                     prediction, Options()), {}))
+            item = Input(path, Path(path.stem))
+            _SharedPickler(buffer, {"net": net}).dump(
+                (process, (net, item, image, prediction, Options()), {}))
             pickle.dumps(buffer.getvalue(), protocol=5)
 
     def cpu_ms(fn) -> str:
@@ -173,9 +174,12 @@ def main() -> None:
     for backend in backends:
         for count in cores:
             start = time.monotonic()
-            row = [backend, count, f"{forward_rate(backend, count, args.batch_size, args.gpu, 3):.1f}"]
+            forward = forward_rate(backend, count, args.batch_size, args.gpu, 3)
+            row = [backend, count, f"{forward:.1f}"]
             for w in workers:
-                row.append(f"{steady_rate(folder, args.images, backend, count, w, args.batch_size, args.gpu, args.repeat):.1f}")
+                rate = steady_rate(folder, args.images, backend, count, w, args.batch_size,
+                                   args.gpu, args.repeat)
+                row.append(f"{rate:.1f}")
             rows.append(row)
             print(f"({backend} on {count} cores: {time.monotonic() - start:.0f} s)",
                   file=sys.stderr, flush=True)

@@ -95,12 +95,12 @@ def profile(net, data: np.ndarray, repeat: int = 3) -> dict[str, float]:
             backend.forward(data)
             runs.append(backend.net.getPerfProfile()[1].ravel() / cv2.getTickFrequency())
         timings = np.median(np.array(runs), axis=0)
-        for name, seconds in zip(backend.net.getLayerNames(), timings):
+        for name, seconds in zip(backend.net.getLayerNames(), timings, strict=True):
             by_type[backend.net.getLayer(backend.net.getLayerId(name)).type] += seconds / n
     elif net.backend_name == "caffe":
         caffe_net = backend.net
         names = list(caffe_net._layer_names)
-        for name, layer in zip(names, caffe_net.layers):
+        for name, layer in zip(names, caffe_net.layers, strict=True):
             if layer.type == "Input":
                 continue
             seconds = times(lambda: caffe_net.forward(start=name, end=name), repeat, warmup=0)
@@ -182,7 +182,8 @@ def blas_facts() -> list[str]:
         spec = importlib.util.find_spec("caffe")
         so = next(Path(spec.origin).parent.glob("_caffe*.so"))
         ldd = subprocess.run(["ldd", str(so)], capture_output=True, text=True).stdout
-        line = next((l.strip() for l in ldd.splitlines() if "blas" in l), "no BLAS linked?")
+        line = next((entry.strip() for entry in ldd.splitlines() if "blas" in entry),
+                    "no BLAS linked?")
         target = line.split("=>")[-1].split("(")[0].strip()
         facts.append(f"ldd _caffe.so: `{line}` → `{os.path.realpath(target)}`")
     except Exception as e:          # no pycaffe: nothing to say about its BLAS
@@ -191,7 +192,7 @@ def blas_facts() -> list[str]:
         for name in ("libblas.so.3-x86_64-linux-gnu", "libopenblas.so.0-x86_64-linux-gnu"):
             out = subprocess.run(["update-alternatives", "--display", name],
                                  capture_output=True, text=True).stdout.splitlines()
-            choices = [l.split(" - ")[0] for l in out if " - priority" in l]
+            choices = [line.split(" - ")[0] for line in out if " - priority" in line]
             facts.append(f"update-alternatives {name}: {'; '.join(choices) or 'none'}")
     try:
         lib = ctypes.CDLL("libopenblas.so.0")
@@ -396,7 +397,8 @@ def variants_table(backends: list[str], images: int, peak: float) -> None:
             continue
         combined = run_parallel({"backend": backend, "batches": [16], "images": images,
                                  **settings}, env)
-        rows.append([f"{backend}: 2 processes × 1 thread (throughput of both)", "1 thread each", "", "", *cells(combined, peak)[:2], ""])
+        rows.append([f"{backend}: 2 processes × 1 thread (throughput of both)", "1 thread each",
+                     "", "", *cells(combined, peak)[:2], ""])
     title("Forward: what changes it (ms/image and GFLOP/s at batch 1 and batch 16, peak "
           "RSS of the process)")
     print(table(["configuration", "in effect", "b=1 ms", "b=1 GFLOP/s", "b=16 ms",

@@ -81,7 +81,7 @@ def page_timings(browser, folder, repeat: int) -> dict[str, float]:
                     performance.getEntriesByName('cam-cards')[0].startTime,
                     performance.getEntriesByType('navigation')[0].loadEventEnd];""")
         search, clear, sort = browser.execute_script(SEARCH_AND_SORT)
-        for key, value in zip(samples, (fcp, cards, load, search, clear, sort)):
+        for key, value in zip(samples, (fcp, cards, load, search, clear, sort), strict=True):
             samples[key].append(value)
     return {key: median(values) for key, values in samples.items()}
 

@@ -66,9 +66,9 @@ def stage_times(net, paths: list[Path], batch_size: int, out_dir: Path) -> dict[
                               images[i].shape[:2]) for i in range(len(images))]
         t4 = clock()
         for stage, seconds in zip(("decode", "preprocess", "forward", "CAM"),
-                                  (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                                  (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
             total[stage] += seconds
-        for path, image, result in zip(chunk, images, results):
+        for path, image, result in zip(chunk, images, results, strict=True):
             t0 = clock()
             cam_full = result.cam(result.classes[0], result.image_size)
             t1 = clock()
@@ -82,7 +82,7 @@ def stage_times(net, paths: list[Path], batch_size: int, out_dir: Path) -> dict[
             write_bytes(target, data)
             t5 = clock()
             for stage, seconds in zip(("upsample", "boxes", "render", "encode", "write"),
-                                      (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+                                      (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
                 total[stage] += seconds
     return {stage: seconds / len(paths) for stage, seconds in total.items()}
 
@@ -219,7 +219,8 @@ def main() -> None:
                            f"{serial * 1000:.1f}", f"{r['run_batch'] * 1000:.1f}"])
     title(f"Stages per image (ms, median of {args.repeat} passes over {args.images} JPEGs of "
           "500×375), GoogLeNet-CAM")
-    print(table(["backend", "batch", *list(STAGES), "all but forward (excl. boxes)", "÷ forward (target ≤10%)", "serial sum", "run_batch (overlapped)"], rows))
+    print(table(["backend", "batch", *list(STAGES), "all but forward (excl. boxes)",
+                 "÷ forward (target ≤10%)", "serial sum", "run_batch (overlapped)"], rows))
     options_table(WORK / "photos_375x500" / "img00000.jpg", args.repeat)
 
 

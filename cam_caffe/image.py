@@ -37,7 +37,7 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, data: byt
     width = height = 0
     try:
         source = (io.BytesIO(data) if data is not None
-                  else open(open_regular(path, "image file", ImageError), "rb"))
+                  else open(open_regular(path, "image file", ImageError), "rb"))  # noqa: SIM115
         with source, Image.open(source) as im:
             width, height = im.size
             if width * height > max_pixels:

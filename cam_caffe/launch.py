@@ -56,10 +56,10 @@ def open_missing_streams() -> None:
             if null != fd:
                 os.dup2(null, fd)
                 os.close(null)
-    if sys.stdout is None:
-        sys.stdout = open(os.devnull, "w")
+    if sys.stdout is None:               # open for the process's lifetime
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     if sys.stderr is None:
-        sys.stderr = open(os.devnull, "w")
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115
     # A file name's undecodable bytes never make printing fail
     sys.stdout.reconfigure(errors="backslashreplace")
     sys.stdout = GuardedStdout(sys.stdout)

@@ -25,6 +25,7 @@ import time
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
+from typing import ClassVar
 
 import cv2
 import numpy as np
@@ -289,7 +290,7 @@ class OutputLedger:
     """
 
     DIRECTORY = ".cam-caffe"
-    _of: dict[str, OutputLedger] = {}
+    _of: ClassVar[dict[str, OutputLedger]] = {}
     _of_lock = threading.Lock()
 
     def __init__(self, folder: Path) -> None:
@@ -317,7 +318,7 @@ class OutputLedger:
             keys = [self._key(p) for p in existing]
             if not self._known.issuperset(keys):
                 self._refresh()
-            return [p for p, key in zip(existing, keys) if key not in self._known]
+            return [p for p, key in zip(existing, keys, strict=True) if key not in self._known]
 
     def record(self, paths: Iterable[Path]) -> None:
         """List ``paths`` as cam-caffe's, before they are written."""
@@ -356,7 +357,5 @@ class OutputLedger:
             data = data[:data.rfind(b"\n") + 1]
             self._read[listing.name] = offset + len(data)
             for line in data.decode("utf-8", "replace").splitlines():
-                try:
+                with contextlib.suppress(ValueError):     # not a record (a damaged list)
                     self._known.add(json.loads(line))
-                except ValueError:          # not a record (a damaged list)
-                    pass

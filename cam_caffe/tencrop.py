@@ -44,6 +44,6 @@ def merge_ten_crops(cams: np.ndarray, resize: int = 256, crop: int = 224) -> np.
     large = np.abs(stacked.transpose(2, 0, 1))
     unflipped = large[:5] + large[5:, :, ::-1]
     merged = np.zeros((resize, resize), np.float32)
-    for (x, y), window in zip(crop_offsets(resize, crop), unflipped):
+    for (x, y), window in zip(crop_offsets(resize, crop), unflipped, strict=True):
         merged[y:y + crop, x:x + crop] += window
     return merged

@@ -108,8 +108,9 @@ def cudart_name(gpu: int) -> str | None:
             f = getattr(cudart, fn, None)
             if f is not None and f(buf, gpu) == 0:
                 major, minor = ctypes.c_int(), ctypes.c_int()
-                cudart.cudaDeviceGetAttribute(ctypes.byref(major), 75, gpu)  # ComputeCapabilityMajor
-                cudart.cudaDeviceGetAttribute(ctypes.byref(minor), 76, gpu)  # ComputeCapabilityMinor
+                # attributes 75 and 76: the compute capability's major and minor
+                cudart.cudaDeviceGetAttribute(ctypes.byref(major), 75, gpu)
+                cudart.cudaDeviceGetAttribute(ctypes.byref(minor), 76, gpu)
                 return f"{buf.value.decode(errors='replace')} (sm_{major.value}{minor.value})"
     return None
 
@@ -311,9 +312,11 @@ def report(results: dict, args: argparse.Namespace, ok: bool) -> str:
     if "compare" in results:
         c = results["compare"]
         lines += ["| GPU vs CPU | value | tolerance |", "|---|---|---|",
-                  f"| probabilities, max relative error | {c['prob_rel']:.2e} | {args.prob_tol:g} |",
+                  f"| probabilities, max relative error | {c['prob_rel']:.2e} "
+                  f"| {args.prob_tol:g} |",
                   f"| probabilities, max abs difference | {c['prob_max_abs']:.2e} | |",
-                  f"| CAMs of the top-1 class, max relative error | {c['cam_rel']:.2e} | {args.cam_tol:g} |",
+                  f"| CAMs of the top-1 class, max relative error | {c['cam_rel']:.2e} "
+                  f"| {args.cam_tol:g} |",
                   f"| CAM feature blob, max relative error | {c['feature_rel']:.2e} | |",
                   f"| same top-1 class | {c['top1_agree']}/{c['images']} | |",
                   f"| result | {'PASS' if ok else 'FAIL'} | |", ""]

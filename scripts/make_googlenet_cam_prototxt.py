@@ -15,7 +15,8 @@ with ``input_shape`` and batch size 1.
 
 Run from anywhere::
 
-    .venv/bin/python scripts/make_googlenet_cam_prototxt.py            # -> prototxt/deploy_googlenetCAM.prototxt
+    # writes prototxt/deploy_googlenetCAM.prototxt:
+    .venv/bin/python scripts/make_googlenet_cam_prototxt.py
     .venv/bin/python scripts/make_googlenet_cam_prototxt.py -o out.prototxt
 
 ``tests/test_googlenet_prototxt.py`` checks the committed file against the
@@ -29,6 +30,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from google.protobuf import text_format
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = PROJECT_ROOT / "prototxt" / "deploy_googlenetCAM.prototxt"
 
@@ -37,8 +40,6 @@ try:
 except ImportError:  # run as a plain script from a checkout without installing
     sys.path.insert(0, str(PROJECT_ROOT))
     from cam_caffe import proto
-
-from google.protobuf import text_format
 
 NET_NAME = "GoogleNet"
 INPUT_NAME = "data"
@@ -92,7 +93,8 @@ class _NetBuilder:
     def __init__(self, net: proto.NetParameter) -> None:
         self.net = net
 
-    def _layer(self, name: str, type_: str, bottoms: Sequence[str], top: str) -> proto.LayerParameter:
+    def _layer(self, name: str, type_: str, bottoms: Sequence[str],
+               top: str) -> proto.LayerParameter:
         layer = self.net.layer.add()
         layer.name = name
         layer.type = type_
@@ -120,7 +122,8 @@ class _NetBuilder:
 
     def conv_relu(self, prefix: str, suffix: str, bottom: str, num_output: int, kernel: int, *,
                   relu_suffix: str | None = None, **kwargs: int) -> str:
-        """``prefix/suffix`` convolution, then in-place ReLU ``prefix/relu_<relu_suffix or suffix>``."""
+        """``prefix/suffix`` convolution, then in-place ReLU
+        ``prefix/relu_<relu_suffix or suffix>``."""
         top = self.conv(f"{prefix}/{suffix}", bottom, num_output, kernel, **kwargs)
         return self.relu(f"{prefix}/relu_{relu_suffix or suffix}", top)
 
@@ -216,7 +219,8 @@ def write_prototxt(path: Path = DEFAULT_OUTPUT) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--output", type=Path, default=DEFAULT_OUTPUT,
-                        help=f"output prototxt (default: {DEFAULT_OUTPUT.relative_to(PROJECT_ROOT)})")
+                        help="output prototxt (default: "
+                             f"{DEFAULT_OUTPUT.relative_to(PROJECT_ROOT)})")
     args = parser.parse_args(argv)
     path = write_prototxt(args.output)
     print(f"wrote {path} ({len(build_net().layer)} layers)")

@@ -77,7 +77,8 @@ def body(num_classes: int, train: bool) -> str:
     layers = [f'layer {{ name: "input_scale" type: "Power" bottom: "data" top: "scaled" '
               f'power_param {{ scale: {INPUT_SCALE} }} }}']
     bottom = "scaled"
-    for name, outputs, kernel, stride, dilation, pool in [*CONVS, ("CAM_conv", CAM_CHANNELS, CAM_KERNEL, 1, 1, False)]:
+    cam_conv = ("CAM_conv", CAM_CHANNELS, CAM_KERNEL, 1, 1, False)
+    for name, outputs, kernel, stride, dilation, pool in [*CONVS, cam_conv]:
         relu = "CAM_relu" if name == "CAM_conv" else f"relu_{name}"
         extra = (f" stride: {stride}" if stride > 1 else "") + (
             f" dilation: {dilation}" if dilation > 1 else "")
@@ -141,7 +142,7 @@ def solver_prototxt(net: str, iterations: int, lr: float, seed: int) -> str:
 def copy_params(source, target) -> None:
     """Copy the learned blobs of every layer ``target`` shares with ``source``, by name."""
     for name, params in target.params.items():
-        for to, frm in zip(params, source.params[name]):
+        for to, frm in zip(params, source.params[name], strict=True):
             to.data[...] = frm.data
 
 

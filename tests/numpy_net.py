@@ -16,8 +16,8 @@ from cam_caffe.netdef import _pair, read_caffemodel
 
 def stored_weights(path) -> dict[str, list[np.ndarray]]:
     """The caffemodel's blobs, float64, by layer name."""
-    return {l.name: [np.array(b.data, np.float64).reshape(tuple(b.shape.dim)) for b in l.blobs]
-            for l in read_caffemodel(path).layer if l.blobs}
+    return {layer.name: [np.array(b.data, np.float64).reshape(tuple(b.shape.dim)) for b in layer.blobs]
+            for layer in read_caffemodel(path).layer if layer.blobs}
 
 
 def conv(x, w, b, stride, pad, dilation, group):
@@ -78,7 +78,7 @@ def layer_forward(layer, ins: list[np.ndarray], params: list[np.ndarray]) -> lis
         p = layer.eltwise_param
         if p.operation == p.SUM:
             coeffs = list(p.coeff) or [1.0] * len(ins)
-            return [sum(c * a for c, a in zip(coeffs, ins))]
+            return [sum(c * a for c, a in zip(coeffs, ins, strict=True))]
         if p.operation == p.PROD:
             return [math.prod(ins)]
         return [np.max(ins, axis=0)]
@@ -119,14 +119,14 @@ def run_from(netdef, weights: dict, blob: str, value: np.ndarray, output: str) -
     """``output`` of the net computed from ``blob`` = ``value`` (its value after any in-place
     layers), running the layers after ``blob``'s last writer that can run."""
     layers = list(netdef.net.layer)
-    last = max(i for i, l in enumerate(layers) if blob in l.top)
+    last = max(i for i, layer in enumerate(layers) if blob in layer.top)
     blobs = {blob: np.asarray(value, np.float64)}
     for layer in layers[last + 1:]:
         if not all(b in blobs for b in layer.bottom):
             continue
         outs = layer_forward(layer, [blobs[b] for b in layer.bottom],
                              weights.get(layer.name, []))
-        blobs.update(zip(layer.top, outs))
+        blobs.update(zip(layer.top, outs, strict=True))
     return blobs[output]
 
 

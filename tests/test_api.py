@@ -41,7 +41,7 @@ def test_label_names_give_the_same_maps_as_ids(demo, star):
     by_name = demo.predict([star, circle], classes=["star", "Circle", np.int32(3)])
     by_id = demo.predict([star, circle], classes=[4, 0, 3])
     single = demo.predict([circle], classes="circle")[0]      # one name, not its letters
-    for a, b in zip(by_name, by_id):
+    for a, b in zip(by_name, by_id, strict=True):
         assert a.classes == b.classes == [4, 0, 3]
         np.testing.assert_array_equal(a.cams, b.cams)
         np.testing.assert_array_equal(a.probs, b.probs)

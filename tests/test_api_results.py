@@ -36,7 +36,7 @@ def test_ten_crop_is_the_merge_of_each_crops_own_maps(colour_net, method):
     net = load(colour_net, method=method)
     images = colour_images(3)
     results = net.predict(images, top_k=2, ten_crop=True)
-    for image, result in zip(images, results):
+    for image, result in zip(images, results, strict=True):
         crops = net.predict(list(ten_crops(image, 27, 24)), classes=result.classes)
         probs = np.mean([c.probs for c in crops], axis=0)
         assert_rel_close(result.probs, probs)
@@ -59,7 +59,7 @@ layer { name: "gap" type: "Pooling" bottom: "conv" top: "gap" pooling_param { po
 layer { name: "fc" type: "InnerProduct" bottom: "gap" top: "fc" inner_product_param { num_output: 3 } }
 """, "wide")
     net = CAMNet(prototxt, weights, backend="opencv", mean="0")
-    with pytest.raises(CamError, match="^--ten-crop needs a square net input, this one is 20x24$"):
+    with pytest.raises(CamError, match=r"^--ten-crop needs a square net input, this one is 20x24$"):
         net.predict([np.zeros((30, 30, 3), np.uint8)], ten_crop=True)
 
 

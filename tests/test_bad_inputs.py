@@ -26,7 +26,7 @@ def run_cli(*args, preexec=None, wrapper=()):
 
 
 def error_lines(child):
-    return [l for l in child.stderr.splitlines() if l.startswith("cam-caffe: error: ")]
+    return [line for line in child.stderr.splitlines() if line.startswith("cam-caffe: error: ")]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_bad_images_in_a_batch(net, tmp_path):
     assert child.returncode == 1, child.stderr
     errors = error_lines(child)
     for name, words in expected.items():
-        line = next((l for l in errors if f"{images / name}: " in l), None)
+        line = next((entry for entry in errors if f"{images / name}: " in entry), None)
         assert line is not None, f"{name} not reported:\n{child.stderr}"
         assert words in line
     for name in good:

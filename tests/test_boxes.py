@@ -23,7 +23,7 @@ def test_dt_boxes_reproduce_official_sample():
     assert expected == OFFICIAL_HEATMAP_6
     boxes = dt_boxes(heatmap, (20, 100, 110))
     assert len(boxes) == len(expected)
-    for box, want in zip(boxes, expected):
+    for box, want in zip(boxes, expected, strict=True):
         assert np.abs(np.subtract((box.x, box.y, box.w, box.h), want)).max() <= 2, (box, want)
 
 

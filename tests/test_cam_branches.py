@@ -79,8 +79,8 @@ def test_chosen_branch_computes_the_output(tmp_path):
     backend = OpenCVBackend(netdef, CaffeModel(weights), spec)
     batch = np.random.default_rng(0).normal(0, 1, (2, 3, 12, 12)).astype(np.float32)
     out = backend.forward(batch)
-    stored = {l.name: [np.array(b.data, np.float32).reshape(tuple(b.shape.dim))
-                       for b in l.blobs] for l in read_caffemodel(weights).layer if l.blobs}
+    stored = {layer.name: [np.array(b.data, np.float32).reshape(tuple(b.shape.dim))
+                       for b in layer.blobs] for layer in read_caffemodel(weights).layer if layer.blobs}
     w, b = stored["fc_a"]
     np.testing.assert_array_equal(cam_weights(netdef, read_caffemodel(weights), spec), w)
     assert out.features.shape == (2, 4, 12, 12)

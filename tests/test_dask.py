@@ -469,10 +469,10 @@ def test_model_not_visible_to_workers(tmp_path, shared_cluster):
     net = CAMNet(model / "deploy.prototxt", model / "demo.caffemodel")
     (model / "demo.caffemodel").unlink()                      # gone before the workers look
     inputs = collect([str(ROOT / "images")])
-    with distributed.Client(shared_cluster.address) as client:
-        with pytest.raises(ModelError, match=r"^on Dask worker tcp://127\.0\.0\.1:\d+: .*"
-                                             r"demo\.caffemodel: weights file not found$"):
-            run_batch(net, inputs, Options(quiet=True), client=client)
+    with (distributed.Client(shared_cluster.address) as client,
+          pytest.raises(ModelError, match=r"^on Dask worker tcp://127\.0\.0\.1:\d+: .*"
+                                          r"demo\.caffemodel: weights file not found$")):
+        run_batch(net, inputs, Options(quiet=True), client=client)
 
 
 @pytest.mark.parametrize(("address", "code", "message"), [

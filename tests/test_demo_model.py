@@ -46,7 +46,7 @@ def evaluate(capsys, *args: str) -> dict:
 
 def test_generator_is_deterministic_and_boxes_are_tight():
     a, b = data.generate(10, seed=5), data.generate(10, seed=5)
-    assert all(np.array_equal(x.image, y.image) and x.box == y.box for x, y in zip(a, b))
+    assert all(np.array_equal(x.image, y.image) and x.box == y.box for x, y in zip(a, b, strict=True))
     assert not np.array_equal(a[0].image, data.generate(1, seed=6)[0].image)
     assert [s.label for s in a] == [i % len(data.CLASSES) for i in range(10)]
     for sample in a:

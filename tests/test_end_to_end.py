@@ -70,7 +70,7 @@ def test_cli_writes_overlay_png(square_net, tmp_path, capsys):
     assert overlay.shape == (160, 200, 3)
     assert overlay.std() > 10                     # not blank
     # The paper style's jet colouring: red where the square is, blue far from it.
-    b, g, r = overlay[80, 100].astype(int)
+    b, _g, r = overlay[80, 100].astype(int)
     assert r > 120 and b < 60                    # jet at the max: dark red
     b, _g, r = overlay[150, 5].astype(int)
     assert b > r

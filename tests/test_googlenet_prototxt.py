@@ -97,7 +97,7 @@ def _show(layer: Message) -> str:
 
 def first_layer_difference(expected: Message, actual: Message) -> str | None:
     """Describe the first layer where the two nets differ, or return None."""
-    for i, (want, got) in enumerate(zip(expected.layer, actual.layer)):
+    for i, (want, got) in enumerate(zip(expected.layer, actual.layer, strict=True)):
         if want != got:
             return (f"layer #{i} differs: upstream {want.name!r} vs generated {got.name!r}\n"
                     f"--- upstream\n{_show(want)}\n--- generated\n{_show(got)}")
@@ -147,7 +147,7 @@ def test_comparison_detects_a_changed_pad(generated: Message) -> None:
     """Guard against a vacuous comparison: one wrong pad must be reported by layer name."""
     broken = proto.NetParameter()
     broken.CopyFrom(generated)
-    layer = next(l for l in broken.layer if l.name == "inception_4c/5x5")
+    layer = next(layer for layer in broken.layer if layer.name == "inception_4c/5x5")
     layer.convolution_param.pad[0] += 1
     diff = first_layer_difference(strip_allowed(generated), strip_allowed(broken))
     assert diff is not None and "'inception_4c/5x5'" in diff

@@ -109,7 +109,7 @@ def catches_sigterm(pid: int) -> bool:
         status = Path(f"/proc/{pid}/status").read_text()
     except FileNotFoundError:                 # already gone
         return False
-    caught = int(next(l for l in status.splitlines() if l.startswith("SigCgt:")).split()[1], 16)
+    caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
     return bool(caught & (1 << (signal.SIGTERM - 1)))
 
 

@@ -277,7 +277,7 @@ def test_budget_schedules_every_image_within_the_limit(square, tmp_path, monkeyp
     report = run_batch(net, collect([str(p) for p in paths]), options, sink)
     done = [json.loads(line)["image"] for line in sink.getvalue().splitlines()]
     refused = [str(path) for path, _ in report.failed]
-    fits = [str(p) for p, (h, w) in zip(paths, sizes) if image_cost(w, h, options) <= total]
+    fits = [str(p) for p, (h, w) in zip(paths, sizes, strict=True) if image_cost(w, h, options) <= total]
     assert sorted(done) == sorted(fits) and len(done) == len(set(done))
     assert sorted(refused) == sorted(set(map(str, paths)) - set(fits))
     assert all(used <= total for used in peak)
@@ -375,7 +375,7 @@ def test_output_names_are_unique(tmp_path, names):
     items = collect(specs)
     stems = [str(item.stem) for item in items]
     assert len({s.lower() for s in stems}) == len(stems) == len(names)
-    for name, stem in zip(names, stems):
+    for name, stem in zip(names, stems, strict=True):
         assert stem == name or (stem.startswith(name + "-") and stem[len(name) + 1:].isdigit())
 
 
@@ -427,7 +427,7 @@ def test_closed_and_full_standard_streams(tmp_path):
     child = subprocess.run(f"{sys.executable} -m cam_caffe --model demo {image} nothing.png "
                            "--jsonl 2>&-", shell=True, capture_output=True, cwd=ROOT)
     assert child.returncode == 1
-    assert [strict_json(l)["image"] for l in child.stdout.decode().splitlines()] == [str(image)]
+    assert [strict_json(line)["image"] for line in child.stdout.decode().splitlines()] == [str(image)]
     # stdin closed: '-' has nothing to read
     child = subprocess.run(f"{sys.executable} -m cam_caffe --model demo - <&-", shell=True,
                            capture_output=True, cwd=ROOT)

@@ -140,7 +140,7 @@ def check_gradients(tmp_path, text, blob, name, changes=None, image_size=(17, 15
         grads = net.backend.gradients(classes)
         assert grads.shape == (1, 2, *features.shape[1:])
         for m, c in enumerate(classes[0]):
-            def logit(a):
+            def logit(a, c=c, net=net):
                 return run_from(netdef, reference, blob, a, net.spec.logit_blob)[:, c]
             expected = finite_differences(logit, features[0])
             assert np.abs(expected).max() > 1e-4
@@ -181,7 +181,7 @@ def test_gradcam_is_relu_cam_over_hw_on_a_gap_fc_net(tmp_path, backend):
     grad = load(backend, prototxt, weights, mean="128", method="gradcam")
     batch = images(3, (9, 7), seed=4)
     h, w = cam.spec.feature_size
-    for a, b in zip(cam.predict(batch, top_k=3), grad.predict(batch, top_k=3)):
+    for a, b in zip(cam.predict(batch, top_k=3), grad.predict(batch, top_k=3), strict=True):
         assert a.classes == b.classes
         assert_rel_close(b.cams, np.maximum(a.cams, 0) / (h * w), 1e-5)
 
@@ -245,15 +245,15 @@ def test_forward_only_methods_match_numpy_loops(tmp_path, backend, method):
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "cam"])
 def test_batch_and_top_k_equal_one_image_one_class(tmp_path, method):
     prototxt, weights = write_net(tmp_path, NO_GAP_K1, "nogap", seed=4)
-    backend = "opencv" if method in ("scorecam", "eigencam") else "onnxruntime"
-    for backend in ({backend, "caffe"} if method.startswith(("grad", "xgrad", "layer"))
-                    else {backend}):
+    fast = "opencv" if method in ("scorecam", "eigencam") else "onnxruntime"
+    for backend in ({fast, "caffe"} if method.startswith(("grad", "xgrad", "layer"))
+                    else {fast}):
         net = load(backend, prototxt, weights, mean="128", scale=1 / 64, method=method,
                    feature_blob="conv1", batch_size=4)
         batch = images(3, (17, 15), seed=6)
         together = net.predict(batch, top_k=3)
-        for image, result in zip(batch, together):
-            for c, cam in zip(result.classes, result.cams):
+        for image, result in zip(batch, together, strict=True):
+            for c, cam in zip(result.classes, result.cams, strict=True):
                 alone = net.predict([image], classes=[c])[0]
                 assert_rel_close(cam, alone.cams[0], 1e-5)
                 np.testing.assert_allclose(alone.probs, result.probs, rtol=1e-5)
@@ -278,9 +278,9 @@ def test_googlenet_gradient_methods_agree_on_pycaffe_and_onnxruntime(googlenet, 
         out = net.backend.forward(net.preprocess(batch))
         classes = np.argsort(-out.probs, axis=1)[:, :2]
         from cam_caffe.methods import Evidence, compute
-        evidence = Evidence(np.array(out.features), classes, None, lambda: grads, None, None,
-                            out.logits)
         grads = net.backend.gradients(classes)
+        evidence = Evidence(np.array(out.features), classes, None, lambda g=grads: g, None, None,
+                            out.logits)
         maps[backend] = {m: compute(m, evidence) for m in
                          ("gradcam", "gradcam++", "xgradcam", "layercam")}
         maps[backend]["grads"] = grads
@@ -316,7 +316,7 @@ def test_bad_feature_blobs_list_candidates(tmp_path):
 
 def test_opencv_refuses_gradient_methods_but_runs_the_others(tmp_path):
     prototxt, weights = write_net(tmp_path, NO_GAP_K1, "nogap")
-    with pytest.raises(CamError, match="opencv backend has no backward pass.*caffe or "
+    with pytest.raises(CamError, match=r"opencv backend has no backward pass.*caffe or "
                                        "onnxruntime"):
         CAMNet(prototxt, weights, backend="opencv", method="gradcam++")
     net = CAMNet(prototxt, weights, backend="opencv", method="eigencam")

@@ -154,7 +154,7 @@ def test_verbose_says_which_backend_auto_chose_and_why(square, tmp_path):
     save_caffemodel(netdef, random_weights(netdef, 0), weights)
     child = run(image, "--prototxt", prototxt, "--weights", weights, "--mean", "0", "-v", "-q")
     assert child.returncode == 0, child.stderr
-    lines = [l for l in child.stderr.splitlines() if l.startswith("cam-caffe: backend auto")]
+    lines = [line for line in child.stderr.splitlines() if line.startswith("cam-caffe: backend auto")]
     assert lines[0].startswith("cam-caffe: backend auto: onnxruntime cannot run this net (")
     assert "Slice" in lines[0]
     assert lines[1] == ("cam-caffe: backend auto: chose opencv (the first working of "

@@ -228,7 +228,7 @@ def test_demo_model_absent_then_present(tmp_path, monkeypatch, blobs, capsys):
     assert models.model_path("demo") == expected
     assert models.download("demo") == expected            # verified, nothing fetched
     assert main(["models", "list"]) == 0
-    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("demo "))
+    line = next(entry for entry in capsys.readouterr().out.splitlines() if entry.startswith("demo "))
     assert "local" in line
 
 
@@ -238,7 +238,7 @@ def test_default_model_missing_error_is_true(server, tmp_path, monkeypatch, caps
     register(monkeypatch, "http://models.invalid/cam", name=models.DEFAULT_MODEL)
     monkeypatch.setattr(cli, "DEFAULT_WEIGHTS", tmp_path / "no-checkout-weights.caffemodel")
     square = dict(zip(["tiny.prototxt", "tiny.caffemodel", "tiny.txt"],
-                      (p.read_bytes() for p in write_square_net(tmp_path))))
+                      (p.read_bytes() for p in write_square_net(tmp_path)), strict=True))
     image = tmp_path / "square.png"
     cv2.imwrite(str(image), square_image(60, 80))
     folder = cache(models.DEFAULT_MODEL)
@@ -294,7 +294,7 @@ def test_download_through_the_cli(server, blobs, monkeypatch, capsys):
     assert models.model_path("tiny") == (folder / "tiny.prototxt", folder / "tiny.caffemodel",
                                          folder / "tiny.txt")
     assert main(["models", "list"]) == 0
-    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("tiny "))
+    line = next(entry for entry in capsys.readouterr().out.splitlines() if entry.startswith("tiny "))
     assert " yes " in line
 
     # Present files are not fetched again; --force fetches them again.

@@ -163,7 +163,7 @@ def compare(model: Model, reference: str, batch: np.ndarray) -> tuple[float, flo
 def expected_cam_weights(model: Model) -> np.ndarray:
     """(C, K) straight from the caffemodel's FC blob (stored (C, K), or (K, C) if transposed)."""
     fc = model.netdef.layer(model.spec.fc_layer)
-    stored = next(l for l in read_caffemodel(model.weights).layer if l.name == fc.name)
+    stored = next(layer for layer in read_caffemodel(model.weights).layer if layer.name == fc.name)
     blob = np.array(stored.blobs[0].data, np.float32)
     if fc.inner_product_param.transpose:
         return blob.reshape(model.spec.channels, model.spec.num_classes).T
@@ -474,8 +474,8 @@ layer { name: "within" type: "LRN" bottom: "data" top: "within"
 
 def test_bias_matches_numpy(tmp_path):
     model = Model(tmp_path, BIAS)
-    blobs = {l.name: [np.array(b.data).reshape(b.shape.dim) for b in l.blobs]
-             for l in read_caffemodel(model.weights).layer if l.blobs}
+    blobs = {layer.name: [np.array(b.data).reshape(b.shape.dim) for b in layer.blobs]
+             for layer in read_caffemodel(model.weights).layer if layer.blobs}
     x = model.batch(2)
     expected = x + blobs["bias"][0].reshape(3, 1, 1) + blobs["bias_hw"][0].reshape(4, 5)
     assert_close(model.onnxruntime().forward(x).features, expected, "Bias")
@@ -494,8 +494,8 @@ def test_shared_prelu_matches_numpy(tmp_path):
 
 def test_transposed_fc_matches_numpy(tmp_path):
     model = Model(tmp_path, FC_TRANSPOSE)
-    blobs = {l.name: [np.array(b.data).reshape(b.shape.dim) for b in l.blobs]
-             for l in read_caffemodel(model.weights).layer if l.blobs}
+    blobs = {layer.name: [np.array(b.data).reshape(b.shape.dim) for b in layer.blobs]
+             for layer in read_caffemodel(model.weights).layer if layer.blobs}
     weight, bias = blobs["fc"]
     assert weight.shape == (8, 6)                     # (K, C): transposed storage
     backend = model.onnxruntime()

@@ -72,7 +72,7 @@ def test_every_file_holds_its_own_map(colour_net, tmp_path):
                  "--save", "overlay,heatmap,npy,json", "--boxes", "paper", "--montage",
                  "--batch-size", str(BATCH), *cli_args(colour_net)]) == 0
     net = api_net(colour_net)
-    for item, result in zip(items, in_memory(net, items, images, top_k=TOP_K)):
+    for item, result in zip(items, in_memory(net, items, images, top_k=TOP_K), strict=True):
         image, stem = images[int(item.path.stem)], out / item.path.stem
         record = json.loads(stem.with_suffix(".json").read_text())
         assert record["size"] == {"width": image.shape[1], "height": image.shape[0]}
@@ -83,7 +83,7 @@ def test_every_file_holds_its_own_map(colour_net, tmp_path):
         fulls = np.load(f"{stem}.cam-full.npy")
         assert fulls.shape == (TOP_K, *image.shape[:2]) and fulls.dtype == np.float32
         overlays = []
-        for rank, (class_id, entry) in enumerate(zip(result.classes, record["maps"]), 1):
+        for rank, (class_id, entry) in enumerate(zip(result.classes, record["maps"], strict=True), 1):
             cam_full = upsample(result.cams[rank - 1], image.shape[:2])
             np.testing.assert_array_equal(fulls[rank - 1], cam_full)
             box = paper_box(cam_full)
@@ -107,7 +107,7 @@ def test_dt_boxes_in_the_json_are_those_of_each_map(colour_net, tmp_path):
     assert main([str(tmp_path / "in"), "--output-dir", str(out), "--top-k", "2",
                  "--save", "json", "--boxes", "dt", "--batch-size", str(BATCH),
                  *cli_args(colour_net)]) == 0
-    for item, result in zip(items, in_memory(api_net(colour_net), items, images, top_k=2)):
+    for item, result in zip(items, in_memory(api_net(colour_net), items, images, top_k=2), strict=True):
         record = json.loads((out / f"{item.path.stem}.json").read_text())
         size = images[int(item.path.stem)].shape[:2]
         for rank, entry in enumerate(record["maps"]):

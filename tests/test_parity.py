@@ -54,7 +54,7 @@ def compare_backends(prototxt, weights, batch, **kwargs):
     assert_rel_close(results["caffe"].probs, results["opencv"].probs)
     assert_rel_close(results["caffe"].features, results["opencv"].features)
     top = {n: net.predict(batch, top_k=3) for n, net in nets.items()}
-    for a, b in zip(top["caffe"], top["opencv"]):
+    for a, b in zip(top["caffe"], top["opencv"], strict=True):
         assert a.classes == b.classes or np.allclose(a.probs[a.classes], b.probs[b.classes], rtol=1e-4)
         assert_rel_close(a.cams, b.cams)
     return nets, results
@@ -134,8 +134,8 @@ def test_pycaffe_matches_an_independent_numpy_forward(tmp_path):
     from cam_caffe.netdef import load_netdef, read_caffemodel
     prototxt, weights = write_random_net(tmp_path, TINY, "tiny", seed=9)
     net = CAMNet(prototxt, weights, backend="caffe", mean="0")
-    stored = {l.name: [np.array(b.data).reshape(tuple(b.shape.dim)) for b in l.blobs]
-              for l in read_caffemodel(weights).layer}
+    stored = {layer.name: [np.array(b.data).reshape(tuple(b.shape.dim)) for b in layer.blobs]
+              for layer in read_caffemodel(weights).layer}
     image = np.random.default_rng(1).integers(0, 256, (9, 7, 3), np.uint8)
     out = net.backend.forward(net.preprocess([image]))
     feat, prob = numpy_forward(image.transpose(2, 0, 1), *stored["conv"], *stored["fc"])
@@ -204,5 +204,5 @@ def test_caffe_abort_becomes_a_clear_error(tmp_path):
 def test_gpu_on_cpu_only_caffe_is_a_clear_error(tmp_path):
     require_pycaffe()
     prototxt, weights = write_random_net(tmp_path, TINY, "ok")
-    with pytest.raises((BackendError, ModelError), match="GPU|CPU|CUDA"):
+    with pytest.raises((BackendError, ModelError), match=r"GPU|CPU|CUDA"):
         CAMNet(prototxt, weights, backend="caffe", gpu=0, mean="0")

@@ -76,7 +76,7 @@ def test_workers_write_the_same_bytes_and_lines_in_order(tmp_path, capsys, monke
     code, lines, err, files = runs[0]
     assert code == 1
     bad = (paths[7], paths[30], paths[41])
-    assert [json.loads(l)["image"] for l in lines.splitlines()] == [
+    assert [json.loads(line)["image"] for line in lines.splitlines()] == [
         str(p) for p in sorted(paths) if p not in bad]
     assert f"{paths[7]}: not an image" in err and f"{paths[30]}: 400x300 pixels" in err
     assert f"{paths[41]}: 400x240 pixels would need about" in err
@@ -179,7 +179,7 @@ def test_signals_stop_the_workers_and_leave_nothing_partial(many, tmp_path, sign
     assert not wait_gone(workers), "a worker outlived the run"
     lines += rest.splitlines(keepends=True)
     assert all(line.endswith(b"\n") for line in lines), "a line was cut short"
-    printed = {Path(json.loads(l)["image"]).stem for l in lines}
+    printed = {Path(json.loads(line)["image"]).stem for line in lines}
     outputs = {}
     assert not list(out.rglob("*.tmp"))            # no temporary left
     for path in output_files(out):
@@ -212,7 +212,7 @@ def peak_memory(images: Path, out: Path) -> dict[int, tuple[int, str]]:
                 command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
             except (FileNotFoundError, ProcessLookupError):
                 continue
-            peak = [int(l.split()[1]) for l in status.splitlines() if l.startswith("VmHWM:")]
+            peak = [int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")]
             if command and peak:                                # (not once it has exited)
                 peaks[pid] = (peak[0], command.decode()[-50:])
         time.sleep(0.02)

@@ -212,7 +212,7 @@ def test_mean_files_are_checked(tmp_path):
     mean = parse_mean(tmp_path / "bgr.npy")
     assert mean.dtype == np.float32 and mean.tolist() == [1.0, 2.0, 3.0]
     np.save(tmp_path / "objects.npy", np.array([{"not": "numbers"}], dtype=object))
-    with pytest.raises(ModelError, match="objects.npy: not a NumPy mean file"):
+    with pytest.raises(ModelError, match=r"objects\.npy: not a NumPy mean file"):
         parse_mean(tmp_path / "objects.npy")           # never unpickled
     for name, array in [("flat.npy", np.zeros((3, 5))), ("four.npy", np.zeros((4, 8, 8))),
                         ("two.npy", np.zeros(2))]:
@@ -222,9 +222,9 @@ def test_mean_files_are_checked(tmp_path):
                                              r"\(3,\) or \(3, H, W\)"):
             parse_mean(tmp_path / name)
     (tmp_path / "bad.binaryproto").write_bytes(b"\xff\xff\xff not protobuf")
-    with pytest.raises(ModelError, match="bad.binaryproto: not a Caffe mean .binaryproto"):
+    with pytest.raises(ModelError, match=r"bad\.binaryproto: not a Caffe mean \.binaryproto"):
         parse_mean(tmp_path / "bad.binaryproto")
-    with pytest.raises(ModelError, match="missing.binaryproto: mean file not found"):
+    with pytest.raises(ModelError, match=r"missing\.binaryproto: mean file not found"):
         parse_mean(tmp_path / "missing.binaryproto")
     blob = proto.BlobProto()
     blob.shape.dim.extend([1, 1, 1, 1])

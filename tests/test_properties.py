@@ -112,7 +112,7 @@ def components(mask):
     """8-connected components of a boolean mask by breadth-first search: list of pixel lists."""
     seen = np.zeros(mask.shape, bool)
     found = []
-    for start in zip(*np.nonzero(mask)):
+    for start in zip(*np.nonzero(mask), strict=True):
         if seen[start]:
             continue
         seen[start] = True
@@ -132,7 +132,7 @@ def components(mask):
 
 
 def bounding_box(pixels):
-    ys, xs = zip(*pixels)
+    ys, xs = zip(*pixels, strict=True)
     return Box(min(xs), min(ys), max(xs) - min(xs) + 1, max(ys) - min(ys) + 1)
 
 

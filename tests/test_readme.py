@@ -142,7 +142,7 @@ def test_python_block_runs_as_written(index, clone, tmp_path):
     expected = re.findall(r"^\s*print\(.*\)\s+# (.*)$", code, re.M)
     printed = child.stdout.splitlines()
     assert len(printed) == len(expected)
-    for line, claim in zip(printed, expected):
+    for line, claim in zip(printed, expected, strict=True):
         pattern = ".*".join(re.escape(part) for part in claim.split("…"))
         assert re.fullmatch(pattern, line), f"printed {line!r}, the README says {claim!r}"
 

@@ -30,7 +30,7 @@ def test_googlenet_cam_with_opencv(googlenet):
     np.testing.assert_allclose(out.probs.sum(axis=1), 1.0, rtol=1e-5)
     assert (out.features >= 0).all()                  # post-ReLU, as Caffe's blob holds
     # The weights OpenCV holds are the ones in the file.
-    stored = {l.name: l for l in read_caffemodel(model).layer}
+    stored = {layer.name: layer for layer in read_caffemodel(model).layer}
     fc = np.array(stored["CAM_fc"].blobs[0].data, np.float32).reshape(1000, 1024)
     np.testing.assert_array_equal(net.cam_weights, fc)
     result = net.predict([image])[0]
@@ -50,7 +50,7 @@ def test_cifar_resnet20_gives_an_8x8_cam():
     assert result.cam(result.classes[0], (48, 64)).shape == (48, 64)
     np.testing.assert_allclose(result.probs.sum(), 1.0, rtol=1e-5)
     # The CAM's spatial mean is the class score less the FC bias (GAP, then FC).
-    stored = {l.name: l for l in read_caffemodel(weights).layer}
+    stored = {layer.name: layer for layer in read_caffemodel(weights).layer}
     bias = np.array(stored["fc1"].blobs[1].data, np.float32)
     scores = np.log(result.probs)                      # softmax's input, up to a constant
     means = result.cams.mean(axis=(1, 2)) + bias[result.classes]

@@ -158,7 +158,8 @@ def probe(prototxt: Path, weights: Path, gpu: int | None, verbose: bool) -> None
         child = subprocess.run(command, capture_output=True, text=True, env=env,
                                timeout=PROBE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        raise BackendError(f"{weights}: pycaffe did not load the net in {PROBE_TIMEOUT_S} s") from None
+        raise BackendError(
+            f"{weights}: pycaffe did not load the net in {PROBE_TIMEOUT_S} s") from None
     if verbose and child.stderr:
         sys.stderr.write(child.stderr)
     if child.returncode != 0:
@@ -169,7 +170,7 @@ def probe(prototxt: Path, weights: Path, gpu: int | None, verbose: bool) -> None
 
 def caffe_failure(stderr: str) -> str:
     """The one line of a dead Caffe child's stderr that says why it died."""
-    lines = [l.strip() for l in stderr.splitlines() if l.strip()]
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     for line in reversed(lines):
         fatal = re.match(r"^F\d{4,8} [\d:.]+\s+\d+ \S+\] (.*)$", line)   # glog FATAL line
         if fatal:

@@ -149,10 +149,9 @@ class OnnxRuntimeBackend:
         model.metadata_props.add(key=CACHE_KEY, value=self.key)
         data = model.SerializeToString()
         if self.model_path is not None:
-            try:
+            # read-only or full cache, odd file there: run from memory
+            with contextlib.suppress(OutputError):
                 write_bytes(self.model_path, data)
-            except OutputError:
-                pass               # read-only or full cache, odd file there: run from memory
         try:
             return self._open(data, save=True)
         except Exception as e:
@@ -170,8 +169,8 @@ class OnnxRuntimeBackend:
             raise BackendError(f"onnxruntime forward failed: {_first_line(e)}") from None
 
     def forward(self, batch: np.ndarray) -> Forward:
-        values = dict(zip(self.outputs, self._run(
-            self.session, self.outputs, {self.input: np.ascontiguousarray(batch, np.float32)})))
+        feed = {self.input: np.ascontiguousarray(batch, np.float32)}
+        values = dict(zip(self.outputs, self._run(self.session, self.outputs, feed), strict=True))
         self.features = np.asarray(values[self.spec.feature_blob], np.float32)
         return Forward(scores_to_probs(values[self.spec.score_blob], self.spec),
                        rows(values[self.spec.logit_blob]), self.features)
@@ -269,5 +268,5 @@ def _finish(temporary: str | None, path: Path | None, keep: bool) -> None:
 
 
 def _first_line(error: Exception) -> str:
-    lines = [l.strip() for l in str(error).splitlines() if l.strip()]
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[-1] if lines else type(error).__name__

@@ -50,7 +50,7 @@ class OpenCVBackend:
                                  relayed=True) from None
 
     def forward(self, batch: np.ndarray) -> Forward:
-        values = dict(zip(self.outputs, _run(self.net, batch, self.outputs)))
+        values = dict(zip(self.outputs, _run(self.net, batch, self.outputs), strict=True))
         spec = self.spec
         return Forward(scores_to_probs(values[spec.score_layer], spec),
                        rows(values[spec.logit_layer]),
@@ -108,8 +108,8 @@ def _for_opencv(netdef: NetDef, weights: CaffeModel) -> tuple[str, bytes]:
                 and layer.lrn_param.norm_region == layer.lrn_param.ACROSS_CHANNELS:
             raise ModelError(f"{netdef.path}: layer '{layer.name}': OpenCV's LRN ignores "
                              f"k={layer.lrn_param.k:g}; use --backend caffe or onnxruntime")
-    transposed = {l.name for l in netdef.net.layer
-                  if l.type == "InnerProduct" and l.inner_product_param.transpose}
+    transposed = {layer.name for layer in netdef.net.layer
+                  if layer.type == "InnerProduct" and layer.inner_product_param.transpose}
     if not transposed:
         return netdef.prototxt(), data
     net = proto.NetParameter()
@@ -142,6 +142,6 @@ def _log(verbose: bool) -> Iterator[None]:
 
 def _reason(error: Exception) -> str:
     """OpenCV's message without its source location: "Can't create layer …"."""
-    text = " ".join(l.strip() for l in str(error).splitlines() if l.strip())
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
     match = re.search(r"error: \(-?\d+:[^)]*\) (.*?)(?: in function '[^']*')?$", text)
     return match.group(1) if match else text or type(error).__name__
