@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .netdef import NetDef, Shape, _pair
+from .netdef import NetDef, Shape, hw_param
 
 ELEMENT_OPS = {"ReLU": 1, "PReLU": 1, "ReLU6": 1, "ELU": 1, "Sigmoid": 1, "TanH": 1,
                "AbsVal": 1, "BNLL": 1, "Power": 1, "Exp": 1, "Log": 1, "Threshold": 1,
@@ -51,7 +51,7 @@ def _layer_flops(layer, ins: list[Shape | None], outs: list[Shape | None]) -> in
     out = outs[0]
     if t in ("Convolution", "Deconvolution"):
         p = layer.convolution_param
-        kh, kw = _pair(p, "kernel", 0)
+        kh, kw = hw_param(p, "kernel", 0)
         in_c = ins[0][1]
         out_c, oh, ow = out[1], out[2], out[3]
         if t == "Convolution":
@@ -69,7 +69,7 @@ def _layer_flops(layer, ins: list[Shape | None], outs: list[Shape | None]) -> in
         p = layer.pooling_param
         if p.global_pooling:
             return _elements(ins[0])
-        kh, kw = _pair(p, "kernel", 0)
+        kh, kw = hw_param(p, "kernel", 0)
         return _elements(out) * kh * kw
     if t == "LRN":
         return _elements(out) * (2 * layer.lrn_param.local_size + 3)

@@ -29,7 +29,15 @@ import numpy as np
 from . import proto
 from .camspec import CamSpec, find_cam_layers
 from .errors import BackendError, ModelError
-from .netdef import NetDef, Shape, _layer_shapes, _pair, layer_blobs, stored_layers
+from .netdef import (
+    NetDef,
+    Shape,
+    hw_param,
+    layer_blobs,
+    layer_shapes,
+    pool_output_size,
+    stored_layers,
+)
 
 # Bump when the converter's output changes: it keys the ONNX cache of the backend.
 CONVERTER_VERSION = "4"
@@ -208,7 +216,7 @@ class _Converter:
                                  f"{', '.join(SUPPORTED)})")
             in_shapes = [self.shapes[t] for t in ins]
             try:
-                out_shapes = _layer_shapes(layer, in_shapes)
+                out_shapes = layer_shapes(layer, in_shapes)
             except (ValueError, ZeroDivisionError, IndexError) as e:
                 raise ModelError(f"{self.netdef.path}: layer '{layer.name}' ({layer.type}): "
                                  f"{e}") from None
@@ -251,9 +259,9 @@ class _Converter:
             raise _Unsupported(f"axis {p.axis} (only 1)")
         if p.width_group != 1 or p.height_group != 1:
             raise _Unsupported("width_group/height_group")
-        kh, kw = _pair(p, "kernel", 0)
-        sh, sw = _pair(p, "stride", 1)
-        ph, pw = _pair(p, "pad", 0)
+        kh, kw = hw_param(p, "kernel", 0)
+        sh, sw = hw_param(p, "stride", 1)
+        ph, pw = hw_param(p, "pad", 0)
         dil = list(p.dilation) or [1]
         blobs = self.params(layer)
         inputs = [ins[0], self.const(f"{layer.name}/weight", blobs[0])]
@@ -289,11 +297,11 @@ class _Converter:
             op = "GlobalMaxPool" if p.pool == p.MAX else "GlobalAveragePool"
             self.node(op, ins[:1], tops[:1], layer.name)
             return
-        (kh, kw), (sh, sw), (ph, pw) = _pair(p, "kernel", 0), _pair(p, "stride", 1), \
-            _pair(p, "pad", 0)
+        (kh, kw), (sh, sw), (ph, pw) = hw_param(p, "kernel", 0), hw_param(p, "stride", 1), \
+            hw_param(p, "pad", 0)
         padded = bool(ph or pw)
-        oh = caffe_pool_size(hgt, kh, sh, ph, p.ceil_mode, padded)
-        ow = caffe_pool_size(wid, kw, sw, pw, p.ceil_mode, padded)
+        oh = pool_output_size(hgt, kh, sh, ph, p.ceil_mode, padded)
+        ow = pool_output_size(wid, kw, sw, pw, p.ceil_mode, padded)
         end_h = max(0, (oh - 1) * sh + kh - hgt - ph)
         end_w = max(0, (ow - 1) * sw + kw - wid - pw)
         attrs = {"kernel_shape": [kh, kw], "strides": [sh, sw], "pads": [ph, pw, end_h, end_w]}
@@ -546,7 +554,7 @@ class _Converter:
             self.node("Reshape", [ins[0], self.const("shape", dims, np.int64)], tops,
                       layer.name)
             return
-        out = _layer_shapes(layer, shapes)[0]
+        out = layer_shapes(layer, shapes)[0]
         axis = p.axis % (len(shapes[0]) + 1) if p.axis < 0 else p.axis
         if axis == 0 and dims and dims[0] != 0:
             raise _Unsupported("reshaping the batch axis with num_axes set")
@@ -629,8 +637,8 @@ class _Converter:
     def _vjp_convolution(self, layer, ins, tops, shapes, g):
         """The transposed convolution with the same weights, padded back to H × W."""
         p = layer.convolution_param
-        (kh, kw), (sh, sw), (ph, pw) = (_pair(p, "kernel", 0), _pair(p, "stride", 1),
-                                        _pair(p, "pad", 0))
+        (kh, kw), (sh, sw), (ph, pw) = (hw_param(p, "kernel", 0), hw_param(p, "stride", 1),
+                                        hw_param(p, "pad", 0))
         dil = list(p.dilation) or [1]
         dh, dw = dil[0], dil[-1]
         _, _, hgt, wid = shapes[0]
@@ -671,11 +679,11 @@ class _Converter:
         if p.global_pooling:
             (kh, kw), (sh, sw), (ph, pw) = (hgt, wid), (1, 1), (0, 0)
         else:
-            (kh, kw), (sh, sw), (ph, pw) = (_pair(p, "kernel", 0), _pair(p, "stride", 1),
-                                            _pair(p, "pad", 0))
+            (kh, kw), (sh, sw), (ph, pw) = (hw_param(p, "kernel", 0), hw_param(p, "stride", 1),
+                                            hw_param(p, "pad", 0))
         padded = bool(ph or pw)
-        oh = caffe_pool_size(hgt, kh, sh, ph, p.ceil_mode, padded)
-        ow = caffe_pool_size(wid, kw, sw, pw, p.ceil_mode, padded)
+        oh = pool_output_size(hgt, kh, sh, ph, p.ceil_mode, padded)
+        ow = pool_output_size(wid, kw, sw, pw, p.ceil_mode, padded)
         if p.global_pooling:
             oh = ow = 1
         end_h = max(0, (oh - 1) * sh + kh - hgt - ph)
@@ -824,20 +832,6 @@ def _check_2d(p, shape) -> None:
             raise _Unsupported(f"{name} with {len(getattr(p, name))} values (only 2-D)")
     if len(shape) != 4:
         raise _Unsupported(f"{len(shape)}-D input (only 4-D N×C×H×W)")
-
-
-def caffe_pool_size(size: int, kernel: int, stride: int, pad: int, ceil_mode: bool = True,
-                    padded: bool | None = None) -> int:
-    """Caffe's pooled output length along one axis.
-
-    ``padded``: whether the layer pads along either axis (default: ``pad`` > 0);
-    only then does Caffe drop a last window that starts outside the image.
-    """
-    rounding = math.ceil if ceil_mode else math.floor
-    out = int(rounding((size + 2 * pad - kernel) / stride)) + 1
-    if (pad > 0 if padded is None else padded) and (out - 1) * stride >= size + pad:
-        out -= 1
-    return out
 
 
 def _ave_ratio(size: int, kernel: int, stride: int, pad: int, out: int) -> np.ndarray:

@@ -40,11 +40,14 @@ declare -A TARGETS=(
   [backends/caffe]="test_batch_equivalence test_golden test_upgrade_parity test_parity"
   [batch]="test_batch test_output_files test_batch_equivalence"
   [output]="test_output_files test_preprocess_render test_bad_inputs"
-  [netdef]="test_netdef test_upgrade_parity test_parity"
+  [netdef/read]="test_netdef test_upgrade_parity"
+  [netdef/normalize]="test_netdef test_upgrade_parity test_parity"
+  [netdef/shapes]="test_netdef test_model_limits test_onnx"
+  [netdef/weights]="test_netdef test_model_limits test_bad_inputs test_upgrade_parity"
   [onnx_export]="test_onnx"
 )
 ORDER=(cam tencrop boxes preprocess render api camspec backends/__init__ backends/caffe
-       batch output netdef onnx_export)
+       batch output netdef/read netdef/normalize netdef/shapes netdef/weights onnx_export)
 
 if ! "$PYTHON" -c "import mutmut" 2>/dev/null \
     || [ "$("$PYTHON" -c 'import importlib.metadata as m; print(m.version("mutmut"))')" != "$MUTMUT_VERSION" ]; then

@@ -11,7 +11,7 @@ import math
 import numpy as np
 from test_onnx import caffe_lrn, caffe_pool
 
-from cam_caffe.netdef import _pair, read_caffemodel
+from cam_caffe.netdef import hw_param, read_caffemodel
 
 
 def stored_weights(path) -> dict[str, list[np.ndarray]]:
@@ -47,15 +47,15 @@ def layer_forward(layer, ins: list[np.ndarray], params: list[np.ndarray]) -> lis
     if t == "Convolution":
         p = layer.convolution_param
         dil = list(p.dilation) or [1]
-        return [conv(x, params[0], params[1] if p.bias_term else None, _pair(p, "stride", 1),
-                     _pair(p, "pad", 0), (dil[0], dil[-1]), p.group)]
+        return [conv(x, params[0], params[1] if p.bias_term else None, hw_param(p, "stride", 1),
+                     hw_param(p, "pad", 0), (dil[0], dil[-1]), p.group)]
     if t == "Pooling":
         p = layer.pooling_param
         mode = "MAX" if p.pool == p.MAX else "AVE"
         if p.global_pooling:
             return [caffe_pool(x, x.shape[2:], (1, 1), (0, 0), mode)]
-        return [caffe_pool(x, _pair(p, "kernel", 0), _pair(p, "stride", 1), _pair(p, "pad", 0),
-                           mode, p.ceil_mode)]
+        return [caffe_pool(x, hw_param(p, "kernel", 0), hw_param(p, "stride", 1),
+                           hw_param(p, "pad", 0), mode, p.ceil_mode)]
     if t == "LRN":
         p = layer.lrn_param
         region = "ACROSS_CHANNELS" if p.norm_region == p.ACROSS_CHANNELS else "WITHIN_CHANNEL"

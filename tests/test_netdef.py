@@ -1,13 +1,25 @@
 """Reading and normalising prototxt files, and finding the CAM layers."""
+import math
+from fractions import Fraction
+
 import numpy as np
 import pytest
 from conftest import ROOT, shared
+from hypothesis import assume, given
+from hypothesis import strategies as st
 from nets import write_random_net
 
 from cam_caffe import CAMNet
 from cam_caffe.camspec import find_cam_layers
 from cam_caffe.errors import ModelError
-from cam_caffe.netdef import CaffeModel, check_weights, load_netdef, read_caffemodel
+from cam_caffe.netdef import (
+    CaffeModel,
+    check_weights,
+    load_netdef,
+    pool_output_size,
+    read_caffemodel,
+    tail,
+)
 from cam_caffe.synthetic import random_weights, save_caffemodel
 
 V1_NET = """
@@ -78,7 +90,7 @@ def write(tmp_path, text, name="net"):
 
 def test_v1_syntax_is_upgraded(tmp_path):
     netdef = load_netdef(write(tmp_path, V1_NET))
-    assert [l.type for l in netdef.net.layer] == [
+    assert [layer.type for layer in netdef.net.layer] == [
         "Input", "Convolution", "ReLU", "Pooling", "Convolution", "ReLU", "Pooling",
         "InnerProduct", "Softmax"]
     assert netdef.net.layer[4].convolution_param.group == 2
@@ -98,7 +110,7 @@ def test_v1_net_runs_end_to_end(tmp_path):
 
 def test_train_test_prototxt_becomes_deploy(tmp_path):
     netdef = load_netdef(write(tmp_path, VGG_LIKE))
-    types = [l.type for l in netdef.net.layer]
+    types = [layer.type for layer in netdef.net.layer]
     assert types == ["Input", "Convolution", "ReLU", "Pooling", "Dropout", "Flatten",
                      "InnerProduct", "Softmax"]
     assert netdef.input_shape == (1, 3, 24, 24)
@@ -203,3 +215,39 @@ def test_caffemodel_digest_is_sha256_of_piece_hashes(tmp_path, size):
     assert CaffeModel(path).digest == expected
     path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     assert CaffeModel(path).digest != expected
+
+
+@given(size=st.integers(1, 1 << 62), kernel=st.integers(1, 64), stride=st.integers(1, 64),
+       pad=st.integers(0, 63), ceil_mode=st.booleans())
+def test_pool_output_size_is_caffes_rule_in_exact_arithmetic(size, kernel, stride, pad,
+                                                             ceil_mode):
+    """Caffe's pooling_layer.cpp: ceil((size + 2·pad − kernel) / stride) + 1 (floor without
+    ceil_mode), one less when the last window starts in the padding; exact at any size
+    (floats are not: 2^62 + 1 with kernel 3, stride 2 gives 2^61 + 1 in float64)."""
+    assume(kernel <= size + 2 * pad)
+    ratio = Fraction(size + 2 * pad - kernel, stride)
+    expected = (math.ceil(ratio) if ceil_mode else math.floor(ratio)) + 1
+    if pad and (expected - 1) * stride >= size + pad:
+        expected -= 1
+    assert pool_output_size(size, kernel, stride, pad, ceil_mode, padded=pad > 0) == expected
+
+
+def test_pool_output_size_pads_by_the_layer_not_the_axis():
+    """Caffe drops a last window that starts in the padding when the layer pads along
+    either axis: 6 wide, kernel 2, stride 3, no pad along it: windows at 0, 3 and 6 (past
+    the edge, ceil mode), the last one dropped if the layer pads along the other axis."""
+    assert pool_output_size(6, 2, 3, 0, True, padded=False) == 3
+    assert pool_output_size(6, 2, 3, 0, True, padded=True) == 2
+
+
+def test_tail_after_a_blob_of_unknown_shape_is_refused(tmp_path):
+    text = """
+input: "data" input_shape { dim: 1 dim: 3 dim: 8 dim: 8 }
+layer { name: "odd" type: "ArgMax" bottom: "data" top: "odd" }
+layer { name: "fc" type: "InnerProduct" bottom: "odd" top: "fc"
+        inner_product_param { num_output: 2 } }
+"""
+    netdef = load_netdef(write(tmp_path, text))
+    assert netdef.shapes["odd"] is None
+    with pytest.raises(ModelError, match="blob 'odd' has no known shape"):
+        tail(netdef, "odd", ["fc"])
