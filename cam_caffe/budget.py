@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from .errors import EXIT_USAGE, CamError, ImageError
@@ -36,9 +37,12 @@ def available_memory() -> int | None:
     cgroup limit; None when unknown."""
     try:
         meminfo = Path("/proc/meminfo").read_text()
-        available = int(re.search(r"^MemAvailable:\s+(\d+) kB", meminfo, re.M).group(1)) * 1024
-    except (OSError, AttributeError, ValueError):
+    except OSError:
         return None
+    found = re.search(r"^MemAvailable:\s+(\d+) kB", meminfo, re.M)
+    if found is None:
+        return None
+    available = int(found.group(1)) * 1024
     try:
         limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
         used = int(Path("/sys/fs/cgroup/memory.current").read_text())
@@ -68,7 +72,7 @@ class MemoryBudget:
 
     def __init__(self, total: int | None) -> None:
         self.total, self.used = total, 0
-        self._lock = threading.Lock()
+        self._lock: AbstractContextManager[bool] = threading.Lock()
 
     def reserve(self, size: int, path: Path, width: int, height: int) -> int:
         """Take ``size`` bytes for image ``path``: ImageError when it can never fit,

@@ -104,7 +104,7 @@ def find_cam_layers(netdef: NetDef, feature_blob: str | None = None,
         channels = shape[1] if shape else 0
         score_blob, score_layer, softmax = _score_output(netdef, pool.top[0])
         return CamSpec(feature, netdef.producers[feature], None, score_blob, score_layer,
-                       softmax, channels, channels, tuple(shape[2:]) if shape else (0, 0),
+                       softmax, channels, channels, (shape[2], shape[3]) if shape else (0, 0),
                        *_logit(netdef, score_blob, softmax))
     return _spec(netdef, feature, fc)
 
@@ -151,7 +151,7 @@ def _spec(netdef: NetDef, feature: str, fc) -> CamSpec:
                          f"but feature blob '{feature}' has {shape[1]} channels")
     score_blob, score_layer, softmax = _score_output(netdef, fc.top[0])
     return CamSpec(feature, netdef.producers[feature], fc.name, score_blob, score_layer,
-                   softmax, fc.inner_product_param.num_output, shape[1], tuple(shape[2:]),
+                   softmax, fc.inner_product_param.num_output, shape[1], (shape[2], shape[3]),
                    *_logit(netdef, score_blob, softmax))
 
 
@@ -210,9 +210,10 @@ def find_target(netdef: NetDef, feature_blob: str | None = None,
         more = f" and {len(candidates) - 12} earlier" if len(candidates) > 12 else ""
         raise ModelError(f"{netdef.path}: --feature-blob '{feature_blob}': {why}; candidates "
                          f"(input to output): {', '.join(listed)}{more}")
-    shape = netdef.shapes[feature_blob]
+    shape, logits = netdef.shapes[feature_blob], netdef.shapes[logit_blob]
+    assert shape is not None and logits is not None     # candidates have known shapes
     return CamSpec(feature_blob, netdef.producers[feature_blob], None, score_blob, score_layer,
-                   softmax, netdef.shapes[logit_blob][1], shape[1], tuple(shape[2:]),
+                   softmax, logits[1], shape[1], (shape[2], shape[3]),
                    logit_blob, logit_layer, cam_head=False)
 
 
@@ -248,7 +249,7 @@ def spatial_blobs(netdef: NetDef, output: str) -> list[str]:
         for layer in netdef.net.layer:
             if blob in layer.top:
                 stack.extend(layer.bottom)
-    order = []
+    order: list[str] = []
     for layer in netdef.net.layer:
         for top in layer.top:
             shape = netdef.shapes.get(top)

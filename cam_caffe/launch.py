@@ -9,6 +9,7 @@ errors/signals modules are imported before ``cli``.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import sys
 from typing import TextIO
@@ -61,7 +62,8 @@ def open_missing_streams() -> None:
     if sys.stderr is None:
         sys.stderr = open(os.devnull, "w")  # noqa: SIM115
     # A file name's undecodable bytes never make printing fail
-    sys.stdout.reconfigure(errors="backslashreplace")
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="backslashreplace")
     sys.stdout = GuardedStdout(sys.stdout)
 
 

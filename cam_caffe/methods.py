@@ -70,6 +70,7 @@ def _weighted(weights: np.ndarray, features: np.ndarray) -> np.ndarray:
 
 def cam(e: Evidence) -> np.ndarray:
     """CAM_c = Σ_k w_ck A_k (Zhou et al. 2016)."""
+    assert e.cam_weights is not None, "CAM needs a GAP→FC head"   # chosen only for one
     return class_activation_maps(e.features, e.cam_weights, e.classes)
 
 

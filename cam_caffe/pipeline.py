@@ -68,12 +68,12 @@ class ProcessPool(Executor):
     for those."""
 
     def __init__(self, net: CAMNet, workers: int, budget: SharedBudget | None = None) -> None:
-        self.shared = {"net": net, "budget": budget}
+        self.shared: dict[str, object] = {"net": net, "budget": budget}
         worker_net = copy.copy(net)
-        worker_net.backend = None             # loaded libraries and buffers stay here
+        worker_net.backend = None  # type: ignore[assignment]  # libraries, buffers stay here
+        copies: dict[str, object] = {"net": worker_net, "budget": budget}
         self._pool = ProcessPoolExecutor(workers, _CONTEXT, initializer=_start_worker,
-                                         initargs=({"net": worker_net, "budget": budget},
-                                                   os.getpid()))
+                                         initargs=(copies, os.getpid()))
         # Start every worker now, from this thread: the pool would start them one
         # by one on the first calls, from whichever thread made them.
         try:

@@ -66,18 +66,26 @@ def failed_card(path: Path, error: CamError, root: Path) -> dict:
     return {"name": str(path), "src": url(path, root), "error": str(error), "failed": True}
 
 
+def _payload(pattern: re.Pattern[str], path: Path) -> str:
+    """The JSON inside the script ``path`` that ``pattern`` matches; ValueError if
+    it does not match."""
+    found = pattern.fullmatch(path.read_text("utf-8"))
+    if found is None:
+        raise ValueError(f"{path}: not a report script")
+    return found.group(1)
+
+
 def read_cards(root: Path) -> list[dict]:
     """The cards of the report in ``root``: those of the chunks its run.js names
     (none when there is no readable report)."""
     folder = root / FOLDER
     try:
-        run = json.loads(_RUN_TEXT.fullmatch((folder / "run.js").read_text("utf-8")).group(1))
+        run = json.loads(_payload(_RUN_TEXT, folder / "run.js"))
         cards = []
         for n in range(run["chunks"]):
-            text = (folder / f"data-{n:04d}.js").read_text("utf-8")
-            cards += json.loads(_CHUNK_TEXT.fullmatch(text).group(1))
+            cards += json.loads(_payload(_CHUNK_TEXT, folder / f"data-{n:04d}.js"))
         return cards
-    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):
         return []
 
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from google.protobuf import text_format
@@ -68,7 +69,7 @@ class CaffeBackend:
         self.netdef, self.weights = netdef, weights
         self.input = netdef.input_name
         self.caffe = import_caffe(verbose)
-        self.tail_net = None
+        self.tail_net: Any = None           # a caffe.Net of the logits' tail, built on first use
         set_blas_threads(cpu_threads(threads))
         with tempfile.TemporaryDirectory(prefix="cam-caffe-") as tmp:
             prototxt = Path(tmp) / "deploy.prototxt"

@@ -195,6 +195,7 @@ class OnnxRuntimeBackend:
         with one-hot seeds: the exported VJPs give ∂logit_c/∂A for all of them."""
         from ..onnx_export import gradient_names
         features = self.features
+        assert features is not None, "gradients() needs a forward() first"
         n, m = classes.shape
         seeds = one_hot(classes, self.spec.num_classes).reshape(m * n, -1)
         seed_name, grad_name = gradient_names(self.spec.logit_blob, self.spec.feature_blob)
@@ -259,7 +260,7 @@ def _finish(temporary: str | None, path: Path | None, keep: bool) -> None:
     if temporary is None:
         return
     try:
-        if keep and os.path.getsize(temporary):
+        if keep and path is not None and os.path.getsize(temporary):
             publish(temporary, path)
         else:
             os.unlink(temporary)

@@ -7,12 +7,15 @@ The classes live in a private descriptor pool, so they never clash with the
 from __future__ import annotations
 
 import pkgutil
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
+_desc = pkgutil.get_data(__name__, "caffe.desc")
+if _desc is None:                   # a loader that cannot read package data
+    raise ImportError("cam_caffe.proto: caffe.desc cannot be read")
 _pool = descriptor_pool.DescriptorPool()
-for _file in descriptor_pb2.FileDescriptorSet.FromString(
-        pkgutil.get_data(__name__, "caffe.desc")).file:
+for _file in descriptor_pb2.FileDescriptorSet.FromString(_desc).file:
     _pool.Add(_file)
 
 
@@ -20,9 +23,16 @@ def _message(name: str) -> type:
     return message_factory.GetMessageClass(_pool.FindMessageTypeByName("caffe." + name))
 
 
-NetParameter = _message("NetParameter")
-LayerParameter = _message("LayerParameter")
-V1LayerParameter = _message("V1LayerParameter")
-BlobProto = _message("BlobProto")
-BlobShape = _message("BlobShape")
+if TYPE_CHECKING:      # built at run time from caffe.desc: no static types to check
+    NetParameter: TypeAlias = Any
+    LayerParameter: TypeAlias = Any
+    V1LayerParameter: TypeAlias = Any
+    BlobProto: TypeAlias = Any
+    BlobShape: TypeAlias = Any
+else:
+    NetParameter = _message("NetParameter")
+    LayerParameter = _message("LayerParameter")
+    V1LayerParameter = _message("V1LayerParameter")
+    BlobProto = _message("BlobProto")
+    BlobShape = _message("BlobShape")
 TEST = _pool.FindEnumTypeByName("caffe.Phase").values_by_name["TEST"].number
