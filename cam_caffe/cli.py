@@ -465,7 +465,7 @@ def report_writer(args: argparse.Namespace, net: CAMNet, options: Options,
     model = f"{args.prototxt} ({args.weights})" if args.prototxt else args.model or DEFAULT_MODEL
     return ReportWriter(args.output_dir, {
         "model": model, "backend": net.backend_name, "methods": [net.method], "images": count,
-        "top_k": options.top_k, "boxes": options.boxes}, options)
+        "top_k": options.top_k, "boxes": options.boxes}, options, shard=args.shard)
 
 
 def run(argv: list[str]) -> int:

@@ -9,6 +9,13 @@ the run through ``<script>`` tags, since ``file://`` pages cannot fetch:
   number of data chunks;
 - ``_report/data-NNNN.js``: ``CAM_CHUNK(N, [card, …])``, up to ``CHUNK`` cards.
 
+With ``--shard I/N`` each shard writes its part into ``_report/shard-I-of-N/``,
+and every shard writes the same ``index.html``, which names all N parts
+(``CAM_PARTS``): the shards of a job array that share an output folder make one
+page. Every file of the page is listed in the folder's ledger before it is
+written, and an existing page that cam-caffe did not write is never replaced
+(unless ``--overwrite``).
+
 The page is written incrementally: after each batch the current chunk and
 then ``run.js`` are replaced atomically, so an interrupted run leaves a page
 of what it finished. With ``--skip-existing`` the skipped images' cards come
@@ -26,8 +33,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 from .batch import ChunkResult, Options
-from .errors import CamError
-from .output import write_bytes
+from .errors import CamError, OutputError
+from .output import OutputLedger, write_bytes
 
 ASSETS = ("app.js", "style.css")
 REPORT_KINDS = ("overlay", "heatmap", "thumb")     # files the cards show and link to
@@ -36,6 +43,22 @@ CHUNK = 256                     # cards per data file
 _CHUNK_FILE = re.compile(r"data-(\d{4,})\.js")
 _CHUNK_TEXT = re.compile(r"CAM_CHUNK\(\d+, (.*)\);\s*", re.S)
 _RUN_TEXT = re.compile(r"CAM_RUN = (.*);\s*", re.S)
+_PARTS = '<script>window.CAM_PARTS = ["_report"];</script>'
+
+
+def part_folder(shard: tuple[int, int] | None) -> str:
+    """Where a run's part of the page goes, relative to the output folder: ``_report``,
+    or ``_report/shard-I-of-N`` for shard I of N."""
+    return f"{FOLDER}/shard-{shard[0]}-of-{shard[1]}" if shard else FOLDER
+
+
+def page(shard: tuple[int, int] | None) -> bytes:
+    """``index.html``, naming the parts it reads: this run's, or all N shards'."""
+    parts = ([part_folder((i, shard[1])) for i in range(shard[1])] if shard
+             else [FOLDER])
+    text = files(__package__).joinpath("report_assets", "index.html").read_text("utf-8")
+    return text.replace(_PARTS, f"<script>window.CAM_PARTS = {json.dumps(parts)};</script>"
+                        ).encode()
 
 
 def url(target: str | Path, start: Path) -> str:
@@ -75,10 +98,10 @@ def _payload(pattern: re.Pattern[str], path: Path) -> str:
     return found.group(1)
 
 
-def read_cards(root: Path) -> list[dict]:
-    """The cards of the report in ``root``: those of the chunks its run.js names
-    (none when there is no readable report)."""
-    folder = root / FOLDER
+def read_cards(root: Path, shard: tuple[int, int] | None = None) -> list[dict]:
+    """The cards of the report in ``root`` (of ``shard``'s part): those of the chunks
+    its run.js names (none when there is no readable report)."""
+    folder = root / part_folder(shard)
     try:
         run = json.loads(_payload(_RUN_TEXT, folder / "run.js"))
         cards = []
@@ -92,21 +115,35 @@ def read_cards(root: Path) -> list[dict]:
 class ReportWriter:
     """Writes the page as a run goes: ``add`` after each batch, ``close`` at the end."""
 
-    def __init__(self, root: Path, header: dict, options: Options) -> None:
-        """``header``: model, backend, methods and images (the run's count)."""
+    def __init__(self, root: Path, header: dict, options: Options,
+                 shard: tuple[int, int] | None = None) -> None:
+        """``header``: model, backend, methods and images (the run's count);
+        ``shard``: (I, N) when this run is shard I of N (``--shard``)."""
         self.root, self.options = Path(root), options
+        self.part = self.root / part_folder(shard)
+        self.ledger = OutputLedger.of(self.root)
         self.header = {**header, "done": 0, "skipped": 0, "failed": [],
                        "started": datetime.now(UTC).isoformat(timespec="seconds")}
         self.start = time.monotonic()
-        self.previous = ({c["name"]: c for c in read_cards(self.root) if not c.get("failed")}
-                         if options.skip_existing else {})
+        pages = [self.root / "index.html", *(self.root / FOLDER / a for a in ASSETS),
+                 self.part / "run.js", *self.part.glob("data-*.js")]
+        foreign = [] if options.overwrite else self.ledger.foreign(pages)
+        if foreign:
+            raise OutputError(f"{foreign[0]}: exists and was not written by cam-caffe; "
+                              "--overwrite replaces it")
+        self.previous = ({c["name"]: c for c in read_cards(self.root, shard)
+                          if not c.get("failed")} if options.skip_existing else {})
         self.cards: list[dict] = []
         self.written = 0                 # chunks already final on disk
         for asset in ASSETS:
-            write_bytes(self.root / FOLDER / asset,
-                        files(__package__).joinpath("report_assets", asset).read_bytes())
-        write_bytes(self.root / "index.html",
-                    files(__package__).joinpath("report_assets", "index.html").read_bytes())
+            self.write(self.root / FOLDER / asset,
+                       files(__package__).joinpath("report_assets", asset).read_bytes())
+        self.write(self.root / "index.html", page(shard))
+
+    def write(self, path: Path, data: bytes) -> None:
+        """``path`` listed as cam-caffe's, then written atomically."""
+        self.ledger.record([path])
+        write_bytes(path, data)
 
     def add(self, result: ChunkResult) -> None:
         """One chunk's outcome (``run_batch``'s ``on_chunk``): its records (done, or
@@ -136,16 +173,15 @@ class ReportWriter:
         for n in range(self.written, chunks):
             text = json.dumps(self.cards[n * CHUNK:(n + 1) * CHUNK], ensure_ascii=False,
                               separators=(",", ":"))
-            write_bytes(self.root / FOLDER / f"data-{n:04d}.js",
-                        f"CAM_CHUNK({n}, {text});\n".encode())
+            self.write(self.part / f"data-{n:04d}.js", f"CAM_CHUNK({n}, {text});\n".encode())
         self.written = chunks - 1
         wall = time.monotonic() - self.start
         self.header.update(chunks=chunks, finished=finished, wall_s=round(wall, 3),
                            images_per_s=round(self.header["done"] / wall, 2) if wall > 0 else 0)
-        write_bytes(self.root / FOLDER / "run.js",
-                    f"CAM_RUN = {json.dumps(self.header, ensure_ascii=False)};\n".encode())
+        self.write(self.part / "run.js",
+                   f"CAM_RUN = {json.dumps(self.header, ensure_ascii=False)};\n".encode())
         if finished:
-            for stale in (self.root / FOLDER).glob("data-*.js"):
+            for stale in self.part.glob("data-*.js"):
                 match = _CHUNK_FILE.fullmatch(stale.name)
                 if match and int(match.group(1)) >= chunks:
                     stale.unlink()

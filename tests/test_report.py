@@ -152,6 +152,29 @@ def test_skip_existing_builds_a_page_from_the_saved_records(tmp_path):
             assert all(c["note"] and not c["maps"] for c in read_cards(out))
 
 
+def test_a_page_cam_caffe_did_not_write_is_never_replaced(tmp_path, capsys):
+    """A user's own index.html (or _report/ file) where the page would go: the run
+    stops before any image with one line naming it; --overwrite replaces it, and
+    the page is the run's own from then on."""
+    out = tmp_path / "out"
+    (out / "_report").mkdir(parents=True)
+    (out / "index.html").write_text("my page")
+    run = [str(DEMO_IMAGES[0]), "--model", "demo", "--output-dir", str(out), "--report", "-q"]
+    assert main(run) == 5
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"cam-caffe: error: {out / 'index.html'}: exists and was not written by cam-caffe; "
+        "--overwrite replaces it")
+    assert (out / "index.html").read_text() == "my page"
+    assert not list(out.glob("*.png"))
+    (out / "index.html").unlink()
+    (out / "_report" / "style.css").write_text("mine too")
+    assert main(run) == 5
+    assert (out / "_report" / "style.css").read_text() == "mine too"
+    assert main([*run, "--overwrite"]) == 0
+    assert main(run) == 0                           # a rerun replaces its own page
+    assert "window.CAM_PARTS" in (out / "index.html").read_text()
+
+
 def test_writer_flushes_every_chunk(tmp_path, monkeypatch):
     monkeypatch.setattr("cam_caffe.report.CHUNK", 4)
     records = synthetic_records(tmp_path, 10)
@@ -324,6 +347,27 @@ def test_page_pages_through_many_cards_with_two_methods(browser, tmp_path, monke
     assert len(browser.find_elements("css selector", "article.card")) == 34
     Select(browser.find_element("id", "sort")).select_by_value("name-desc")
     assert card_names(browser)[0] == "img_00129.png"        # a new order starts at page 1
+
+
+def test_shards_sharing_a_folder_make_one_page(browser, tmp_path):
+    """The shards of a job array, one output folder: each writes its own part and the
+    same index.html, which shows every shard's cards under one header."""
+    out = tmp_path / "out"
+    pages = []
+    for shard in ("1/2", "0/2"):
+        assert main([str(ROOT / "images"), "--model", "demo", "--output-dir", str(out),
+                     "--report", "--shard", shard, "--save", "json", "-q"]) == 0
+        pages.append((out / "index.html").read_bytes())
+    assert pages[0] == pages[1]
+    parts = [{Path(c["name"]).name for c in read_cards(out, (i, 2))} for i in range(2)]
+    demo = {p.name for p in (ROOT / "images").iterdir() if p.suffix in (".png", ".jpg")}
+    assert parts[0] | parts[1] == demo and not parts[0] & parts[1]
+    open_page(browser, out)
+    assert console_errors(browser) == []
+    assert sorted(card_names(browser)) == sorted(demo)
+    facts = browser.find_element("id", "facts").text
+    assert f"{len(demo)} — {len(demo)} done" in facts and "2 of 2 have written" in facts
+    browser.save_screenshot(str(ARTIFACTS / "report-shards.png"))
 
 
 def test_report_of_a_run_into_its_input_folder_does_not_take_thumbnails_as_inputs(tmp_path):

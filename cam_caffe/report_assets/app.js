@@ -1,12 +1,14 @@
-// cam-caffe report: reads CAM_RUN (run.js) and the cards of the data-NNNN.js
-// chunks, then shows one page of cards at a time, sorted and filtered.
+// cam-caffe report: reads each part of the run that CAM_PARTS names (one folder,
+// or one per --shard): its CAM_RUN (run.js) and the cards of its data-NNNN.js
+// chunks; then shows one page of cards at a time, sorted and filtered.
 // No network, no library: it runs from file://.
 "use strict";
 (function () {
   const PAGE = 48;                       // cards per page
   const CONTROLS = ["search", "sort", "class", "pmin", "pmax", "failed"];
-  const run = window.CAM_RUN || null;
-  const chunks = [];
+  const parts = window.CAM_PARTS || ["_report"];
+  let run = null;                        // the parts' headers, merged
+  let chunks = [];                       // the part being loaded: its cards by chunk
   let all = [];
   let view = [];
   let page = 0;
@@ -36,24 +38,73 @@
 
   window.CAM_CHUNK = function (n, cards) { chunks[n] = cards; };
 
+  // A <script> of the report; ``done(ok)`` when it ran or failed to load.
+  function script(src, done) {
+    const node = document.createElement("script");
+    node.src = src;
+    node.onload = node.onerror = (event) => done(event.type !== "error");
+    document.body.append(node);
+  }
+
+  // The parts one after another (each one's run.js sets CAM_RUN, its chunks call
+  // CAM_CHUNK with numbers of their own), then the page.
   function load() {
-    if (!run) {
-      $("status").textContent = "No run data: _report/run.js is missing.";
+    const runs = [];
+    const missing = [];
+    let cards = [];
+    const next = (index) => {
+      if (index === parts.length) return finish(runs, missing, cards);
+      window.CAM_RUN = null;
+      script(parts[index] + "/run.js", (ok) => {
+        const part = ok ? window.CAM_RUN : null;
+        if (!part) {
+          missing.push(parts[index] + "/run.js");
+          return next(index + 1);
+        }
+        runs.push(part);
+        chunks = [];
+        let pending = part.chunks;
+        if (!pending) return next(index + 1);
+        for (let n = 0; n < part.chunks; n++) {
+          const src = parts[index] + "/data-" + String(n).padStart(4, "0") + ".js";
+          script(src, (loaded) => {
+            if (!loaded) missing.push(src);
+            if (--pending === 0) {
+              cards = cards.concat(chunks.flat().filter(Boolean));
+              next(index + 1);
+            }
+          });
+        }
+      });
+    };
+    next(0);
+  }
+
+  function finish(runs, missing, cards) {
+    if (!runs.length) {
+      $("status").textContent = `No run data: ${parts[0]}/run.js is missing.`;
       return;
     }
+    run = merged(runs);
     header();
-    let pending = run.chunks;
-    const missing = [];
-    for (let n = 0; n < run.chunks; n++) {
-      const script = document.createElement("script");
-      script.src = "_report/data-" + String(n).padStart(4, "0") + ".js";
-      script.onload = script.onerror = (event) => {
-        if (event.type === "error") missing.push(script.src);
-        if (--pending === 0) ready(missing);
-      };
-      document.body.append(script);
-    }
-    if (!run.chunks) ready(missing);
+    ready(missing, cards);
+  }
+
+  // One header for the parts: counts added up, the longest wall time, finished
+  // when every part is there and finished.
+  function merged(runs) {
+    const sum = (key) => runs.reduce((total, r) => total + (r[key] || 0), 0);
+    const wall = Math.max(...runs.map((r) => r.wall_s || 0));
+    return {
+      ...runs[0],
+      images: sum("images"), done: sum("done"), skipped: sum("skipped"),
+      failed: runs.flatMap((r) => r.failed || []),
+      wall_s: wall, images_per_s: parts.length === 1 ? runs[0].images_per_s
+        : Number(sum("images_per_s").toFixed(2)),
+      started: runs.map((r) => r.started).sort()[0],
+      finished: runs.length === parts.length && runs.every((r) => r.finished),
+      parts: `${runs.length} of ${parts.length}`,
+    };
   }
 
   function header() {
@@ -65,6 +116,7 @@
                  `${run.failed.length} failed`],
       ["Wall time", `${seconds.toFixed(1)} s, ${run.images_per_s} images/s`],
       ["Started", run.started],
+      ...(parts.length > 1 ? [["Shards", `${run.parts} have written their part`]] : []),
       ["Status", run.finished ? "finished" : "incomplete: interrupted, or still running " +
                                               "(reload to see more)"],
     ];
@@ -95,8 +147,8 @@
   }
   const shortName = (card) => card.name.slice(shared.length);
 
-  function ready(missing) {
-    all = chunks.flat().filter(Boolean);
+  function ready(missing, cards) {
+    all = cards;
     shared = commonFolder(all.map((card) => card.name));
     const labels = [...new Set(all.map(topLabel).filter((l) => l !== null))].sort();
     const select = $("class");
