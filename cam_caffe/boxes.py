@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .render import normalize
+from .cam import normalize
 
 DT_LEVEL = 10.5        # dt_box keeps round(255·d/max d) > 10, i.e. 255·d/max d ≥ 10.5
 DT_MARGIN = 5          # dt_box keeps boxes 5 px inside the right and bottom edges

@@ -45,6 +45,15 @@ def upsample(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
                       interpolation=cv2.INTER_LINEAR)
 
 
+def normalize(cam: np.ndarray) -> np.ndarray:
+    """Min–max scale to [0, 1]; a constant map becomes all zeros."""
+    cam = np.asarray(cam, np.float32)
+    low, high = float(cam.min()), float(cam.max())
+    if not high > low:                       # constant (or NaN) map
+        return np.zeros_like(cam)
+    return (cam - low) / (high - low)
+
+
 def softmax(scores: np.ndarray) -> np.ndarray:
     """Row-wise softmax of (N, C) scores, for nets that end at the FC layer."""
     shifted = scores - scores.max(axis=1, keepdims=True)

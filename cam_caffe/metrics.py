@@ -32,8 +32,7 @@ import cv2
 import numpy as np
 
 from .api import CAMNet
-from .cam import upsample
-from .render import normalize
+from .cam import normalize, upsample
 
 SUBSTRATES = ("mean", "blur")
 DEFAULT_STEPS = 50

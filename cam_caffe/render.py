@@ -12,6 +12,7 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
+from .cam import normalize
 from .errors import CamError
 
 STYLES = ("paper", "seed")
@@ -52,15 +53,6 @@ def segment_lut(segments: tuple[tuple[float, float], ...], n: int = 256) -> np.n
     ind = np.searchsorted(x, xind)[1:-1]
     distance = (xind[1:-1] - x[ind - 1]) / (x[ind] - x[ind - 1])
     return np.concatenate([[y[0]], distance * (y[ind] - y[ind - 1]) + y[ind - 1], [y[-1]]])
-
-
-def normalize(cam: np.ndarray) -> np.ndarray:
-    """Min–max scale to [0, 1]; a constant map becomes all zeros."""
-    cam = np.asarray(cam, np.float32)
-    low, high = float(cam.min()), float(cam.max())
-    if not high > low:                       # constant (or NaN) map
-        return np.zeros_like(cam)
-    return (cam - low) / (high - low)
 
 
 def heatmap(cam: np.ndarray, colormap: str = "jet") -> np.ndarray:

@@ -6,11 +6,12 @@ from conftest import shared
 from PIL import Image
 
 from cam_caffe import proto
+from cam_caffe.cam import normalize
 from cam_caffe.errors import ImageError, ModelError
 from cam_caffe.image import load_image
 from cam_caffe.output import encode_image, encode_png
 from cam_caffe.preprocess import Preprocessor, parse_mean
-from cam_caffe.render import colormap_lut, heatmap, normalize, overlay_paper, overlay_seed
+from cam_caffe.render import colormap_lut, heatmap, overlay_paper, overlay_seed
 
 
 def test_preprocess_is_bgr_resize_minus_mean_times_scale():
