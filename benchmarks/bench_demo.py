@@ -47,7 +47,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3, help="cam-caffe runs per variant")
     args = parser.parse_args()
-    from cam_caffe.flops import count_flops
+    from flops import count_flops
+
     from cam_caffe.netdef import load_netdef
     gflop = count_flops(load_netdef(PROTOTXT)) / 1e9
     image_dir = WORK / f"demo_{args.images}"

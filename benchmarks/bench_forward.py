@@ -211,7 +211,8 @@ def cells(ms_per_image: float, peak: float) -> list[str]:
 
 def profile_table(backends: list[str], peak: float, batch: int) -> None:
     """Where the forward time goes, by layer type, per backend (and the FLOPs there)."""
-    from cam_caffe.flops import layer_flops
+    from flops import layer_flops
+
     from cam_caffe.netdef import load_netdef
     flops: dict[str, int] = {}
     for entry in layer_flops(load_netdef(PROTOTXT)):
@@ -270,7 +271,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
-    from cam_caffe.flops import count_flops
+    from flops import count_flops
+
     from cam_caffe.netdef import load_netdef
     GFLOP = count_flops(load_netdef(PROTOTXT)) / 1e9
     batches = [int(b) for b in args.batches.split(",")]

@@ -1,5 +1,5 @@
 """``--report`` at scale: a page of 1,000 and 10,000 cards (made-up records with
-real 32×32 JPEG thumbnails, ``cam_caffe.synthetic.synthetic_records``), written
+real 32×32 JPEG thumbnails, ``tests/synthetic.py``), written
 by the report writer in batches of 16 as a run would, then opened from file://
 in Debian's headless Chromium (Selenium, chromium-driver).
 
@@ -47,9 +47,10 @@ def chromium():
 def write_report(count: int) -> tuple[object, float, float]:
     """The report of ``count`` cards, written in batches of 16: (folder, total s,
     slowest batch s)."""
+    from synthetic import synthetic_records
+
     from cam_caffe.batch import ChunkResult, Options
     from cam_caffe.report import ReportWriter
-    from cam_caffe.synthetic import synthetic_records
     folder = WORK / f"report-{count}"
     shutil.rmtree(folder, ignore_errors=True)
     records = synthetic_records(folder, count)

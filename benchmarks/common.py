@@ -21,6 +21,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
+# tests/synthetic.py (random weights, made-up records) and tests/flops.py: test
+# helpers the benchmarks share, not part of the installed package
+sys.path.append(str(ROOT / "tests"))
 PROTOTXT = ROOT / "prototxt" / "deploy_googlenetCAM.prototxt"
 SHARED_IMAGES = ROOT.parent / "shared" / "fixtures" / "googlenet_cam"
 WORK = Path(os.environ.get("CAM_CAFFE_BENCH_DIR")
@@ -35,8 +38,9 @@ def googlenet_weights(seed: int = 0) -> Path:
     """A GoogLeNet-CAM caffemodel with He-random weights, made once under WORK."""
     path = WORK / f"googlenet_cam_random_{seed}.caffemodel"
     if not path.is_file():
+        from synthetic import random_weights, save_caffemodel
+
         from cam_caffe.netdef import load_netdef
-        from cam_caffe.synthetic import random_weights, save_caffemodel
         netdef = load_netdef(PROTOTXT)
         save_caffemodel(netdef, random_weights(netdef, seed), path)
     return path

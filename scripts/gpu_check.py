@@ -2,7 +2,7 @@
 """GPU check for a CUDA build of pycaffe: GoogLeNet-CAM on GPU vs CPU.
 
 Builds GoogLeNet-CAM (prototxt/deploy_googlenetCAM.prototxt) with random
-He-initialised weights (cam_caffe.synthetic), runs one batch of random
+He-initialised weights (tests/synthetic.py), runs one batch of random
 images on the GPU and on the CPU and compares the class probabilities and
 the CAMs of each image's top-1 class, then times forward passes at several
 batch sizes. Prints a markdown report naming the card. It also runs a small
@@ -38,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 if str(ROOT) not in sys.path and (ROOT / "cam_caffe").is_dir():
     sys.path.insert(0, str(ROOT))   # run from a checkout without installing
+sys.path.append(str(ROOT / "tests"))   # tests/synthetic.py: random weights
 
 DEFAULT_PROTOTXT = ROOT / "prototxt" / "deploy_googlenetCAM.prototxt"
 
@@ -204,13 +205,13 @@ def time_forward(backend, batch, min_time: float, min_repeats: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import numpy as np
+    from synthetic import random_weights, save_caffemodel
 
     from cam_caffe.backends.caffe import CaffeBackend, import_caffe, set_device
     from cam_caffe.cam import cam_weights, class_activation_maps
     from cam_caffe.camspec import find_cam_layers
     from cam_caffe.errors import CamError
     from cam_caffe.netdef import CaffeModel, load_netdef
-    from cam_caffe.synthetic import random_weights, save_caffemodel
 
     try:
         caffe = import_caffe(args.verbose)

@@ -43,7 +43,7 @@
 #          dependencies), and the CUDA pycaffe wheel (the `caffe` package);
 #          their tests/ folders are pruned.
 #   app/   the cam_caffe package (this checkout's), prototxt/,
-#          scripts/gpu_check.py + scripts/bundle_check.py, and
+#          scripts/gpu_check.py + scripts/bundle_check.py, tests/synthetic.py, and
 #          benchmarks/bench_cores.py + common.py (GPU end to end vs forward).
 #   run.sh sets LD_LIBRARY_PATH/PYTHONPATH/PYTHONHOME and runs
 #          `python3.11 -m cam_caffe "$@"` (see `run.sh --bundle-help`).
@@ -244,6 +244,8 @@ step "cam_caffe and scripts"
 (cd "$ROOT" && tar -cf - --exclude=__pycache__ --exclude='*.pyc' cam_caffe prototxt) \
   | tar -xf - -C "$STAGE/app"
 cp "$ROOT/scripts/gpu_check.py" "$STAGE/app/scripts/"
+mkdir -p "$STAGE/app/tests"
+cp "$ROOT/tests/synthetic.py" "$STAGE/app/tests/"       # gpu_check's random weights
 mkdir -p "$STAGE/app/benchmarks"
 cp "$ROOT/benchmarks/bench_cores.py" "$ROOT/benchmarks/common.py" "$STAGE/app/benchmarks/"
 cat > "$STAGE/app/scripts/bundle_check.py" <<'EOF'
@@ -410,8 +412,10 @@ if [ "$TEST" = 1 ]; then
 import sys
 from pathlib import Path
 import numpy as np, cv2
+import cam_caffe
 from cam_caffe.netdef import load_netdef
-from cam_caffe.synthetic import random_weights, save_caffemodel
+sys.path.append(str(Path(cam_caffe.__file__).parents[1] / "tests"))   # app/tests
+from synthetic import random_weights, save_caffemodel
 t = Path(sys.argv[1])
 (t / "net.prototxt").write_text("""
 name: "tiny" input: "data" input_shape { dim: 1 dim: 3 dim: 32 dim: 32 }

@@ -6,9 +6,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 from conftest import require_pycaffe, shared
+from synthetic import random_weights, save_caffemodel
 
 from cam_caffe.netdef import load_netdef
-from cam_caffe.synthetic import random_weights, save_caffemodel
 
 # A bright-square detector. conv "bright" (1x1): channel 0 = mean brightness − 0.5
 # (> 0 on white), channel 1 = 0.5 − brightness (> 0 on black); ReLU; 2x2 max pool

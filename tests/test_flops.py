@@ -8,13 +8,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from flops import count_flops, layer_flops
 from google.protobuf import text_format
 from nets import SQUARE_PROTOTXT
+from synthetic import random_weights, save_caffemodel
 
 from cam_caffe import proto
-from cam_caffe.flops import count_flops, layer_flops
 from cam_caffe.netdef import load_netdef
-from cam_caffe.synthetic import random_weights, save_caffemodel
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOGLENET = ROOT / "prototxt" / "deploy_googlenetCAM.prototxt"

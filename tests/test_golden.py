@@ -7,13 +7,13 @@ run by every backend, and must give the official model's stored probabilities.
 import numpy as np
 import pytest
 from conftest import require_pycaffe, shared
+from synthetic import save_caffemodel
 
 from cam_caffe import CAMNet
 from cam_caffe.api import Prediction
 from cam_caffe.cam import class_activation_maps
 from cam_caffe.labels import read_labels
 from cam_caffe.netdef import load_netdef
-from cam_caffe.synthetic import save_caffemodel
 
 CUP = 968
 # The official deploy file's layers after CAM_conv, fed the stored CAM_conv blob (its

@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nets import SQUARE_PROTOTXT, square_image, write_square_net
 from PIL import Image
+from synthetic import save_caffemodel
 
 from cam_caffe.batch import Options, image_cost, run_batch
 from cam_caffe.budget import MemoryBudget, parse_size
@@ -33,7 +34,6 @@ from cam_caffe.cli import main
 from cam_caffe.errors import CamError, one_line
 from cam_caffe.inputs import collect
 from cam_caffe.netdef import load_netdef
-from cam_caffe.synthetic import save_caffemodel
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ["--model", "demo"]

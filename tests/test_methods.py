@@ -24,6 +24,7 @@ import pytest
 from conftest import ROOT, require_pycaffe
 from nets import pycaffe_googlenet_weights
 from numpy_net import bilinear, finite_differences, run_from, stored_weights
+from synthetic import save_caffemodel
 from test_onnx import nontrivial_weights
 from test_parity import TINY, assert_rel_close, images
 
@@ -32,7 +33,6 @@ from cam_caffe.camspec import find_target
 from cam_caffe.errors import CamError, ModelError
 from cam_caffe.methods import METHODS
 from cam_caffe.netdef import load_netdef
-from cam_caffe.synthetic import save_caffemodel
 
 GRADIENT_BACKENDS = ("caffe", "onnxruntime")
 ALL_BACKENDS = ("caffe", "onnxruntime", "opencv")

@@ -14,13 +14,13 @@ import cv2
 import numpy as np
 import pytest
 from conftest import ROOT
+from synthetic import save_caffemodel
 from test_demo_model import TEST_SEED, data
 
 from cam_caffe import CAMNet
 from cam_caffe.cli import main
 from cam_caffe.metrics import auc, faithfulness, summary, variants
 from cam_caffe.netdef import load_netdef
-from cam_caffe.synthetic import save_caffemodel
 
 SIDE, A = 12, 0.03
 LINEAR_PROTOTXT = f"""

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 from nets import SQUARE_PROTOTXT, square_case
+from synthetic import save_caffemodel
 from test_onnx import SLICE_NET
 
 from cam_caffe.backends import create_backend
 from cam_caffe.camspec import find_cam_layers
 from cam_caffe.errors import MAX_MESSAGE, CamError, ModelError, shorten
 from cam_caffe.netdef import CaffeModel, load_netdef
-from cam_caffe.synthetic import save_caffemodel
 
 
 def run(*args, env=None):
@@ -150,7 +150,7 @@ def test_verbose_says_which_backend_auto_chose_and_why(square, tmp_path):
     prototxt.write_text(SLICE_NET)
     netdef = load_netdef(prototxt)
     weights = tmp_path / "slice.caffemodel"
-    from cam_caffe.synthetic import random_weights
+    from synthetic import random_weights
     save_caffemodel(netdef, random_weights(netdef, 0), weights)
     child = run(image, "--prototxt", prototxt, "--weights", weights, "--mean", "0", "-v", "-q")
     assert child.returncode == 0, child.stderr

@@ -193,7 +193,7 @@ def test_wrong_input_size_for_fixed_layers_says_the_size(tmp_path):
     the prototxt needs [1000, 4096]'; it now says which size the net takes."""
     netdef = load_netdef(GOOGLENET)
     prototxt, weights = GOOGLENET, tmp_path / "g.caffemodel"
-    from cam_caffe.synthetic import random_weights, save_caffemodel
+    from synthetic import random_weights, save_caffemodel
     save_caffemodel(netdef, random_weights(netdef, 1), weights)
     image = tmp_path / "i.png"
     cv2.imwrite(str(image), square_image(10, 10))

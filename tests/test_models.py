@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 from conftest import ROOT
 from nets import SQUARE_LABELS, SQUARE_PROTOTXT, square_image, write_square_net
+from synthetic import random_weights, save_caffemodel
 
 from cam_caffe import cli, models
 from cam_caffe.cli import main
 from cam_caffe.errors import EXIT_MODEL, ModelError
 from cam_caffe.models import FileSpec, Model
 from cam_caffe.netdef import load_netdef
-from cam_caffe.synthetic import random_weights, save_caffemodel
 
 # The same layer names with other sizes: a caffemodel of "another net".
 OTHER_PROTOTXT = SQUARE_PROTOTXT.replace("num_output: 2 kernel_size: 1",

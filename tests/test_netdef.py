@@ -8,6 +8,7 @@ from conftest import ROOT, shared
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from nets import write_random_net
+from synthetic import random_weights, save_caffemodel
 
 from cam_caffe import CAMNet
 from cam_caffe.camspec import find_cam_layers
@@ -20,7 +21,6 @@ from cam_caffe.netdef import (
     read_caffemodel,
     tail,
 )
-from cam_caffe.synthetic import random_weights, save_caffemodel
 
 V1_NET = """
 name: "V1Net"

@@ -26,6 +26,8 @@ else:
     onnx = pytest.importorskip("onnx", reason="the 'onnx' extra is not installed")
     ort = pytest.importorskip("onnxruntime", reason="the 'onnx' extra is not installed")
 
+from synthetic import random_weights, save_caffemodel
+
 from cam_caffe import cli
 from cam_caffe.backends import create_backend
 from cam_caffe.backends.onnxruntime import OnnxRuntimeBackend, cache_dir
@@ -35,7 +37,6 @@ from cam_caffe.camspec import find_cam_layers
 from cam_caffe.errors import BackendError, ModelError
 from cam_caffe.netdef import CaffeModel, load_netdef, param_shapes, read_caffemodel
 from cam_caffe.onnx_export import SUPPORTED, convert
-from cam_caffe.synthetic import random_weights, save_caffemodel
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"

@@ -20,11 +20,11 @@ import pytest
 from conftest import IN_CI, ROOT, shared
 from nets import write_random_net
 from PIL import Image
+from synthetic import random_weights, save_caffemodel
 
 from cam_caffe import models
 from cam_caffe.inputs import collect, in_shard
 from cam_caffe.netdef import load_netdef
-from cam_caffe.synthetic import random_weights, save_caffemodel
 
 README = (ROOT / "README.md").read_text()
 BIN = Path(sys.executable).parent             # the environment's cam-caffe

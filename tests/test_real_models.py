@@ -3,11 +3,11 @@ import cv2
 import numpy as np
 import pytest
 from conftest import ROOT, shared
+from synthetic import random_weights, save_caffemodel
 
 from cam_caffe import CAMNet
 from cam_caffe.cli import main
 from cam_caffe.netdef import load_netdef, read_caffemodel
-from cam_caffe.synthetic import random_weights, save_caffemodel
 
 
 @pytest.fixture(scope="session")

@@ -14,12 +14,12 @@ from urllib.parse import unquote
 import cv2
 import pytest
 from conftest import IN_CI, ROOT
+from synthetic import synthetic_records
 
 from cam_caffe import CAMNet
 from cam_caffe.batch import ChunkResult, Options
 from cam_caffe.cli import main
 from cam_caffe.report import ReportWriter, read_cards
-from cam_caffe.synthetic import synthetic_records
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
 DEMO_IMAGES = sorted((ROOT / "images").glob("demo_*.png"))

@@ -26,10 +26,10 @@ import cv2
 import numpy as np
 import pytest
 from conftest import ROOT
+from synthetic import random_weights, save_caffemodel
 
 from cam_caffe import CAMNet, models
 from cam_caffe.netdef import load_netdef
-from cam_caffe.synthetic import random_weights, save_caffemodel
 
 NOT_COPIED = (".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache", "out")
 

@@ -17,7 +17,6 @@ from .. import proto
 from ..camspec import CamSpec
 from ..errors import BackendError, ModelError
 from ..netdef import CaffeModel, NetDef, blob_shape, tail
-from ..synthetic import blob as blob_of
 from . import Forward, cpu_threads, no_gradients, rows, scores_to_probs
 
 
@@ -124,7 +123,7 @@ def _for_opencv(netdef: NetDef, weights: CaffeModel) -> tuple[str, bytes]:
             blob = layer.blobs[0]
             fan_in, outputs = blob_shape(blob)[-2:]          # stored as (K, C)
             matrix = np.array(blob.data, np.float32).reshape(fan_in, outputs).T
-            blob.CopyFrom(blob_of(matrix))
+            blob.CopyFrom(proto.blob(matrix))
     return text_format.MessageToString(net), stored.SerializeToString()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pkgutil
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 _desc = pkgutil.get_data(__name__, "caffe.desc")
@@ -28,11 +29,18 @@ if TYPE_CHECKING:      # built at run time from caffe.desc: no static types to c
     LayerParameter: TypeAlias = Any
     V1LayerParameter: TypeAlias = Any
     BlobProto: TypeAlias = Any
-    BlobShape: TypeAlias = Any
 else:
     NetParameter = _message("NetParameter")
     LayerParameter = _message("LayerParameter")
     V1LayerParameter = _message("V1LayerParameter")
     BlobProto = _message("BlobProto")
-    BlobShape = _message("BlobShape")
 TEST = _pool.FindEnumTypeByName("caffe.Phase").values_by_name["TEST"].number
+
+
+def blob(array: np.ndarray) -> BlobProto:
+    """A BlobProto holding ``array`` (as float32) with its shape."""
+    array = np.asarray(array, np.float32)
+    message = BlobProto()
+    message.shape.dim.extend(array.shape)
+    message.data.extend(array.ravel().tolist())
+    return message

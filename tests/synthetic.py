@@ -1,9 +1,10 @@
 """Write caffemodels without Caffe: random weights for any net, or weights given by hand;
 and made-up batch records with thumbnails, for a report without a net.
 
-Used by the tests, the benchmarks and the example scripts to make real model
-files when trained weights are not available (the official GoogLeNet-CAM
-caffemodel cannot be downloaded everywhere).
+Used by the tests, the benchmarks (benchmarks/common.py puts this folder on
+``sys.path``) and scripts/gpu_check.py to make real model files when trained
+weights are not available (the official GoogLeNet-CAM caffemodel cannot be
+downloaded everywhere). Not part of the installed package.
 """
 from __future__ import annotations
 
@@ -12,19 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import proto
-from .errors import ModelError
-from .netdef import NetDef, param_shapes
-from .output import write_bytes
-
-
-def blob(array: np.ndarray) -> proto.BlobProto:
-    """A BlobProto holding ``array`` (float32) with its shape."""
-    array = np.asarray(array, np.float32)
-    b = proto.BlobProto()
-    b.shape.dim.extend(array.shape)
-    b.data.extend(array.ravel().tolist())
-    return b
+from cam_caffe import proto
+from cam_caffe.errors import ModelError
+from cam_caffe.netdef import NetDef, param_shapes
+from cam_caffe.output import write_bytes
 
 
 def random_weights(netdef: NetDef, seed: int = 0) -> dict[str, list[np.ndarray]]:
@@ -66,7 +58,7 @@ def save_caffemodel(netdef: NetDef, weights: dict[str, list[np.ndarray]],
         stored.bottom.extend(layer.bottom)
         stored.top.extend(layer.top)
         for array in weights.get(layer.name, []):
-            stored.blobs.append(blob(array))
+            stored.blobs.append(proto.blob(array))
     write_bytes(path, net.SerializeToString())
 
 

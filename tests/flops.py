@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .netdef import NetDef, Shape, hw_param
+from cam_caffe.netdef import NetDef, Shape, hw_param
 
 ELEMENT_OPS = {"ReLU": 1, "PReLU": 1, "ReLU6": 1, "ELU": 1, "Sigmoid": 1, "TanH": 1,
                "AbsVal": 1, "BNLL": 1, "Power": 1, "Exp": 1, "Log": 1, "Threshold": 1,
