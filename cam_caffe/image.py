@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import cv2
 import numpy as np
@@ -18,11 +19,20 @@ from .errors import ImageError
 from .files import open_regular
 
 DEFAULT_MAX_PIXELS = 100_000_000   # 100 megapixels; --max-pixels changes it
-# cam-caffe checks the pixel count itself (max_pixels, before decoding), so
-# Pillow's own fixed decompression-bomb limit is turned off.
-Image.MAX_IMAGE_PIXELS = None
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                     ".ppm", ".pgm", ".pbm", ".jfif"}
+
+
+def open_image(source: str | Path | IO[bytes]) -> Image.Image:
+    """``PIL.Image.open(source)``, without Pillow's own decompression-bomb limit.
+
+    cam-caffe checks the pixel count itself (``max_pixels``, from the header,
+    before decoding), so Pillow's fixed limit (a warning over 89 megapixels, an
+    error over twice that) is turned off: ``PIL.Image.MAX_IMAGE_PIXELS`` is set
+    to None here, when an image is opened, not when cam_caffe is imported.
+    """
+    Image.MAX_IMAGE_PIXELS = None
+    return Image.open(source)
 
 
 def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, data: bytes | None = None,
@@ -38,7 +48,7 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, data: byt
     try:
         source = (io.BytesIO(data) if data is not None
                   else open(open_regular(path, "image file", ImageError), "rb"))  # noqa: SIM115
-        with source, Image.open(source) as im:
+        with source, open_image(source) as im:
             width, height = im.size
             if width * height > max_pixels:
                 raise ImageError(f"{path}: {width}x{height} pixels is over the limit of "

@@ -21,11 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import BinaryIO, TextIO
 
-from PIL import Image
-
 from .errors import EXIT_INPUT, CamError
 from .files import LIST_LIMIT, MiB, read_limited
-from .image import IMAGE_EXTENSIONS
+from .image import IMAGE_EXTENSIONS, open_image
 
 
 @dataclass(frozen=True)
@@ -76,7 +74,7 @@ def _read_stdin(stdin: TextIO | BinaryIO | None) -> bytes:
 def _is_image(data: bytes) -> bool:
     """Whether ``data`` is an image Pillow recognises (for image bytes piped to ``-``)."""
     try:
-        with Image.open(io.BytesIO(data)):
+        with open_image(io.BytesIO(data)):
             return True
     except Exception:   # any failure to identify means "not an image": read it as a list
         return False

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import EXIT_OK, ModelError, OutputError
-from .output import cache_home
+from .output import cache_home, publish
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent    # a source checkout's top level
 BASE_URL_ENV = "CAM_CAFFE_MODEL_BASE_URL"
@@ -301,7 +301,7 @@ def download(name: str, base_url: str | None = None, progress: bool = True,
                     part.unlink()
                 _fetch(url, part, final, file.size, show)
                 _check_download(kind, model, file, part, final, url, netdef, spec)
-                _publish(part, final)
+                publish(part, final)
             elif not final.is_file():
                 raise ModelError(f"{final}: {kind} file of model '{name}' is missing")
             elif file.remote:                      # there already: maybe put there by hand
@@ -435,13 +435,6 @@ def _reason(reason) -> str:
     if isinstance(reason, OSError) and reason.strerror:
         return reason.strerror
     return str(reason) or type(reason).__name__
-
-
-def _publish(part: Path, final: Path) -> None:
-    try:
-        os.replace(part, final)
-    except OSError as e:
-        raise OutputError(f"{final}: cannot write: {e.strerror or e}") from None
 
 
 # ---------------------------------------------------------------- verification

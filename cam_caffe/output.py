@@ -13,10 +13,12 @@ same lossless PNG in a third of the time (ISA-L's deflate instead of zlib's;
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pwd
 import re
+import secrets
 import stat
 import struct
 import tempfile
@@ -33,8 +35,6 @@ from isal import isal_zlib
 
 from .errors import OutputError
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 IMAGE_FORMATS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
@@ -127,8 +127,16 @@ def temporary_beside(path: Path) -> tuple[int, str]:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(path.parent)
-    return tempfile.mkstemp(prefix=f".{_temporary_name(path.name)}.",
-                            suffix=f".{_HOST}-{os.getpid()}.tmp", dir=path.parent)
+    prefix, suffix = f".{_temporary_name(path.name)}.", f".{_HOST}-{os.getpid()}.tmp"
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):
+        name = os.path.join(path.parent, prefix + secrets.token_hex(4) + suffix)
+        try:
+            # mode 0666 less the umask, as for any new file (mkstemp's would be 0600)
+            return os.open(name, flags, 0o666), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(path.parent))
 
 
 def _temporaries(folder: Path) -> list[tuple[os.DirEntry, re.Match]]:
@@ -197,10 +205,12 @@ def remove_temporaries(targets: Iterable[Path]) -> None:
 
 
 def publish(temporary: str | Path, path: str | Path) -> None:
-    """Rename a finished temporary file to ``path``, with the usual mode instead of
-    mkstemp's 0600."""
-    os.chmod(temporary, 0o666 & ~_UMASK)
-    os.replace(temporary, path)
+    """Rename a finished temporary file (in ``path``'s folder) to ``path``, atomically;
+    OutputError naming ``path`` when that fails."""
+    try:
+        os.replace(temporary, path)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write: {e.strerror or e}") from None
 
 
 def image_format(path: str | Path) -> str:

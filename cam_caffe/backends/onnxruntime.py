@@ -264,7 +264,7 @@ def _finish(temporary: str | None, path: Path | None, keep: bool) -> None:
             publish(temporary, path)
         else:
             os.unlink(temporary)
-    except OSError:
+    except (OSError, OutputError):        # a cache that cannot be written: none
         pass
 
 
