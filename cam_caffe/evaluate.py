@@ -29,7 +29,6 @@ import argparse
 import csv
 import io
 import json
-import re
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -53,12 +52,11 @@ from .cli import (
 from .errors import EXIT_INPUT, EXIT_OK, EXIT_SOME_FAILED, CamError
 from .image import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
 from .inputs import Input, collect
-from .labels import resolve_class
+from .labels import WNID, resolve_class
 from .metrics import DEFAULT_STEPS, SUBSTRATES, faithfulness, summary
 
 IOU = 0.5
 TOP_K = 5
-_WNID = re.compile(r"n\d{8}")
 
 Truth = list[tuple[str, Box]]          # (label as written, box) of one image
 
@@ -150,10 +148,10 @@ def class_resolver(labels_file: Path | None, labels: list[str] | None, num_class
     if labels_file:
         lines = [line.split() for line in labels_file.read_text(encoding="utf-8").splitlines()]
         wnids = {words[0]: i for i, words in enumerate(w for w in lines if w)
-                 if _WNID.fullmatch(words[0])}
+                 if WNID.fullmatch(words[0])}
 
     def resolve(label: str) -> int:
-        if _WNID.fullmatch(label):
+        if WNID.fullmatch(label):
             if label not in wnids:
                 raise CamError(f"ground-truth class {label!r}: no such WordNet id in the "
                                f"labels file (--labels)")

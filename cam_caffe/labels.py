@@ -8,7 +8,7 @@ from pathlib import Path
 from .errors import CamError, ModelError
 from .files import TEXT_LIMIT, read_limited
 
-_WNID = re.compile(r"^n\d{8}\s+")
+WNID = re.compile(r"n\d{8}")      # a WordNet id, as ImageNet's synset_words.txt begins its lines
 
 
 def read_labels(path: str | Path) -> list[str]:
@@ -18,10 +18,16 @@ def read_labels(path: str | Path) -> list[str]:
         text = read_limited(path, "labels file", TEXT_LIMIT, ModelError).decode("utf-8")
     except UnicodeDecodeError as e:
         raise ModelError(f"{path}: cannot read labels file: {e}") from None
-    labels = [_WNID.sub("", line.strip()) for line in text.splitlines() if line.strip()]
+    labels = [_without_wnid(line.strip()) for line in text.splitlines() if line.strip()]
     if not labels:
         raise ModelError(f"{path}: labels file is empty")
     return labels
+
+
+def _without_wnid(line: str) -> str:
+    """``line`` without a leading WordNet id and the space after it."""
+    words = line.split(None, 1)
+    return words[1] if len(words) == 2 and WNID.fullmatch(words[0]) else line
 
 
 def class_name(labels: list[str] | None, index: int) -> str:

@@ -198,11 +198,6 @@ def cache_root() -> Path:
     return root
 
 
-def model_dir(name: str) -> Path:
-    """The folder a model's downloaded files go to."""
-    return cache_root() / get(name).name
-
-
 def data_root() -> Path:
     """The folder holding the files cam-caffe ships, by their paths in the checkout.
 

@@ -15,9 +15,8 @@ import numpy as np
 
 from . import proto
 from .errors import ModelError
+from .models import IMAGENET_MEAN_BGR
 from .netdef import blob_shape, read_bytes
-
-IMAGENET_MEAN_BGR = (104.0, 117.0, 123.0)   # GoogLeNet-CAM's mean
 
 
 def mean_values(text: str) -> list[float] | None:
@@ -37,8 +36,8 @@ def parse_mean(spec: str | Path | None, channels: int = 3) -> np.ndarray:
 
     Returns shape (C,) for values, (C, H, W) for a mean image.
     """
-    if spec is None:
-        return np.array(IMAGENET_MEAN_BGR[:channels] if channels == 3 else [117.0] * channels,
+    if spec is None:                  # other channel counts: ImageNet's green mean in each
+        return np.array(IMAGENET_MEAN_BGR if channels == 3 else [IMAGENET_MEAN_BGR[1]] * channels,
                         np.float32)
     text = str(spec)
     values = mean_values(text)
