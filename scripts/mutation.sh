@@ -44,10 +44,18 @@ declare -A TARGETS=(
   [netdef/normalize]="test_netdef test_upgrade_parity test_parity"
   [netdef/shapes]="test_netdef test_model_limits test_onnx"
   [netdef/weights]="test_netdef test_model_limits test_bad_inputs test_upgrade_parity"
-  [onnx_export]="test_onnx"
+  [onnx_export/__init__]="test_onnx"
+  [onnx_export/converter]="test_onnx test_methods"
+  [onnx_export/linear]="test_onnx test_methods"
+  [onnx_export/pool]="test_onnx test_methods"
+  [onnx_export/elementwise]="test_onnx test_methods"
+  [onnx_export/norm]="test_onnx test_methods"
+  [onnx_export/shape]="test_onnx test_methods"
 )
 ORDER=(cam tencrop boxes preprocess render api camspec backends/__init__ backends/caffe
-       batch output netdef/read netdef/normalize netdef/shapes netdef/weights onnx_export)
+       batch output netdef/read netdef/normalize netdef/shapes netdef/weights
+       onnx_export/__init__ onnx_export/converter onnx_export/linear onnx_export/pool
+       onnx_export/elementwise onnx_export/norm onnx_export/shape)
 
 if ! "$PYTHON" -c "import mutmut" 2>/dev/null \
     || [ "$("$PYTHON" -c 'import importlib.metadata as m; print(m.version("mutmut"))')" != "$MUTMUT_VERSION" ]; then

@@ -5,8 +5,6 @@ from fractions import Fraction
 import numpy as np
 import pytest
 from conftest import ROOT, shared
-from hypothesis import assume, given
-from hypothesis import strategies as st
 from nets import write_random_net
 from synthetic import random_weights, save_caffemodel
 
@@ -217,19 +215,27 @@ def test_caffemodel_digest_is_sha256_of_piece_hashes(tmp_path, size):
     assert CaffeModel(path).digest != expected
 
 
-@given(size=st.integers(1, 1 << 62), kernel=st.integers(1, 64), stride=st.integers(1, 64),
-       pad=st.integers(0, 63), ceil_mode=st.booleans())
-def test_pool_output_size_is_caffes_rule_in_exact_arithmetic(size, kernel, stride, pad,
-                                                             ceil_mode):
-    """Caffe's pooling_layer.cpp: ceil((size + 2·pad − kernel) / stride) + 1 (floor without
-    ceil_mode), one less when the last window starts in the padding; exact at any size
-    (floats are not: 2^62 + 1 with kernel 3, stride 2 gives 2^61 + 1 in float64)."""
-    assume(kernel <= size + 2 * pad)
+def caffe_pooled_size(size: int, kernel: int, stride: int, pad: int, ceil_mode: bool) -> int:
+    """Caffe's pooling_layer.cpp in exact fractions: ceil((size + 2·pad − kernel) / stride)
+    + 1 (floor without ceil_mode), one less when the layer pads and the last window
+    would start in the padding."""
     ratio = Fraction(size + 2 * pad - kernel, stride)
-    expected = (math.ceil(ratio) if ceil_mode else math.floor(ratio)) + 1
-    if pad and (expected - 1) * stride >= size + pad:
-        expected -= 1
-    assert pool_output_size(size, kernel, stride, pad, ceil_mode, padded=pad > 0) == expected
+    out = (math.ceil(ratio) if ceil_mode else math.floor(ratio)) + 1
+    if pad and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+def test_pool_output_size_is_caffes_rule():
+    """Every size up to 40 with kernel, stride up to 8 and pad below 8; and sizes where
+    floats are not exact (2^62 + 1, kernel 3, stride 2: float64 gives 2^61 + 1)."""
+    cases = [(n, k, s, q, c) for n in range(1, 41) for k in range(1, 9) for s in range(1, 9)
+             for q in range(8) for c in (True, False) if k <= n + 2 * q]
+    cases += [((1 << 62) + 1, 3, 2, 0, True), ((1 << 62) + 1, 3, 2, 1, False),
+              ((1 << 61) - 1, 7, 5, 3, True)]
+    for n, k, s, q, c in cases:
+        assert pool_output_size(n, k, s, q, c, padded=q > 0) == caffe_pooled_size(n, k, s, q, c), \
+            (n, k, s, q, c)
 
 
 def test_pool_output_size_pads_by_the_layer_not_the_axis():

@@ -28,15 +28,16 @@ else:
 
 from synthetic import random_weights, save_caffemodel
 
-from cam_caffe import cli
+from cam_caffe import cli, proto
 from cam_caffe.backends import create_backend
 from cam_caffe.backends.onnxruntime import OnnxRuntimeBackend, cache_dir
 from cam_caffe.backends.opencv import OpenCVBackend
 from cam_caffe.cam import cam_weights
 from cam_caffe.camspec import find_cam_layers
 from cam_caffe.errors import BackendError, ModelError
-from cam_caffe.netdef import CaffeModel, load_netdef, param_shapes, read_caffemodel
+from cam_caffe.netdef import CaffeModel, layer_shapes, load_netdef, param_shapes, read_caffemodel
 from cam_caffe.onnx_export import SUPPORTED, convert
+from cam_caffe.onnx_export.pool import pool_windows
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -455,6 +456,53 @@ def test_pooling_output_sizes_are_caffes(tmp_path, name):
     expected = POOL_SIZES[name.split("_", 1)[1]]
     assert load_netdef(path).shapes["pool"][2:] == expected
     assert caffe_pool(np.zeros((1, 1, *shape[1:])), *args).shape[2:] == expected
+
+
+def test_onnx_floor_pooling_gives_caffes_size():
+    """The converter pools with floor rounding and explicit end padding: by ONNX's output
+    size rule, floor((size + pad + end − kernel) / stride) + 1, that is Caffe's size (shape
+    inference) along both axes, so the output never needs cropping. Every size up to 30
+    with kernel, stride up to 6 and pad below 6; the W axis (8 wide, kernel 2, stride 2)
+    pads or not: Caffe's rule looks at either axis's padding; and global pooling."""
+    cases = [(n, k, s, q, w, c, False) for n in range(1, 31) for k in range(1, 7)
+             for s in range(1, 7) for q in range(6) for w in (0, 1) for c in (True, False)
+             if k <= n + 2 * q]
+    cases += [(n, 1, 1, 0, 0, True, True) for n in (1, 7)]
+    for n, k, s, q, w, c, g in cases:
+        layer = proto.LayerParameter(type="Pooling", top=["p"], pooling_param={
+            "kernel_h": k, "kernel_w": 2, "stride_h": s, "stride_w": 2, "pad_h": q, "pad_w": w,
+            "ceil_mode": c, "global_pooling": g})
+        shape = (1, 3, n, 8)
+        caffe = layer_shapes(layer, [shape])[0][2:]
+        windows = pool_windows(layer.pooling_param, shape)
+        onnx_size = tuple((size + pad + end - kernel) // stride + 1 for size, kernel, stride,
+                          pad, end in zip(shape[2:], windows.kernel, windows.stride,
+                                          windows.pad, windows.end, strict=True))
+        assert windows.out == onnx_size == caffe, (n, k, s, q, w, c, g)
+
+
+def test_a_registered_converter_converts_its_layer_type(tmp_path, monkeypatch):
+    """The registry is the one list of converters: a layer type converts once a function
+    is registered for it with @converter (a second one for the same type is refused)."""
+    from cam_caffe.onnx_export import converter as registry
+    monkeypatch.setattr(registry, "CONVERTERS", dict(registry.CONVERTERS))
+    model = Model(tmp_path, input_block(3, 5, 5) + """
+layer { name: "e" type: "Exp" bottom: "data" top: "e" }
+""" + cam_head("e"))
+    weights = read_caffemodel(model.weights)
+    with pytest.raises(ModelError, match="'Exp' cannot be converted"):
+        convert(model.netdef, weights, model.spec)
+
+    @registry.converter("Exp")
+    def exp(cv, layer, ins, tops, shapes):
+        cv.node("Exp", ins, tops, layer.name)
+
+    session = ort.InferenceSession(
+        convert(model.netdef, weights, outputs=["e"]).SerializeToString())
+    x = model.batch(2)
+    np.testing.assert_allclose(session.run(None, {"data": x})[0], np.exp(x), rtol=1e-6)
+    with pytest.raises(ValueError, match="two ONNX converters for Caffe layer type Exp"):
+        registry.converter("Exp")(exp)
 
 
 def test_lrn_matches_caffe_formula(tmp_path):
