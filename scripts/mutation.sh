@@ -11,7 +11,10 @@
 # function). Hypothesis tests run with fewer examples there
 # (HYPOTHESIS_PROFILE=mutation, see tests/conftest.py). The tests that run the
 # command in a child process (test_end_to_end) fail under mutmut even without a
-# mutant: they are left out.
+# mutant: they are left out. A mutant whose tests use more CPU seconds than
+# 6 × (what they took unmutated + 1) is stopped and counted as killed by a timeout
+# (timeout_multiplier 3; mutmut's default 15 let an endless loop hold a shared core
+# for ten minutes).
 #
 # Prints one line per module — mutants, killed, survived, equivalent (survivors
 # listed with a reason in scripts/mutation-equivalent.txt) and the score,
@@ -35,11 +38,13 @@ declare -A TARGETS=(
   [preprocess]="test_preprocess_render test_batch_equivalence test_upgrade_parity"
   [render]="test_preprocess_render test_output_files"
   [api]="test_api_results test_methods test_batch_equivalence test_output_files test_golden test_batch"
-  [camspec]="test_netdef test_upgrade_parity test_golden test_parity"
+  [methods]="test_methods test_api_results"
+  [camspec]="test_netdef test_cam_branches test_methods test_model_failures test_upgrade_parity test_golden"
   [backends/__init__]="test_batch_equivalence test_golden test_upgrade_parity test_parity"
   [backends/caffe]="test_batch_equivalence test_golden test_upgrade_parity test_parity"
   [batch]="test_batch test_output_files test_batch_equivalence"
   [output]="test_output_files test_preprocess_render test_bad_inputs"
+  [inputs]="test_batch test_limits"
   [netdef/read]="test_netdef test_upgrade_parity"
   [netdef/normalize]="test_netdef test_upgrade_parity test_parity"
   [netdef/shapes]="test_netdef test_model_limits test_onnx"
@@ -52,10 +57,10 @@ declare -A TARGETS=(
   [onnx_export/norm]="test_onnx test_methods"
   [onnx_export/shape]="test_onnx test_methods"
 )
-ORDER=(cam tencrop boxes preprocess render api camspec backends/__init__ backends/caffe
-       batch output netdef/read netdef/normalize netdef/shapes netdef/weights
-       onnx_export/__init__ onnx_export/converter onnx_export/linear onnx_export/pool
-       onnx_export/elementwise onnx_export/norm onnx_export/shape)
+ORDER=(cam tencrop boxes preprocess render api methods camspec backends/__init__
+       backends/caffe batch output inputs netdef/read netdef/normalize netdef/shapes
+       netdef/weights onnx_export/__init__ onnx_export/converter onnx_export/linear
+       onnx_export/pool onnx_export/elementwise onnx_export/norm onnx_export/shape)
 
 if ! "$PYTHON" -c "import mutmut" 2>/dev/null \
     || [ "$("$PYTHON" -c 'import importlib.metadata as m; print(m.version("mutmut"))')" != "$MUTMUT_VERSION" ]; then
@@ -88,6 +93,7 @@ also_copy=
     scripts
     images
 pytest_add_cli_args=-p no:cacheprovider
+timeout_multiplier=3
 pytest_add_cli_args_test_selection=$tests
 CFG
   local start=$SECONDS
