@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -31,7 +32,7 @@ from test_parity import TINY, assert_rel_close, images
 from cam_caffe import CAMNet
 from cam_caffe.camspec import find_target
 from cam_caffe.errors import CamError, ModelError
-from cam_caffe.methods import METHODS
+from cam_caffe.methods import METHODS, Evidence, compute
 from cam_caffe.netdef import load_netdef
 
 GRADIENT_BACKENDS = ("caffe", "onnxruntime")
@@ -186,41 +187,71 @@ def test_gradcam_is_relu_cam_over_hw_on_a_gap_fc_net(tmp_path, backend):
         assert_rel_close(b.cams, np.maximum(a.cams, 0) / (h * w), 1e-5)
 
 
-# ---------------------------------------------------------- forward-only methods
-def reference_maps(method, netdef, weights, spec, batch, features, classes):
-    """Score-CAM, Ablation-CAM, Eigen-CAM of one image by NumPy loops over channels."""
+# ------------------------------------------------------- every method, NumPy loops
+def loop_maps(method, features, gradients, batch, classes, forward, tail):
+    """The maps (M, h, w) of one image by loops over classes, channels and positions,
+    in float64, as the papers write them: ``features`` A (K, h, w), ``gradients`` G
+    (M, K, h, w) or None, ``batch`` the preprocessed image (3, H, W), ``forward``
+    an image → logits (C,), ``tail`` A → logits (C,)."""
     k, h, w = features.shape
-    logits = run_from(netdef, weights, netdef.input_name, batch[None], spec.logit_blob)[0]
+    a = features.astype(np.float64)
+    logits = tail(a)
     out = []
-    for c in classes:
+    for m, c in enumerate(classes):
         weight = np.zeros(k)
         if method == "eigencam":
-            x = features.reshape(k, h * w).T.astype(np.float64)
+            x = a.reshape(k, h * w).T
             x = x - x.mean(axis=0)
             _u, _s, vt = np.linalg.svd(x)
             projection = x @ vt[0]
-            if np.corrcoef(projection, features.sum(axis=0).ravel())[0, 1] < 0:
+            if np.corrcoef(projection, a.sum(axis=0).ravel())[0, 1] < 0:
                 projection = -projection
             out.append(np.maximum(projection.reshape(h, w), 0))
             continue
+        if method == "layercam":
+            total = np.zeros((h, w))
+            for j in range(k):
+                for y in range(h):
+                    for x in range(w):
+                        total[y, x] += max(float(gradients[m, j, y, x]), 0.0) * a[j, y, x]
+            out.append(np.maximum(total, 0))
+            continue
         for j in range(k):
-            if method == "scorecam":
-                mask = bilinear(features[j].astype(np.float64), batch.shape[1:])
+            g = gradients[m, j].astype(np.float64) if gradients is not None else None
+            if method == "gradcam":
+                weight[j] = g.sum() / (h * w)
+            elif method == "gradcam++":
+                for value in g.ravel():
+                    if value != 0:
+                        alpha = value ** 2 / (2 * value ** 2 + a[j].sum() * value ** 3 + 1e-6)
+                        weight[j] += alpha * max(value, 0.0)
+            elif method == "xgradcam":
+                weight[j] = (g * a[j]).sum() / (a[j].sum() + 1e-7)
+            elif method == "scorecam":
+                mask = bilinear(a[j], batch.shape[1:])
                 span = mask.max() - mask.min()
                 mask = (mask - mask.min()) / span if span > 0 else np.zeros_like(mask)
-                weight[j] = run_from(netdef, weights, netdef.input_name, (batch * mask)[None],
-                                     spec.logit_blob)[0, c]
-            else:
-                ablated = features.astype(np.float64).copy()
+                weight[j] = forward(batch * mask)[c]
+            else:                                          # ablationcam
+                ablated = a.copy()
                 ablated[j] = 0
-                score = run_from(netdef, weights, spec.feature_blob, ablated[None],
-                                 spec.logit_blob)[0, c]
-                weight[j] = (logits[c] - score) / logits[c]
+                weight[j] = (logits[c] - tail(ablated)[c]) / logits[c]
         if method == "scorecam":
             weight = np.exp(weight - weight.max())
             weight /= weight.sum()
-        out.append(np.maximum(np.einsum("k,khw->hw", weight, features), 0))
+        out.append(np.maximum(np.einsum("k,khw->hw", weight, a), 0))
     return np.stack(out)
+
+
+def reference_maps(method, netdef, weights, spec, batch, features, classes):
+    """Score-CAM, Ablation-CAM, Eigen-CAM of one image of a real net (a NumPy forward)."""
+    def forward(image):
+        return run_from(netdef, weights, netdef.input_name, image[None], spec.logit_blob)[0]
+
+    def tail(a):
+        return run_from(netdef, weights, spec.feature_blob, a[None], spec.logit_blob)[0]
+
+    return loop_maps(method, features, None, batch, classes, forward, tail)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -239,6 +270,87 @@ def test_forward_only_methods_match_numpy_loops(tmp_path, backend, method):
         expected = reference_maps(method, netdef, reference, net.spec, preprocessed[i],
                                   features[i], result.classes)
         assert_rel_close(result.cams, expected, 1e-4)
+
+
+def synthetic_evidence(scale: float = 1.0, batch_size: int = 2, progress: bool = False):
+    """Evidence of 2 images, 2 classes each, 5 channels on a linear "net" whose class
+    logits lie 2,000 apart (a softmax must subtract each row's own maximum). Channel
+    minima differ (Score-CAM scales each mask on its own), image 0's channel 1 is
+    constant (a mask of zeros), channel 2 is tiny (Σ A ≈ 1e-6 next to XGrad-CAM's
+    1e-7) with large gradients; the gradients hold exact zeros, exact ones and values
+    near 1e-3."""
+    rng = np.random.default_rng(11)
+    n, k, h, w, size, c = 2, 5, 4, 3, (9, 7), 4
+    features = rng.uniform(0.2, 2.0, (n, k, h, w)) + np.arange(k)[:, None, None] * 0.3
+    features[0, 1] = 3.0
+    features[:, 2] *= 1e-7
+    features = (features * scale).astype(np.float32)
+    gradients = rng.normal(0, 1e-2, (n, 2, k, h, w))
+    gradients[rng.random(gradients.shape) < 0.2] = 0
+    gradients[rng.random(gradients.shape) < 0.05] = 1
+    gradients[0, 0, 3] = rng.normal(0, 1e-3, (h, w))
+    gradients[:, :, 2] *= 1e7                  # the tiny channel counts in every map
+    image_weights = rng.normal(0, 1, (c, 3 * size[0] * size[1]))
+    tail_weights = rng.normal(0, 1, (c, k * h * w)) / scale
+    bias = np.array([0.0, 2000.0, -1500.0, 300.0])
+    calls: list[int] = []
+
+    def forward(images):
+        calls.append(len(images))
+        return (images.reshape(len(images), -1) @ image_weights.T + bias).astype(np.float32)
+
+    def tail(a):
+        calls.append(len(a))
+        return (a.reshape(len(a), -1) @ tail_weights.T + bias).astype(np.float32)
+
+    batch = rng.uniform(-2, 2, (n, 3, *size)).astype(np.float32)
+    evidence = Evidence(features, np.array([[3, 0], [1, 2]]), batch,
+                        lambda: gradients.astype(np.float32), forward, tail,
+                        tail(features), batch_size=batch_size, progress=progress)
+    calls.clear()
+    return evidence, calls
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "cam"])
+def test_every_method_matches_numpy_loops_on_synthetic_evidence(method):
+    """Each formula against its loop, on values chosen so that each term shows (see
+    ``synthetic_evidence``); Score-CAM and Ablation-CAM run ``batch_size`` rows per
+    forward; every method's maps are float32."""
+    evidence, calls = synthetic_evidence()
+    maps = compute(method, evidence)
+    assert maps.dtype == np.float32 and maps.shape == (2, 2, 4, 3)
+    gradients = evidence.gradients()
+    for i in range(2):
+        def forward(image):
+            return evidence.forward_logits(image[None])[0].astype(np.float64)
+
+        def tail(a):
+            return evidence.tail_logits(a[None].astype(np.float32))[0].astype(np.float64)
+
+        expected = loop_maps(method, evidence.features[i], gradients[i], evidence.batch[i],
+                             evidence.classes[i], forward, tail)
+        assert np.abs(expected).max() > 0
+        for m in range(2):
+            assert_rel_close(maps[i, m], expected[m], 1e-4)
+    if method in ("scorecam", "ablationcam"):
+        assert calls[:6] == [2, 2, 1, 2, 2, 1]           # 5 channels, 2 rows a forward
+
+
+def test_eigencam_sign_does_not_depend_on_the_scale():
+    """The projection's sign follows its correlation with Σ_k A_k at any scale."""
+    small, _ = synthetic_evidence(scale=1e-4)
+    large, _ = synthetic_evidence()
+    assert_rel_close(compute("eigencam", small) * 1e4, compute("eigencam", large), 1e-4)
+
+
+@pytest.mark.parametrize(("method", "what"), [("scorecam", "masked forwards"),
+                                              ("ablationcam", "ablated forwards")])
+def test_forward_methods_progress_counts_every_forward(method, what, capsys):
+    evidence, _ = synthetic_evidence(batch_size=2, progress=True)
+    compute(method, evidence)
+    err = capsys.readouterr().err
+    assert re.findall(rf"\] (\d+)/10 {what} ", err) == ["2", "4", "5", "7", "9", "10"]
+    assert err.endswith("\n") and err.count("\n") == 1
 
 
 # ------------------------------------------------------------- batches and classes
@@ -277,7 +389,6 @@ def test_googlenet_gradient_methods_agree_on_pycaffe_and_onnxruntime(googlenet, 
         net = load(backend, prototxt, weights, method="gradcam", feature_blob=blob)
         out = net.backend.forward(net.preprocess(batch))
         classes = np.argsort(-out.probs, axis=1)[:, :2]
-        from cam_caffe.methods import Evidence, compute
         grads = net.backend.gradients(classes)
         evidence = Evidence(np.array(out.features), classes, None, lambda g=grads: g, None, None,
                             out.logits)
