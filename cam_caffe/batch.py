@@ -46,7 +46,7 @@ from .files import TEXT_LIMIT, read_limited
 from .inputs import Input, identity
 from .labels import class_name
 from .output import OutputLedger, remove_stale, write_bytes, write_image
-from .progress import Progress
+from .progress import finish, progress_bar
 from .render import DEFAULT_ALPHA, heatmap, overlay_paper, overlay_seed
 from .signals import held, interrupt_for
 
@@ -546,10 +546,10 @@ def run_batch(net: CAMNet, inputs: list[Input], options: Options, out: TextIO | 
     report = Report()
     stop = threading.Event()
     budget = MemoryBudget(memory_budget())
-    progress = Progress(0, False)
+    bar = progress_bar(0, False, "img")
 
     def emit(record: dict) -> None:
-        progress.clear()                 # stdout and the bar may share a terminal
+        bar.clear()                      # stdout and the bar may share a terminal
         if options.jsonl:
             write_line(json.dumps(record, allow_nan=False), out)
         elif not options.quiet and not record.get("skipped"):
@@ -566,8 +566,8 @@ def run_batch(net: CAMNet, inputs: list[Input], options: Options, out: TextIO | 
         todo = pending_inputs(inputs, options, report, skip)
         if on_chunk is not None:
             on_chunk(ChunkResult(0, records=skipped, failed=list(report.failed)))
-        progress = Progress(len(todo), sys.stderr.isatty() and not options.quiet)
-        handled = 0
+        bar = progress_bar(len(todo), sys.stderr.isatty() and not options.quiet, "img",
+                           mininterval=0)      # drawn after each chunk, cleared for records
         while todo and not stop.is_set():
             chunks = [todo[i:i + options.batch_size]
                       for i in range(0, len(todo), options.batch_size)]
@@ -587,14 +587,13 @@ def run_batch(net: CAMNet, inputs: list[Input], options: Options, out: TextIO | 
                         todo.extend(result.postponed)
                         if on_chunk is not None:
                             on_chunk(result)
-                        handled += result.size - len(result.postponed)
-                        progress.update(handled)
+                        bar.update(result.size - len(result.postponed))
                         if stop.is_set() and client is not None:
                             break                # a cluster's chunks are all in flight
                 except BaseException:
                     stop.set()                   # the chunks in flight here end soon
                     raise
-        progress.clear()
+        finish(bar)
     if received:
         raise interrupt_for(received[0])
     return report

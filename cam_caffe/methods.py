@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .cam import class_activation_maps, upsample
-from .progress import Progress
+from .progress import finish, progress_bar
 
 GRADIENT_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam")
 FORWARD_METHODS = ("scorecam", "ablationcam", "eigencam")
@@ -107,12 +107,13 @@ def _channel_logits(e: Evidence, rows: Callable[[int, slice], np.ndarray],
     ks of image i, run ``batch_size`` at a time with a progress bar."""
     n, k = e.features.shape[:2]
     out = np.empty((n, k, e.logits.shape[1]), np.float32)
-    progress = Progress(n * k, e.progress, what)
+    bar = progress_bar(n * k, e.progress, "fwd", desc=what)
     for i in range(n):
         for start in range(0, k, e.batch_size):
             ks = slice(start, min(k, start + e.batch_size))
             out[i, ks] = run(rows(i, ks))
-            progress.update(i * k + ks.stop)
+            bar.update(ks.stop - ks.start)
+    finish(bar)
     return out
 
 

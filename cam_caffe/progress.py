@@ -1,37 +1,45 @@
-"""A one-line progress bar on stderr, shown only when asked (on a terminal)."""
+"""Progress bars on stderr, from tqdm: the images of a batch, the forwards of a
+method, the bytes of a download. Callers draw one only when asked (on a terminal,
+without -q)."""
 from __future__ import annotations
 
+import os
 import sys
-import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
-class Progress:
-    """``[#####     ] 512/1024 img 12.3/s``, redrawn in place. ``clear()`` takes it
-    off its line before other text goes to the terminal (stdout and stderr often
-    share one); the next ``update()`` draws it again. At the total it stays, on a
-    line of its own."""
+def progress_bar(total: int | None, enabled: bool, unit: str, **options: Any) -> tqdm:
+    """A bar counting ``unit`` up to ``total`` (None: unknown), with its rate and the
+    time left; a disabled one (or one with nothing to count) draws nothing.
+    ``options`` go to tqdm (``desc``, ``initial``, ``mininterval``…).
 
-    CLEAR_LINE = "\r\033[K"
+    ``clear()`` takes the bar off its line before other text goes to the terminal
+    (stdout and stderr often share one); the next ``update()`` draws it again.
+    End it with :func:`finish`; a bar left unfinished (an exception) is erased.
+    """
+    from tqdm import tqdm  # here: most runs draw no bar
+    enabled = enabled and total != 0
+    return tqdm(total=total, unit=unit, disable=not enabled, file=sys.stderr, leave=False,
+                **(_terminal_size() if enabled else {}), **options)
 
-    def __init__(self, total: int, enabled: bool, unit: str = "img") -> None:
-        self.total, self.enabled, self.unit = total, enabled, unit
-        self.start = time.monotonic()
-        self.shown = False
 
-    def update(self, count: int) -> None:
-        if not self.enabled or not self.total:
-            return
-        rate = count / max(time.monotonic() - self.start, 1e-9)
-        filled = round(30 * count / self.total)
-        sys.stderr.write(f"{self.CLEAR_LINE}[{'#' * filled}{' ' * (30 - filled)}] "
-                         f"{count}/{self.total} {self.unit} {rate:.1f}/s")
-        self.shown = count != self.total
-        if not self.shown:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+def _terminal_size() -> dict[str, int]:
+    """The size of the terminal on stderr, 80×24 where it says 0×0 (a pseudo-terminal
+    nobody sized), in which tqdm would draw nothing; empty: tqdm finds out."""
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):
+        return {}
+    return {"ncols": size.columns or 80, "nrows": size.lines or 24}
 
-    def clear(self) -> None:
-        if self.shown:
-            sys.stderr.write(self.CLEAR_LINE)
-            sys.stderr.flush()
-            self.shown = False
+
+def finish(bar: tqdm) -> None:
+    """Close ``bar``. One that reached its total stays, on a line of its own, unless
+    it was drawn below another (a method's forwards during a batch); one stopped
+    before its total (an interrupted run) is erased."""
+    complete = bar.total is None or bar.n >= bar.total
+    bar.leave = None if complete else False      # None: stay when on the first line
+    bar.close()

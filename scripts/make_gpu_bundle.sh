@@ -39,7 +39,7 @@
 #          CUDA libraries (the host's). Docs, man pages, locales, Python's
 #          test suite, idlelib, tkinter, lib2to3 and ensurepip are pruned.
 #   site/  cp311 manylinux wheels, installed with pip --target: numpy,
-#          protobuf, six, isal, opencv-python-headless, pillow, matplotlib (+ its
+#          protobuf, six, isal, tqdm, opencv-python-headless, pillow, matplotlib (+ its
 #          dependencies), and the CUDA pycaffe wheel (the `caffe` package);
 #          their tests/ folders are pruned.
 #   app/   the cam_caffe package (this checkout's), prototxt/,
@@ -102,7 +102,7 @@ HOST_DEBS=(libc6 libstdc++6 libgcc-s1)
 # Libraries taken from the host at run time (ldd names).
 HOST_LIBS_RE='^(linux-vdso\.so|ld-linux-x86-64\.so|libc\.so|libm\.so|libpthread\.so|libdl\.so|librt\.so|libutil\.so|libresolv\.so|libstdc\+\+\.so|libgcc_s\.so|libcuda\.so|libcudart\.so|libcublas\.so|libcublasLt\.so|libcurand\.so|libcudnn\.so)'
 # Python wheels (cp311, manylinux); their dependencies are resolved by pip.
-PY_WHEELS=("numpy==2.4.6" "protobuf==7.36.2" "six==1.17.0" "pillow==13.0.0" "isal==1.9.1")
+PY_WHEELS=("numpy==2.4.6" "protobuf==7.36.2" "six==1.17.0" "pillow==13.0.0" "isal==1.9.1" "tqdm==4.70.1")
 OPENCV_WHEEL="opencv-python-headless==4.14.0.94"
 [ "$SLIM" = 1 ] || PY_WHEELS+=("$OPENCV_WHEEL" "matplotlib==3.11.2")
 # manylinux tags up to glibc 2.36 (Debian 12's, which the bundled python needs anyway)
@@ -255,7 +255,7 @@ library (glibc, libstdc++, libgcc_s, the CUDA/driver libraries; with a
 --slim bundle cuDNN and the cv2 named by $CAM_CAFFE_HOST_CV2)."""
 import os, re, sys
 bundle = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import numpy, google.protobuf, six, cv2, PIL.Image, isal.isal_zlib  # noqa
+import numpy, google.protobuf, six, cv2, PIL.Image, isal.isal_zlib, tqdm  # noqa
 import caffe, cam_caffe, cam_caffe.cli, cam_caffe.backends.caffe  # noqa
 import ssl, hashlib, sqlite3, ctypes, decimal, lzma, bz2, zlib, json, xml.etree.ElementTree  # noqa
 try:

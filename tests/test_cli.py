@@ -1,21 +1,27 @@
 """The command line a new user meets: arguments checked before any work, outputs that
 never replace what the run did not create, and output that says what happened."""
+import fcntl
 import os
 import pty
 import re
 import shutil
+import struct
 import subprocess
 import sys
+import termios
 
 import cv2
 import numpy as np
 import pytest
 from conftest import ROOT
+from nets import COLOUR_ARGS, colour_images, write_colour_net
 from test_bad_inputs import error_lines, run_cli
 
+from cam_caffe import CAMNet
 from cam_caffe.batch import CAPTION_FONT, fit_caption, montage
 from cam_caffe.cli import main
 from cam_caffe.errors import EXIT_CODES
+from cam_caffe.progress import finish, progress_bar
 
 IMAGES = ROOT / "images"
 STAR = IMAGES / "demo_star_4.png"          # the demo model's class 4, "star"
@@ -198,7 +204,8 @@ def test_every_run_ends_with_a_summary_on_stderr(tmp_path):
 
 def terminal_screen(data: bytes) -> list[str]:
     """The lines a terminal shows for ``data``: \\r returns to the start of the line,
-    ESC[K erases to its end, other text overwrites what is under the cursor."""
+    ESC[K erases to its end, other text overwrites what is under the cursor (trailing
+    spaces, which look like nothing, are dropped)."""
     lines, line, col = [], [], 0
     for token in re.findall(rb"\x1b\[K|\r|\n|[^\r\n\x1b]+|\x1b", data):
         if token == b"\r":
@@ -212,38 +219,92 @@ def terminal_screen(data: bytes) -> list[str]:
             for ch in token.decode():
                 line[col:col + 1] = [ch]
                 col += 1
-    return lines + (["".join(line)] if line else [])
+    return [text.rstrip(" ") for text in lines + (["".join(line)] if line else [])]
 
 
-def test_progress_bar_and_records_share_a_terminal_cleanly(tmp_path):
-    """stdout and stderr on one terminal: the bar is redrawn below the records, never
-    mixed into them, and gives way to the summary at the end."""
-    main_fd, other_fd = pty.openpty()
-    child = subprocess.Popen([sys.executable, "-m", "cam_caffe", str(IMAGES), "--batch-size",
-                              "1", "--output-dir", str(tmp_path / "out"), *DEMO],
-                             stdin=subprocess.DEVNULL, stdout=other_fd, stderr=other_fd)
-    os.close(other_fd)
+def read_terminal(main_fd: int) -> bytes:
+    """What was written to a pseudo-terminal, read from its main side (then closed)
+    until every writer has closed the other side."""
     data = b""
     while True:
         try:
             chunk = os.read(main_fd, 65536)
-        except OSError:                  # EIO: the child closed the terminal
+        except OSError:                  # EIO: the writers closed the terminal
             break
         if not chunk:
             break
         data += chunk
     os.close(main_fd)
+    return data
+
+
+@pytest.mark.parametrize("columns", [None, 60])       # None: a terminal of size 0x0
+def test_progress_bar_and_records_share_a_terminal_cleanly(tmp_path, columns):
+    """stdout and stderr on one terminal: the bar (counts, rate, time left) is redrawn
+    below the records, never mixed into them, fits the terminal (80 columns where it
+    has no size), and gives way to the summary at the end."""
+    main_fd, other_fd = pty.openpty()
+    if columns:
+        fcntl.ioctl(other_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    child = subprocess.Popen([sys.executable, "-m", "cam_caffe", str(IMAGES), "--batch-size",
+                              "1", "--output-dir", str(tmp_path / "out"), *DEMO],
+                             stdin=subprocess.DEVNULL, stdout=other_fd, stderr=other_fd)
+    os.close(other_fd)
+    data = read_terminal(main_fd)
     assert child.wait(timeout=60) == 0
-    assert data.count(b"] 1/6 img ") == 1                   # the bar was drawn after each
+    for done in range(1, 6):                                 # the bar was drawn after each
+        assert data.count(f"| {done}/6 [".encode()) == 1, done
     screen = [line for line in terminal_screen(data) if line]
-    bar = r"\[[# ]{30}\] \d/6 img \d+\.\d/s"
+    bar = r" *\d+%\|.*\| \d/6 \[\d\d:\d\d<(\d\d:\d\d|\?), +(\d+\.\d+|\?)img/s\]"
     names = sorted(p.name for p in IMAGES.glob("*.png"))
     records = [line for line in screen if not line.startswith(" ")
                and not re.fullmatch(bar, line)]
     assert records[:-1] == [str(IMAGES / name) for name in names]      # never mixed
     assert re.fullmatch(r"cam-caffe: 6 images: 6 done, 0 failed, 0 skipped in .*", records[-1])
     bars = [line for line in screen if re.fullmatch(bar, line)]
-    assert len(bars) == 1 and bars[0].startswith("[" + "#" * 30 + "] 6/6")   # only the last
+    assert len(bars) == 1 and bars[0].startswith("100%|") and "| 6/6 [" in bars[0]  # the last
+    assert len(bars[0]) <= (columns or 80)
+
+
+def on_terminal(monkeypatch, draw, columns: int = 80) -> list[str]:
+    """The screen after ``draw()`` ran with stderr on a pseudo-terminal of ``columns``."""
+    main_fd, other_fd = pty.openpty()
+    fcntl.ioctl(other_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    with open(other_fd, "w", encoding="utf-8") as terminal, monkeypatch.context() as patch:
+        patch.setattr(sys, "stderr", terminal)
+        draw()
+    return [line for line in terminal_screen(read_terminal(main_fd)) if line]
+
+
+def test_score_cam_forwards_have_a_bar_that_stays_when_done(monkeypatch, tmp_path):
+    prototxt, weights, _ = write_colour_net(tmp_path)
+    net = CAMNet(prototxt, weights, backend="opencv", method="scorecam", batch_size=3,
+                 progress=True, **COLOUR_ARGS)
+    images = colour_images(2)
+    screen = on_terminal(monkeypatch, lambda: net.predict(images, top_k=1))
+    k = net.spec.channels
+    assert len(screen) == 1 and len(screen[0]) <= 80
+    assert re.fullmatch(rf"masked forwards: 100%\|.*\| {2 * k}/{2 * k} "
+                        r"\[\d\d:\d\d<00:00, +\d+\.\d+fwd/s\]", screen[0]), screen
+
+
+def test_a_bar_stopped_before_its_total_is_erased(monkeypatch):
+    def stopped() -> None:
+        bar = progress_bar(10, True, "img", mininterval=0)
+        bar.update(4)
+        finish(bar)
+
+    def done() -> None:
+        bar = progress_bar(None, True, "B", unit_scale=True, desc="x.caffemodel")
+        bar.update(2_500_000)
+        finish(bar)
+
+    assert on_terminal(monkeypatch, stopped) == []
+    assert on_terminal(monkeypatch, lambda: finish(progress_bar(10, False, "img"))) == []
+    assert on_terminal(monkeypatch, lambda: finish(progress_bar(0, True, "img"))) == []
+    screen = on_terminal(monkeypatch, done)          # no total: counts and rate
+    assert len(screen) == 1 and re.fullmatch(r"x\.caffemodel: 2\.50MB \[\d\d:\d\d, .*B/s\]",
+                                             screen[0]), screen
 
 
 def test_help_names_the_subcommands_and_every_exit_code(capsys):
