@@ -1,4 +1,5 @@
-"""``cam-caffe evaluate``: localization error against ground-truth boxes, and faithfulness.
+"""Localization error against ground-truth boxes, and faithfulness: what
+``cam-caffe evaluate`` (:mod:`cam_caffe.commands.evaluate`) computes.
 
 As in ILSVRC and the CAM paper: each of an image's top-k predictions is a
 class with one box, from the CAM of that class at the image's size
@@ -25,35 +26,21 @@ map (``cam_caffe.metrics``): per image with ``--json``, averaged in the table.
 """
 from __future__ import annotations
 
-import argparse
 import csv
+import dataclasses
 import io
 import json
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from .backends import BACKENDS
+from .api import CAMNet
 from .batch import Options, run_batch
 from .boxes import Box
-from .cli import (
-    DEFAULT_BATCH,
-    ArgumentParser,
-    _device_id,
-    _memory_size,
-    _positive_int,
-    _size,
-    add_method_argument,
-    batch_size,
-    load_net,
-    model_files,
-    parse_levels,
-)
-from .errors import EXIT_INPUT, EXIT_OK, EXIT_SOME_FAILED, CamError
-from .image import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
+from .errors import EXIT_INPUT, CamError
+from .image import IMAGE_EXTENSIONS
 from .inputs import Input, collect
 from .labels import WNID, resolve_class
-from .metrics import DEFAULT_STEPS, SUBSTRATES, faithfulness, summary
+from .metrics import faithfulness, summary
 
 IOU = 0.5
 TOP_K = 5
@@ -186,53 +173,6 @@ def error_rates(hits: list[tuple[int | None, int | None]]) -> dict[str, float]:
             "top1_loc_error": error(1, 1), "top5_loc_error": error(1, 5)}
 
 
-def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="cam-caffe evaluate",
-                       description="Top-1/top-5 classification and localization error "
-                                   "(ILSVRC rules, IoU >= 0.5) against ground-truth boxes, "
-                                   "and/or the maps' faithfulness (--faithfulness).")
-    p.add_argument("images", nargs="+", metavar="INPUT",
-                   help="image files, directories, globs, @list.txt or -")
-    p.add_argument("--boxes-file", type=Path, metavar="FILE",
-                   help="ground truth: CSV (image,label,x,y,w,h), JSON, or ILSVRC XML "
-                        "(a file or a folder)")
-    p.add_argument("--faithfulness", action="store_true",
-                   help="Average Drop, Increase in Confidence, Deletion and Insertion AUC "
-                        "of each image's top-1 class")
-    p.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS, metavar="N",
-                   help=f"--faithfulness: deletion/insertion steps (default {DEFAULT_STEPS})")
-    p.add_argument("--substrate", choices=SUBSTRATES, default="mean",
-                   help="--faithfulness: what replaces pixels: the net's mean (default) or "
-                        "the image blurred (Gaussian 11x11, sigma 5)")
-    p.add_argument("--boxes", choices=("paper", "dt"), default="paper",
-                   help="box from each CAM: paper (default) or dt (largest official box)")
-    p.add_argument("--box-threshold", type=float, default=0.2, metavar="T",
-                   help="--boxes paper: fraction of the max (default 0.2)")
-    p.add_argument("--dt-thresholds", type=parse_levels, default=(20, 100, 110),
-                   metavar="L,L,L", help="--boxes dt: 0-255 levels (default 20,100,110)")
-    p.add_argument("--json", action="store_true", help="print the numbers as JSON")
-    m = p.add_argument_group("model and backend (as for cam-caffe)")
-    m.add_argument("--model", metavar="NAME", help="a registered model (e.g. demo)")
-    m.add_argument("--prototxt", type=Path, metavar="P")
-    m.add_argument("--weights", type=Path, metavar="W")
-    m.add_argument("--labels", type=Path, metavar="FILE")
-    m.add_argument("--mean", metavar="M")
-    m.add_argument("--scale", type=float, metavar="S")
-    m.add_argument("--input-size", type=_size, metavar="HxW")
-    add_method_argument(m)
-    m.add_argument("--feature-blob", metavar="NAME")
-    m.add_argument("--fc-layer", metavar="NAME")
-    m.add_argument("--allow-python-layers", action="store_true")
-    m.add_argument("--backend", choices=BACKENDS, default="auto")
-    m.add_argument("--gpu", type=_device_id, metavar="ID")
-    m.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH, metavar="B")
-    m.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS, metavar="N")
-    m.add_argument("--ten-crop", action="store_true")
-    m.add_argument("--max-memory", type=_memory_size, metavar="SIZE")
-    m.add_argument("-v", "--verbose", action="store_true")
-    return p
-
-
 def select(images: list[str], truth: dict[str, Truth] | None) -> tuple[list[Input], int]:
     """The inputs to evaluate (those with ground truth, when there is some) and the
     number left out for lack of it."""
@@ -250,17 +190,18 @@ def select(images: list[str], truth: dict[str, Truth] | None) -> tuple[list[Inpu
     return inputs, unmatched
 
 
-def localization(net, inputs: list[Input], truth: dict[str, Truth],
-                 args: argparse.Namespace) -> tuple[dict, list[tuple[Path, CamError]]]:
-    """Top-1/top-5 classification and localization error, and the images that failed."""
-    labels_file = args.labels or model_files(args)[2]
+def localization(net: CAMNet, inputs: list[Input], truth: dict[str, Truth],
+                 labels_file: Path | None, options: Options
+                 ) -> tuple[dict, list[tuple[Path, CamError]]]:
+    """Top-1/top-5 classification and localization error, and the images that failed.
+
+    ``labels_file`` resolves ground-truth WordNet ids; ``options`` says how boxes
+    are made (``boxes``, ``box_threshold``, ``dt_thresholds``), ``ten_crop`` and
+    ``batch_size``; the top-5 classes are always mapped."""
     resolve = class_resolver(labels_file, net.labels, net.spec.num_classes)
     targets = {str(item.path): [(resolve(label), box) for label, box in
                                 truth[image_key(item.path.name)]] for item in inputs}
-    k = min(TOP_K, net.spec.num_classes)
-    options = Options(top_k=k, boxes=args.boxes, box_threshold=args.box_threshold,
-                      dt_thresholds=args.dt_thresholds, ten_crop=args.ten_crop,
-                      batch_size=batch_size(args, net), jsonl=True)
+    options = dataclasses.replace(options, top_k=min(TOP_K, net.spec.num_classes), jsonl=True)
     buffer = io.StringIO()
     report = run_batch(net, inputs, options, buffer)
     hits = []
@@ -269,17 +210,18 @@ def localization(net, inputs: list[Input], truth: dict[str, Truth],
         guesses = [(m["class"], Box(*m["boxes"][0]) if m["boxes"] else None)
                    for m in record["maps"]]
         hits.append(first_hits(guesses, targets[record["image"]]))
-    result = {"images": len(hits), "boxes": args.boxes, **error_rates(hits)} if hits else {}
+    result = {"images": len(hits), "boxes": options.boxes, **error_rates(hits)} if hits else {}
     return result, report.failed
 
 
-def faithfulness_run(net, inputs: list[Input], args: argparse.Namespace
-                     ) -> tuple[dict, list[tuple[Path, CamError]]]:
-    """Each image's faithfulness for its top-1 class and map, and their averages."""
+def faithfulness_run(net: CAMNet, inputs: list[Input], steps: int, substrate: str,
+                     batch_size: int) -> tuple[dict, list[tuple[Path, CamError]]]:
+    """Each image's faithfulness for its top-1 class and map, and their averages
+    (:func:`cam_caffe.metrics.faithfulness`), ``batch_size`` images at a time."""
     results, failed = [], []
-    for start in range(0, len(inputs), args.batch_size):
+    for start in range(0, len(inputs), batch_size):
         loaded = []
-        for item in inputs[start:start + args.batch_size]:
+        for item in inputs[start:start + batch_size]:
             try:
                 loaded.append((item, net.load(item.path)))
             except CamError as e:
@@ -288,75 +230,11 @@ def faithfulness_run(net, inputs: list[Input], args: argparse.Namespace
         for (item, image), prediction in zip(loaded, predictions):
             class_id = prediction.classes[0]
             results.append((item, faithfulness(net, image, class_id, prediction.cam(class_id),
-                                               args.steps, args.substrate, args.batch_size)))
+                                               steps, substrate, batch_size)))
     if not results:
         return {}, failed
     return {"images": len(results), "map": f"{net.method} map of the top-1 class",
-            "substrate": args.substrate, "steps": args.steps,
+            "substrate": substrate, "steps": steps,
             **summary([r for _, r in results]),
             "per_image": [{"image": str(item.path), **r.as_dict()} for item, r in results]
             }, failed
-
-
-def print_tables(result: dict, args: argparse.Namespace) -> None:
-    """The human-readable report of ``main``'s result."""
-    print(f"{result['images']} images ({result['failed']} failed"
-          + (f", {result['no_ground_truth']} without ground truth" if args.boxes_file else "")
-          + f"); maps: {result['method']}")
-    if args.boxes_file:
-        method = (f"paper, threshold {args.box_threshold:g}" if args.boxes == "paper"
-                  else f"dt, levels {','.join(map(str, args.dt_thresholds))}")
-        print(f"boxes: {method}; IoU >= {IOU}")
-        print(f"{'error':<16}{'top-1':>8}{'top-5':>8}")
-        for name, key in (("classification", "cls"), ("localization", "loc")):
-            print(f"{name:<16}{100 * result[f'top1_{key}_error']:7.2f}%"
-                  f"{100 * result[f'top5_{key}_error']:7.2f}%")
-    if args.faithfulness:
-        f = result["faithfulness"]
-        print(f"faithfulness: {f['map']}; substrate {f['substrate']}; {f['steps']} steps")
-        rows = (("Average Drop", f"{f['average_drop']:.2f}%", "lower is better"),
-                ("Increase in Confidence", f"{f['increase_in_confidence']:.2f}%",
-                 "higher is better"),
-                ("Deletion AUC", f"{f['deletion_auc']:.4f}", "lower is better"),
-                ("Insertion AUC", f"{f['insertion_auc']:.4f}", "higher is better"))
-        for name, value, better in rows:
-            print(f"{name:<24}{value:>8}  ({better})")
-
-
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    if not (args.boxes_file or args.faithfulness):
-        raise CamError("give --boxes-file (localization error), --faithfulness, or both")
-    if args.faithfulness and args.ten_crop:
-        raise CamError("--faithfulness masks the net's input: it does not work with --ten-crop")
-    truth = read_truth(args.boxes_file) if args.boxes_file else None
-    inputs, unmatched = select(args.images, truth)
-    if not inputs:
-        raise CamError(f"none of the input images has ground truth in {args.boxes_file}"
-                       if truth is not None else "no input images found", EXIT_INPUT)
-    net = load_net(args)
-    result: dict = {}
-    failed: dict[Path, CamError] = {}
-    if truth is not None:
-        found, errors = localization(net, inputs, truth, args)
-        result.update(found)
-        failed.update(errors)
-    if args.faithfulness:
-        found, errors = faithfulness_run(net, inputs, args)
-        if found:
-            result.setdefault("images", found["images"])
-            result["faithfulness"] = found
-        failed.update(errors)
-    for reason in failed.values():
-        print(f"cam-caffe: error: {reason}", file=sys.stderr)
-    if "images" not in result:
-        raise CamError("no image could be evaluated", EXIT_INPUT)
-    result["failed"] = len(failed)
-    result["method"] = net.method
-    if truth is not None:
-        result["no_ground_truth"] = unmatched
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print_tables(result, args)
-    return EXIT_SOME_FAILED if failed else EXIT_OK

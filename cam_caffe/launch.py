@@ -4,7 +4,7 @@ Ctrl-C at any moment, a closed stdout or stderr, or a full disk behind stdout
 each end in one line and a documented exit code, never a traceback.
 
 Kept light on purpose: only the standard library and cam-caffe's small
-errors/signals modules are imported before ``cli``.
+errors/signals modules are imported before ``commands``.
 """
 from __future__ import annotations
 
@@ -81,13 +81,13 @@ def reader_gone() -> int:
 
 
 def entry() -> None:
-    """The ``cam-caffe`` command: ``cli.main()``, then exit without the interpreter's
+    """The ``cam-caffe`` command: ``commands.main()``, then exit without the interpreter's
     teardown (unloading ONNX Runtime, OpenCV, NumPy: ~35 ms, paid by every call
     of a shell loop). Every output file is closed by then; stdout and stderr
     are flushed here, with signals ignored."""
     open_missing_streams()
     with held() as received:          # a Ctrl-C during the imports is acted on after them
-        from .cli import main
+        from .commands import main
     if received:
         ignore_signals()
         say("cam-caffe: interrupted")

@@ -1,8 +1,5 @@
-"""Known CAM models, and checked downloads of their files: ``cam-caffe models …``.
-
-    cam-caffe models list
-    cam-caffe models download googlenet-cam [--base-url URL]
-    cam-caffe models path googlenet-cam
+"""Known CAM models, and checked downloads of their files (the command that lists,
+downloads and locates them: :mod:`cam_caffe.commands.models`).
 
 Files go to ``${XDG_CACHE_HOME:-~/.cache}/cam-caffe/models/<name>/``. A download
 lands under its final name only once checked: its size and SHA-256 where the
@@ -35,7 +32,7 @@ from importlib import resources
 from pathlib import Path
 
 from . import __version__
-from .errors import EXIT_OK, ModelError, OutputError
+from .errors import ModelError, OutputError
 from .output import cache_home, publish
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent    # a source checkout's top level
@@ -605,76 +602,3 @@ class _Progress:
         self._draw()
         sys.stderr.write("\n")
         sys.stderr.flush()
-
-
-# ---------------------------------------------------------------- command line
-
-def build_parser():
-    from .cli import ArgumentParser  # here, not at the top: cli may import this module
-    p = ArgumentParser(prog="cam-caffe models",
-                       description="List, download (checked) and locate known CAM models.")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    sub.add_parser("list", help="the known models, and whether they are downloaded")
-    d = sub.add_parser("download", help="download a model's files and check them")
-    d.add_argument("names", nargs="*", metavar="NAME",
-                   help=f"models to download (default {DEFAULT_MODEL})")
-    d.add_argument("--base-url", metavar="URL",
-                   help=f"fetch the files from this folder by name (a mirror; default "
-                        f"${BASE_URL_ENV} if set, else the official locations)")
-    d.add_argument("--force", action="store_true", help="download files that are present again")
-    d.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    path = sub.add_parser("path", help="print the prototxt, weights and labels paths")
-    path.add_argument("name", metavar="NAME")
-    return p
-
-
-def _status(model: Model) -> str:
-    present = is_downloaded(model.name)
-    if model.local:
-        return "local" if present else "missing"
-    return "yes" if present else "no"
-
-
-def checked(model: Model) -> str:
-    """What a download of ``model`` checks: "verified" only against published checksums."""
-    if model.local:
-        return "structure checked (ships with cam-caffe)"
-    unsummed = [kind for kind, file in model.files() if file.remote and file.sha256 is None]
-    if unsummed:
-        return f"structure checked (no published checksum for its {', '.join(unsummed)})"
-    return "verified (published SHA-256) and structure checked"
-
-
-def main(argv: list[str]) -> int:
-    parser = build_parser()
-    if not argv:                                   # `cam-caffe models`: its own help
-        parser.print_help()
-        return EXIT_OK
-    args = parser.parse_args(argv)
-    if args.command == "list":
-        models = list_models()
-        width = max(len(m.name) for m in models) + 2
-        print(f"{'NAME':<{width}}{'DOWNLOADED':<12}DESCRIPTION")
-        for m in models:
-            name = m.name + ("*" if m.name == DEFAULT_MODEL else "")
-            where = (cache_root() / m.name) if not m.local else file_path(m, m.weights).parent
-            print(f"{name:<{width}}{_status(m):<12}{m.description}")
-            print(f"{'':<{width + 12}}{where}")
-        print("* default model; download one with: cam-caffe models download NAME")
-        return EXIT_OK
-    if args.command == "download":
-        for name in args.names or [DEFAULT_MODEL]:
-            prototxt, weights, labels = download(name, base_url=args.base_url,
-                                                 progress=not args.quiet, force=args.force)
-            print(f"{name}: {checked(get(name))}")
-            _print_paths(prototxt, weights, labels)
-        return EXIT_OK
-    _print_paths(*model_path(args.name))
-    return EXIT_OK
-
-
-def _print_paths(prototxt: Path, weights: Path, labels: Path | None) -> None:
-    print(f"prototxt: {prototxt}")
-    print(f"weights:  {weights}")
-    print(f"labels:   {labels if labels is not None else '(none)'}")

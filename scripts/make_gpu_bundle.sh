@@ -256,7 +256,7 @@ library (glibc, libstdc++, libgcc_s, the CUDA/driver libraries; with a
 import os, re, sys
 bundle = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy, google.protobuf, six, cv2, PIL.Image, isal.isal_zlib, tqdm  # noqa
-import caffe, cam_caffe, cam_caffe.cli, cam_caffe.backends.caffe  # noqa
+import caffe, cam_caffe, cam_caffe.commands.run, cam_caffe.backends.caffe  # noqa
 import ssl, hashlib, sqlite3, ctypes, decimal, lzma, bz2, zlib, json, xml.etree.ElementTree  # noqa
 try:
     import matplotlib, matplotlib.pyplot  # noqa

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from nets import square_image, write_square_net
 
-from cam_caffe.cli import main
+from cam_caffe.commands import main
 from cam_caffe.errors import CamError
 from cam_caffe.inputs import collect, in_shard, parse_shard
 

@@ -19,7 +19,7 @@ from test_bad_inputs import error_lines, run_cli
 
 from cam_caffe import CAMNet
 from cam_caffe.batch import CAPTION_FONT, fit_caption, montage
-from cam_caffe.cli import main
+from cam_caffe.commands import main
 from cam_caffe.errors import EXIT_CODES
 from cam_caffe.progress import finish, progress_bar
 

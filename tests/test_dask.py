@@ -493,7 +493,7 @@ def test_dask_with_one_image_output_is_refused(tmp_path):
 
 
 def test_missing_dask_is_one_line():
-    code = ("import sys; sys.modules['distributed'] = None; from cam_caffe.cli import main; "
+    code = ("import sys; sys.modules['distributed'] = None; from cam_caffe.commands import main; "
             f"sys.exit(main([{str(ROOT / 'images')!r}, '--model', 'demo', '--dask', 'local']))")
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert child.returncode == 7

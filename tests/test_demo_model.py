@@ -16,7 +16,7 @@ from nets import square_image, write_square_net
 
 from cam_caffe import CAMNet
 from cam_caffe.boxes import Box
-from cam_caffe.cli import main
+from cam_caffe.commands import main
 from cam_caffe.evaluate import error_rates, first_hits, image_key, read_truth
 
 DEMO = ROOT / "models" / "demo"

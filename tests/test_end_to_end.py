@@ -11,7 +11,7 @@ import pytest
 from nets import square_image, write_square_net
 
 from cam_caffe import CAMNet, models
-from cam_caffe.cli import main
+from cam_caffe.commands import main
 from cam_caffe.errors import EXIT_SOME_FAILED
 
 POSITIONS = [(10, 10), (10, 150), (110, 20), (60, 80), (115, 155)]

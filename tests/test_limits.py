@@ -30,7 +30,7 @@ from synthetic import save_caffemodel
 
 from cam_caffe.batch import Options, image_cost, run_batch
 from cam_caffe.budget import MemoryBudget, parse_size
-from cam_caffe.cli import main
+from cam_caffe.commands import main
 from cam_caffe.errors import CamError, one_line
 from cam_caffe.inputs import collect
 from cam_caffe.netdef import load_netdef

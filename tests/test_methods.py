@@ -538,7 +538,7 @@ def test_export_gradient_matches_pycaffe(tmp_path, capsys):
     gradient output, on a net without CAM head; equal to pycaffe's backward pass."""
     import onnxruntime as ort
 
-    from cam_caffe import export
+    from cam_caffe.commands import export
     from cam_caffe.onnx_export import gradient_names
     prototxt, weights = write_net(tmp_path, NO_GAP, "nogap", seed=6)
     out = tmp_path / "nogap.onnx"

@@ -18,7 +18,7 @@ from synthetic import save_caffemodel
 from test_demo_model import TEST_SEED, data
 
 from cam_caffe import CAMNet
-from cam_caffe.cli import main
+from cam_caffe.commands import main
 from cam_caffe.metrics import auc, faithfulness, summary, variants
 from cam_caffe.netdef import load_netdef
 

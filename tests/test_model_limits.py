@@ -21,8 +21,10 @@ from hypothesis import strategies as st
 from nets import SQUARE_PROTOTXT, square_case, square_image
 from test_onnx import CONV, ELTWISE
 
-from cam_caffe import budget, cli
+from cam_caffe import budget
 from cam_caffe.api import CAMNet
+from cam_caffe.commands import main, options
+from cam_caffe.commands import run as run_command
 from cam_caffe.errors import ModelError
 from cam_caffe.limits import default_max_memory, human
 from cam_caffe.netdef import forward_bytes, load_netdef
@@ -75,7 +77,7 @@ def test_forward_bytes_of_real_nets(tmp_path, batch):
 def run(*args: str) -> tuple[int, list[str]]:
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
-        code = cli.main([str(a) for a in args])
+        code = main([str(a) for a in args])
     return code, stderr.getvalue().splitlines()
 
 
@@ -152,8 +154,8 @@ def test_batches_shrink_to_fit_the_limit(square):
         net.predict([picture] * 4)
     with pytest.raises(ModelError, match="a batch of 10 inputs"):
         net.max_batch(crops=10)
-    args = cli.build_parser().parse_args([str(image), "--batch-size", "16"])
-    assert cli.batch_size(args, net) == 3
+    args = run_command.build_parser().parse_args([str(image), "--batch-size", "16"])
+    assert options.batch_size(args, net) == 3
     with pytest.raises(ModelError, match="one input of 32x32 needs about"):
         CAMNet(folder / "square.prototxt", folder / "square.caffemodel", backend="opencv",
                mean="0", max_memory=one - 1)

@@ -22,8 +22,9 @@ from conftest import ROOT
 from nets import SQUARE_LABELS, SQUARE_PROTOTXT, square_image, write_square_net
 from synthetic import random_weights, save_caffemodel
 
-from cam_caffe import cli, models
-from cam_caffe.cli import main
+from cam_caffe import models
+from cam_caffe.commands import main, options
+from cam_caffe.commands import models as models_command
 from cam_caffe.errors import EXIT_MODEL, ModelError
 from cam_caffe.models import FileSpec, Model
 from cam_caffe.netdef import load_netdef
@@ -236,7 +237,7 @@ def test_default_model_missing_error_is_true(server, tmp_path, monkeypatch, caps
     """Without its files, the main command names what is missing and the absolute folder;
     copying the files there, or running the command it names, makes it run."""
     register(monkeypatch, "http://models.invalid/cam", name=models.DEFAULT_MODEL)
-    monkeypatch.setattr(cli, "DEFAULT_WEIGHTS", tmp_path / "no-checkout-weights.caffemodel")
+    monkeypatch.setattr(options, "DEFAULT_WEIGHTS", tmp_path / "no-checkout-weights.caffemodel")
     square = dict(zip(["tiny.prototxt", "tiny.caffemodel", "tiny.txt"],
                       (p.read_bytes() for p in write_square_net(tmp_path)), strict=True))
     image = tmp_path / "square.png"
@@ -540,15 +541,16 @@ def test_a_bad_file_put_there_by_hand_is_reported_and_kept(blobs, monkeypatch):
 def test_verified_only_with_published_checksums(monkeypatch):
     good = hashlib.sha256(b"x").hexdigest()
     tiny = register(monkeypatch, "http://models.invalid", sha256=good)
-    assert models.checked(tiny) == \
+    assert models_command.checked(tiny) == \
         "structure checked (no published checksum for its prototxt, labels)"
     all_summed = Model(name="x", description="", prototxt=FileSpec("http://h/p", None, good),
                        weights=FileSpec("http://h/w", None, good), labels=None,
                        num_classes=None, mean=None)
-    assert models.checked(all_summed) == "verified (published SHA-256) and structure checked"
-    assert models.checked(models.get("googlenet-cam")) == \
+    assert models_command.checked(all_summed) == \
+        "verified (published SHA-256) and structure checked"
+    assert models_command.checked(models.get("googlenet-cam")) == \
         "structure checked (no published checksum for its labels, weights)"
-    assert models.checked(models.get("demo")) == "structure checked (ships with cam-caffe)"
+    assert models_command.checked(models.get("demo")) == "structure checked (ships with cam-caffe)"
 
 
 def test_models_alone_shows_its_own_help(capsys):

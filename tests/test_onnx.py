@@ -28,12 +28,13 @@ else:
 
 from synthetic import random_weights, save_caffemodel
 
-from cam_caffe import cli, proto
+from cam_caffe import proto
 from cam_caffe.backends import create_backend
 from cam_caffe.backends.onnxruntime import OnnxRuntimeBackend, cache_dir
 from cam_caffe.backends.opencv import OpenCVBackend
 from cam_caffe.cam import cam_weights
 from cam_caffe.camspec import find_cam_layers
+from cam_caffe.commands import main
 from cam_caffe.errors import BackendError, ModelError
 from cam_caffe.netdef import CaffeModel, layer_shapes, load_netdef, param_shapes, read_caffemodel
 from cam_caffe.onnx_export import SUPPORTED, convert
@@ -752,7 +753,7 @@ def test_create_backend_by_name(tmp_path):
 def test_export_command(tmp_path, capsys):
     model = Model(tmp_path, ELTWISE)
     out = tmp_path / "out" / "model.onnx"
-    code = cli.main(["export", "--prototxt", str(model.netdef.path), "--weights",
+    code = main(["export", "--prototxt", str(model.netdef.path), "--weights",
                      str(model.weights), "-o", str(out)])
     assert code == 0
     line = capsys.readouterr().out.strip()
@@ -772,20 +773,20 @@ def test_export_input_size_and_errors(tmp_path, capsys):
     model = Model(tmp_path, ELTWISE)
     out = tmp_path / "m.onnx"
     args = ["export", "--prototxt", str(model.netdef.path), "--weights", str(model.weights)]
-    assert cli.main([*args, "-o", str(out), "--input-size", "10x12"]) == 0
+    assert main([*args, "-o", str(out), "--input-size", "10x12"]) == 0
     dims = onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in dims[2:]] == [10, 12]
     capsys.readouterr()
-    assert cli.main(args) == 2                                     # no -o
+    assert main(args) == 2                                     # no -o
     assert "required" in capsys.readouterr().err
-    assert cli.main(["export", "--prototxt", str(model.netdef.path), "--weights",
+    assert main(["export", "--prototxt", str(model.netdef.path), "--weights",
                      str(tmp_path / "missing.caffemodel"), "-o", str(out)]) == 3
-    assert cli.main([*args, "-o", str(out), "--input-size", "ten"]) == 2
+    assert main([*args, "-o", str(out), "--input-size", "ten"]) == 2
 
 
 def test_export_a_registered_model(tmp_path, capsys):
     out = tmp_path / "demo.onnx"
-    assert cli.main(["export", "--model", "demo", "-o", str(out)]) == 0
+    assert main(["export", "--model", "demo", "-o", str(out)]) == 0
     assert "'CAM_conv' Nx128x16x16" in capsys.readouterr().out
     onnx.checker.check_model(onnx.load(str(out)))
 

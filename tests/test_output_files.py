@@ -15,7 +15,7 @@ from cam_caffe import CAMNet
 from cam_caffe.batch import montage
 from cam_caffe.boxes import Box, draw_boxes, dt_boxes_from_cam, paper_box
 from cam_caffe.cam import upsample
-from cam_caffe.cli import main
+from cam_caffe.commands import main
 from cam_caffe.inputs import collect
 from cam_caffe.output import write_bytes, write_image
 from cam_caffe.render import heatmap, overlay_paper, overlay_seed

@@ -25,7 +25,7 @@ from cam_caffe import CAMNet
 from cam_caffe.backends import cpu_threads, usable_cores
 from cam_caffe.batch import Options, image_cost
 from cam_caffe.budget import Postponed
-from cam_caffe.cli import main
+from cam_caffe.commands import main
 from cam_caffe.pipeline import ProcessPool, SharedBudget, default_workers
 
 DEMO = ROOT / "models" / "demo"

@@ -6,7 +6,7 @@ from conftest import ROOT, shared
 from synthetic import random_weights, save_caffemodel
 
 from cam_caffe import CAMNet
-from cam_caffe.cli import main
+from cam_caffe.commands import main
 from cam_caffe.netdef import load_netdef, read_caffemodel
 
 

@@ -18,7 +18,7 @@ from synthetic import synthetic_records
 
 from cam_caffe import CAMNet
 from cam_caffe.batch import ChunkResult, Options
-from cam_caffe.cli import main
+from cam_caffe.commands import main
 from cam_caffe.report import ReportWriter, read_cards
 
 ARTIFACTS = ROOT / "tests" / "artifacts"

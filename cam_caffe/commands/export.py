@@ -19,12 +19,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .camspec import find_cam_layers, find_target
-from .cli import ArgumentParser, _size, model_files
-from .errors import EXIT_OK, ModelError
-from .netdef import check_weights, load_netdef, read_caffemodel
-from .onnx_export import OPSET, convert, gradient_names
-from .output import write_bytes
+from ..camspec import find_cam_layers, find_target
+from ..errors import EXIT_OK, ModelError
+from ..netdef import check_weights, load_netdef, read_caffemodel
+from ..onnx_export import OPSET, convert, gradient_names
+from ..output import write_bytes
+from .options import ArgumentParser, add_model_options, model_files
 
 PROTOBUF_LIMIT = 2 ** 31 - 1     # one ONNX file holds at most 2 GiB
 
@@ -32,23 +32,17 @@ PROTOBUF_LIMIT = 2 ** 31 - 1     # one ONNX file holds at most 2 GiB
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="cam-caffe export",
                        description="Convert a Caffe CAM net (prototxt + caffemodel) to ONNX.")
-    p.add_argument("--model", metavar="NAME", help="a registered model (cam-caffe models list)")
-    p.add_argument("--prototxt", type=Path, metavar="P",
-                   help="deploy or train/test prototxt (V1 or V2 syntax)")
-    p.add_argument("--weights", type=Path, metavar="W", help="caffemodel file")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT",
                    help="the .onnx file to write")
-    p.add_argument("--input-size", type=_size, metavar="HxW",
-                   help="input size for nets that do not declare one (the ONNX model's H×W)")
-    p.add_argument("--feature-blob", metavar="NAME", help="CAM feature blob (override)")
-    p.add_argument("--fc-layer", metavar="NAME", help="CAM InnerProduct layer (override)")
     p.add_argument("--gradient", action="store_true",
                    help="also output the logits and, for a seed input, the gradient of the "
                         "seeded logits at the feature blob (Grad-CAM; any classification net)")
+    add_model_options(p, running=False)
     return p
 
 
 def main(argv: list[str]) -> int:
+    """``cam-caffe export … -o OUT``: the exit code."""
     args = build_parser().parse_args(argv)
     prototxt, weights_path, _, entry = model_files(args)
     input_size = args.input_size or (entry.input_size if entry else None)
