@@ -19,7 +19,8 @@ from .backends import Backend, create_backend
 from .cam import cam_weights, upsample
 from .camspec import CamSpec, find_target
 from .errors import CamError, ModelError
-from .image import DEFAULT_MAX_PIXELS, load_image
+from .files import DEFAULT_MAX_PIXELS
+from .image import load_image
 from .labels import class_name, read_labels, resolve_class
 from .limits import check as check_memory
 from .limits import default_max_memory, max_batch

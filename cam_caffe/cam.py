@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import cv2
 import numpy as np
 
 from .camspec import CamSpec
@@ -40,6 +39,7 @@ def cam_weights(netdef: NetDef, weights: proto.NetParameter, spec: CamSpec) -> n
 
 def upsample(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of one (h, w) map to ``size`` = (H, W), float32."""
+    import cv2  # here: the commands' start-up does not load OpenCV
     height, width = size
     return cv2.resize(np.asarray(cam, np.float32), (width, height),
                       interpolation=cv2.INTER_LINEAR)

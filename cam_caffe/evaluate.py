@@ -37,7 +37,7 @@ from .api import CAMNet
 from .batch import Options, run_batch
 from .boxes import Box
 from .errors import EXIT_INPUT, CamError
-from .image import IMAGE_EXTENSIONS
+from .files import IMAGE_EXTENSIONS
 from .inputs import Input, collect
 from .labels import WNID, resolve_class
 from .metrics import faithfulness, summary

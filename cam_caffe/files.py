@@ -17,6 +17,10 @@ from .errors import CamError
 MiB = 1 << 20
 LIST_LIMIT = 256 * MiB      # @list files and stdin: ~4 million paths
 TEXT_LIMIT = 64 * MiB       # prototxt and labels files (GoogLeNet's prototxt: 50 KB)
+DEFAULT_MAX_PIXELS = 100_000_000   # an image's pixels (100 megapixels); --max-pixels changes it
+# What a directory or glob input takes as images
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+                    ".ppm", ".pgm", ".pbm", ".jfif"}
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),

@@ -16,11 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
-from .files import open_regular
-
-DEFAULT_MAX_PIXELS = 100_000_000   # 100 megapixels; --max-pixels changes it
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
-                    ".ppm", ".pgm", ".pbm", ".jfif"}
+from .files import DEFAULT_MAX_PIXELS, open_regular
 
 
 def open_image(source: str | Path | IO[bytes]) -> Image.Image:

@@ -22,8 +22,7 @@ from pathlib import Path, PurePath
 from typing import BinaryIO, TextIO
 
 from .errors import EXIT_INPUT, CamError
-from .files import LIST_LIMIT, MiB, read_limited
-from .image import IMAGE_EXTENSIONS, open_image
+from .files import IMAGE_EXTENSIONS, LIST_LIMIT, MiB, read_limited
 
 
 @dataclass(frozen=True)
@@ -73,6 +72,7 @@ def _read_stdin(stdin: TextIO | BinaryIO | None) -> bytes:
 
 def _is_image(data: bytes) -> bool:
     """Whether ``data`` is an image Pillow recognises (for image bytes piped to ``-``)."""
+    from .image import open_image  # here, not at the top: the commands' start-up loads no Pillow
     try:
         with open_image(io.BytesIO(data)):
             return True

@@ -4,7 +4,9 @@ Ctrl-C at any moment, a closed stdout or stderr, or a full disk behind stdout
 each end in one line and a documented exit code, never a traceback.
 
 Kept light on purpose: only the standard library and cam-caffe's small
-errors/signals modules are imported before ``commands``.
+errors/signals modules are imported before ``commands``, itself light: a
+command imports what runs a net once its arguments are read, when a signal
+already raises KeyboardInterrupt (handled by ``commands.main``).
 """
 from __future__ import annotations
 
@@ -86,7 +88,7 @@ def entry() -> None:
     of a shell loop). Every output file is closed by then; stdout and stderr
     are flushed here, with signals ignored."""
     open_missing_streams()
-    with held() as received:          # a Ctrl-C during the imports is acted on after them
+    with held() as received:          # a Ctrl-C during the import is acted on after it
         from .commands import main
     if received:
         ignore_signals()

@@ -29,7 +29,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import ClassVar
 
-import cv2
 import numpy as np
 from isal import isal_zlib
 
@@ -246,6 +245,7 @@ def encode_image(path: str | Path, image: np.ndarray) -> bytes:
     suffix = image_format(path)
     if suffix == ".png":
         return encode_png(image)
+    import cv2  # here, not at the top: the commands' start-up does not load OpenCV
     ok, buffer = cv2.imencode(suffix, image)
     if not ok:
         raise OutputError(f"{path}: could not encode the image")
@@ -264,6 +264,7 @@ def encode_png(image: np.ndarray) -> bytes:
                          f"{image.shape}")
     height, width = image.shape[:2]
     channels, colour_type = (3, 2) if image.ndim == 3 else (1, 0)
+    import cv2  # here, not at the top: the commands' start-up does not load OpenCV
     pixels = cv2.cvtColor(image, cv2.COLOR_BGR2RGB) if channels == 3 else image
     rows = np.ascontiguousarray(pixels).reshape(height, width * channels)
     filtered = np.empty((height, width * channels + 1), np.uint8)

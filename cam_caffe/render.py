@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-import cv2
 import numpy as np
 
 from .cam import normalize
@@ -57,6 +56,7 @@ def segment_lut(segments: tuple[tuple[float, float], ...], n: int = 256) -> np.n
 
 def heatmap(cam: np.ndarray, colormap: str = "jet") -> np.ndarray:
     """The map normalised and coloured: (H, W, 3) uint8 BGR."""
+    import cv2  # here, not at the top: the commands' start-up does not load OpenCV
     index = np.rint(normalize(cam) * 255).astype(np.uint8)
     return cv2.applyColorMap(index, colormap_lut(colormap).reshape(256, 1, 3))
 
@@ -66,6 +66,7 @@ def overlay_paper(image: np.ndarray, cam: np.ndarray, colormap: str = "jet",
     """0.2·image + alpha·heatmap (rounded, saturated); ``cam`` has the image's size."""
     if cam.shape != image.shape[:2]:
         raise ValueError(f"CAM shape {cam.shape} differs from image shape {image.shape[:2]}")
+    import cv2  # here, not at the top: the commands' start-up does not load OpenCV
     return cv2.addWeighted(image, IMAGE_WEIGHT, heatmap(cam, colormap), alpha, 0.0)
 
 

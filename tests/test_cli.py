@@ -360,3 +360,37 @@ def test_ledgers_see_each_others_records_as_they_grow(tmp_path):
         f.write(b'"half a line')                    # a writer killed mid-line
     assert second.foreign([a, b]) == []
     assert len(list((tmp_path / ".cam-caffe").iterdir())) == 1     # one list per writer
+
+
+HEAVY = ("cv2", "PIL", "matplotlib", "onnx", "onnxruntime", "caffe", "distributed")
+
+
+def imported(*python_args: str) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """Run ``python -X importtime ARGS`` in a child; its result and every top-level
+    package it imported (the first part of each module ``-X importtime`` lists)."""
+    child = subprocess.run([sys.executable, "-X", "importtime", *python_args], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+    names = re.findall(r"^import time:\s+\d+ \|\s+\d+ \| *(\S+)$", child.stderr, re.M)
+    return child, {name.split(".")[0] for name in names}
+
+
+def test_import_lists_are_read_right():
+    """The check below sees heavy imports where there are some."""
+    child, packages = imported("-c", "import cam_caffe.image")
+    assert child.returncode == 0 and {"cv2", "PIL", "numpy"} <= packages
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["models", "list"],
+                                  ["models", "path", "demo"]])
+def test_commands_that_only_print_start_without_heavy_imports(args):
+    """`cam-caffe --help`, `--version` and `models list`/`path` (the real entry point,
+    launch.entry) load no OpenCV, Pillow, matplotlib, ONNX, backend or Dask."""
+    child, packages = imported("-m", "cam_caffe", *args)
+    assert child.returncode == 0 and child.stdout.strip()
+    assert not packages & set(HEAVY), sorted(packages & set(HEAVY))
+
+
+def test_import_cam_caffe_is_light():
+    child, packages = imported("-c", "import cam_caffe")
+    assert child.returncode == 0 and "cam_caffe" in packages
+    assert not packages & {*HEAVY, "numpy"}

@@ -1,5 +1,10 @@
 """What every command shares: the one-line-error argument parser, argument types,
-the model and backend options (declared once here), and the net they name."""
+the model and backend options (declared once here), and the net they name.
+
+Light to import: building a parser loads neither OpenCV nor Pillow nor a backend
+(``cam-caffe --help`` and ``models list`` start fast); what runs a net is
+imported where it is used.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,16 +12,18 @@ import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import models
-from ..api import CAMNet
 from ..backends import BACKENDS
 from ..budget import parse_size
 from ..errors import EXIT_USAGE, CamError, ModelError
-from ..image import DEFAULT_MAX_PIXELS
+from ..files import DEFAULT_MAX_PIXELS
 from ..methods import METHODS
 from ..models import DEFAULT_MODEL, Model
-from ..preprocess import mean_values
+
+if TYPE_CHECKING:
+    from ..api import CAMNet
 
 # The original script's layout, in a source checkout: the official weights in models/.
 DEFAULT_WEIGHTS = models.PROJECT_ROOT / "models" / models.get(DEFAULT_MODEL).weights.filename
@@ -107,6 +114,7 @@ def finite(text: str) -> float:
 
 def mean_spec(text: str) -> str:
     """--mean: numbers are checked now; a file when the model loads."""
+    from ..preprocess import mean_values
     try:
         mean_values(text)
     except CamError as e:
@@ -235,6 +243,7 @@ def model_files(args: argparse.Namespace) -> tuple[Path, Path, Path | None, Mode
 def load_net(args: argparse.Namespace, quiet: bool = False) -> CAMNet:
     """Build the CAMNet the arguments describe; a registry entry gives the defaults.
     A progress bar is drawn when stderr is a terminal, unless ``quiet``."""
+    from ..api import CAMNet
     prototxt, weights, labels, entry = model_files(args)
     mean, scale, size = args.mean, args.scale, args.input_size
     if entry is not None and entry.mean is not None:   # else the prototxt's own transform

@@ -1,5 +1,11 @@
 """``cam-caffe INPUT…``: Class Activation Maps of images, one image (-o, --show) or
-a batch (--output-dir, --jsonl, --dask): a thin layer over :class:`cam_caffe.CAMNet`."""
+a batch (--output-dir, --jsonl, --dask): a thin layer over :class:`cam_caffe.CAMNet`.
+
+The modules that run the net and write its outputs (``api``, ``batch``,
+``report``, ``cluster``: NumPy, OpenCV, Pillow, a backend) are imported where
+they are used, once the arguments are read: ``--help``, ``--version`` and a
+usage error never load them.
+"""
 from __future__ import annotations
 
 import argparse
@@ -8,31 +14,17 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import __version__
-from ..api import CAMNet, Prediction
-from ..batch import (
-    SAVE_KINDS,
-    Options,
-    Report,
-    image_cost,
-    print_record,
-    process,
-    render_overlay,
-    run_batch,
-)
-from ..boxes import Box
 from ..budget import MemoryBudget, memory_budget
-from ..cluster import check_address, dask_client
 from ..errors import EXIT_CODES, EXIT_INPUT, EXIT_OK, CamError, OutputError, one_line
 from ..inputs import Input, collect, in_shard, parse_shard
 from ..labels import class_name, resolve_class
 from ..launch import say
 from ..models import DEFAULT_MODEL
 from ..output import check_writable, image_format, write_image
-from ..pipeline import default_workers
 from ..render import DEFAULT_ALPHA, STYLES
-from ..report import REPORT_KINDS, ReportWriter
 from .options import (
     ArgumentParser,
     add_backend_options,
@@ -45,6 +37,11 @@ from .options import (
     load_net,
     positive_int,
 )
+
+if TYPE_CHECKING:
+    from ..api import CAMNet, Prediction
+    from ..batch import Options
+    from ..report import ReportWriter
 
 
 def _image_path(text: str) -> Path:
@@ -64,6 +61,7 @@ def parse_shard_arg(text: str) -> tuple[int, int]:
 
 
 def parse_dask(text: str) -> str:
+    from ..cluster import check_address
     try:
         return check_address(text)
     except CamError as e:
@@ -71,6 +69,7 @@ def parse_dask(text: str) -> str:
 
 
 def parse_save(text: str) -> tuple[str, ...]:
+    from ..batch import SAVE_KINDS
     kinds = tuple(k.strip() for k in text.split(",") if k.strip())
     unknown = [k for k in kinds if k not in SAVE_KINDS]
     if unknown or not kinds:
@@ -170,6 +169,10 @@ def show(net: CAMNet, image, result: Prediction, class_id: int, colormap: str,
 
 
 def options_from(args: argparse.Namespace, net: CAMNet) -> Options:
+    """The batch's options the arguments give, for ``net``."""
+    from ..batch import Options
+    from ..pipeline import default_workers
+    from ..report import REPORT_KINDS
     classes = None
     if args.classes:
         specs = [c for group in args.classes for c in group.split(",") if c.strip()]
@@ -190,6 +193,8 @@ def options_from(args: argparse.Namespace, net: CAMNet) -> Options:
 
 def single(net: CAMNet, item: Input, options: Options, args: argparse.Namespace) -> None:
     """-o and --show: one image, its first map."""
+    from ..batch import image_cost, print_record, process, render_overlay
+    from ..boxes import Box
     budget = MemoryBudget(memory_budget())
     image = net.load(item.path, item.data, lambda width, height: budget.reserve(
         image_cost(width, height, options), item.path, width, height))
@@ -240,6 +245,7 @@ def same_file(a: Path, b: Path) -> bool:
 def report_writer(args: argparse.Namespace, net: CAMNet, options: Options,
                   images: int) -> ReportWriter:
     """--report's page, headed with what this run of ``images`` inputs is."""
+    from ..report import ReportWriter
     model = f"{args.prototxt} ({args.weights})" if args.prototxt else args.model or DEFAULT_MODEL
     return ReportWriter(args.output_dir, {
         "model": model, "backend": net.backend_name, "methods": [net.method], "images": images,
@@ -251,6 +257,8 @@ def main(argv: list[str]) -> int:
     started = time.monotonic()
     args = build_parser().parse_args(argv)
     check_arguments(args)
+    from ..batch import Report, run_batch
+    from ..cluster import dask_client
     problems: list[CamError] = []           # inputs that could not even be listed
     inputs = collect(args.images, args.output_dir, problems=problems)
     if not inputs and problems:
