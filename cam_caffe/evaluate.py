@@ -176,7 +176,8 @@ def error_rates(hits: list[tuple[int | None, int | None]]) -> dict[str, float]:
 def select(images: list[str], truth: dict[str, Truth] | None) -> tuple[list[Input], int]:
     """The inputs to evaluate (those with ground truth, when there is some) and the
     number left out for lack of it."""
-    inputs, unmatched, seen = [], 0, {}
+    inputs: list[Input] = []
+    unmatched, seen = 0, dict[str, Path]()
     for item in collect(images):
         key = image_key(item.path.name)
         if truth is not None and key in seen:
@@ -227,7 +228,7 @@ def faithfulness_run(net: CAMNet, inputs: list[Input], steps: int, substrate: st
             except CamError as e:
                 failed.append((item.path, e))
         predictions = net.predict([image for _, image in loaded], top_k=1)
-        for (item, image), prediction in zip(loaded, predictions):
+        for (item, image), prediction in zip(loaded, predictions, strict=True):
             class_id = prediction.classes[0]
             results.append((item, faithfulness(net, image, class_id, prediction.cam(class_id),
                                                steps, substrate, batch_size)))
