@@ -30,10 +30,11 @@ def cam_weights(netdef: NetDef, weights: proto.NetParameter, spec: CamSpec) -> n
     the identity for a head without FC (global pooling straight into Softmax)."""
     if spec.fc_layer is None:
         return np.eye(spec.num_classes, dtype=np.float32)
-    fc = layer_blobs(netdef, stored_layers(weights), netdef.layer(spec.fc_layer))[0]
+    layer = netdef.layer(spec.fc_layer)
+    fc = layer_blobs(netdef, stored_layers(weights), layer)[0]
     fc = fc.reshape(fc.shape[0], -1)
-    if fc.shape == (spec.channels, spec.num_classes) != (spec.num_classes, spec.channels):
-        fc = fc.T                          # InnerProduct with transpose: true
+    if layer.inner_product_param.transpose:      # Caffe stores Wᵀ, (K, C)
+        fc = fc.T
     return np.ascontiguousarray(fc, np.float32)
 
 

@@ -32,7 +32,7 @@ MUTMUT_VERSION="3.8.1"
 
 # module (file under cam_caffe/, without .py) → the test files that exercise it
 declare -A TARGETS=(
-  [cam]="test_properties test_golden test_batch_equivalence"
+  [cam]="test_cam test_properties test_golden test_batch_equivalence"
   [tencrop]="test_properties test_tencrop test_batch_equivalence"
   [boxes]="test_boxes test_properties test_output_files"
   [preprocess]="test_preprocess_render test_batch_equivalence test_upgrade_parity"
