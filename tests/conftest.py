@@ -1,5 +1,8 @@
-"""Shared fixtures: paths to ../shared, tiny generated nets, the pycaffe rule, and a
-private home.
+"""Shared fixtures and helpers: paths to the checkout (``ROOT``) and ../shared
+(``SHARED``, :func:`shared`), the pycaffe rule, a private home, the command in a
+child process (:func:`run_cli`, :func:`error_lines`), :func:`assert_rel_close`,
+and the repository's scripts as modules (:func:`load_script`). Nets and images
+the tests write are in ``nets.py``; the NumPy reference forward in ``numpy_net.py``.
 
 ``IN_CI`` is the one definition of "in CI" (``CI=true``, any case): tests that need
 ../shared skip only when it is absent, and fail instead in CI; tests that need
@@ -10,9 +13,13 @@ for the few tests that read what scripts/install_pycaffe.sh left there.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 
@@ -89,3 +96,37 @@ def output_files(folder: Path) -> list[Path]:
     from cam_caffe.output import OutputLedger
     return sorted(p for p in folder.rglob("*")
                   if p.is_file() and OutputLedger.DIRECTORY not in p.relative_to(folder).parts)
+
+
+def run_cli(*args, preexec=None, wrapper=()) -> subprocess.CompletedProcess:
+    """``python -m cam_caffe ARGS`` in a child (under ``wrapper``, e.g. a prlimit): it
+    must print no traceback and not die by a signal."""
+    child = subprocess.run([*wrapper, sys.executable, "-m", "cam_caffe", *map(str, args)],
+                           capture_output=True, text=True, preexec_fn=preexec, timeout=300)
+    assert "Traceback" not in child.stderr, child.stderr
+    assert child.returncode >= 0, f"killed by signal {-child.returncode}: {child.stderr}"
+    return child
+
+
+def error_lines(child: subprocess.CompletedProcess) -> list[str]:
+    """The child's one-line errors."""
+    return [line for line in child.stderr.splitlines() if line.startswith("cam-caffe: error: ")]
+
+
+def assert_rel_close(actual, expected, rel: float = 1e-4, what: str = "") -> None:
+    """max |a − e| ≤ rel · max |e|: relative to the array's scale."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    err = np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-12)
+    assert err <= rel, f"{what}{': ' * bool(what)}relative error {err:.3g} > {rel}"
+
+
+TEST_SEED = 3          # demo data: training uses seed 1, the documented evaluation seed 2
+
+
+def load_script(name: str):
+    """scripts/NAME.py as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,6 +1,10 @@
-"""Tiny Caffe nets written by the tests, with weights chosen so their CAMs are predictable."""
+"""Tiny Caffe nets written by the tests, with weights chosen so their CAMs are predictable,
+prototxts shared by several test files (V1 syntax, NIN/VGG-like train files, layer
+mixes for the ONNX export), and images to feed them (including a PNG bomb header)."""
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import cv2
@@ -8,7 +12,7 @@ import numpy as np
 from conftest import require_pycaffe, shared
 from synthetic import random_weights, save_caffemodel
 
-from cam_caffe.netdef import load_netdef
+from cam_caffe.netdef import load_netdef, param_shapes
 
 # A bright-square detector. conv "bright" (1x1): channel 0 = mean brightness − 0.5
 # (> 0 on white), channel 1 = 0.5 − brightness (> 0 on black); ReLU; 2x2 max pool
@@ -150,3 +154,168 @@ def pycaffe_googlenet_weights(folder: Path, seed: int) -> Path:
     path = folder / "googlenet.caffemodel"
     net.save(str(path))
     return path
+
+
+V1_NET = """
+name: "V1Net"
+input: "data"
+input_dim: 1 input_dim: 3 input_dim: 20 input_dim: 20
+layers { name: "conv1" type: CONVOLUTION bottom: "data" top: "conv1"
+         convolution_param { num_output: 8 kernel_size: 3 pad: 1 } }
+layers { name: "relu1" type: RELU bottom: "conv1" top: "conv1" }
+layers { name: "pool1" type: POOLING bottom: "conv1" top: "pool1"
+         pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
+layers { name: "conv2" type: CONVOLUTION bottom: "pool1" top: "conv2"
+         convolution_param { num_output: 6 kernel_size: 3 pad: 1 group: 2 } }
+layers { name: "relu2" type: RELU bottom: "conv2" top: "conv2" }
+layers { name: "gap" type: POOLING bottom: "conv2" top: "gap"
+         pooling_param { pool: AVE kernel_size: 10 stride: 10 } }
+layers { name: "fc" type: INNER_PRODUCT bottom: "gap" top: "fc"
+         inner_product_param { num_output: 4 } }
+layers { name: "prob" type: SOFTMAX bottom: "fc" top: "prob" }
+"""
+
+
+NIN_NET = """
+name: "NINLike"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 16 dim: 16 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 5 kernel_size: 3 stride: 2 } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "pool" type: "Pooling" bottom: "conv" top: "pool"
+        pooling_param { pool: AVE global_pooling: true } }
+layer { name: "loss" type: "Softmax" bottom: "pool" top: "loss" }
+"""
+
+
+VGG_LIKE = """
+name: "VGGLike"
+layer { name: "data" type: "Data" top: "data" top: "label"
+        include { phase: TRAIN } transform_param { crop_size: 24 mirror: true } }
+layer { name: "data" type: "Data" top: "data" top: "label"
+        include { phase: TEST } transform_param { crop_size: 24 scale: 0.5 mean_value: 10 mean_value: 20 mean_value: 30 } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 7 kernel_size: 3 pad: 1 } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "gap" type: "Pooling" bottom: "conv" top: "gap"
+        pooling_param { pool: AVE kernel_size: 24 stride: 24 } }
+layer { name: "drop" type: "Dropout" bottom: "gap" top: "gap" dropout_param { dropout_ratio: 0.5 } }
+layer { name: "flat" type: "Flatten" bottom: "gap" top: "flat" }
+layer { name: "fc" type: "InnerProduct" bottom: "flat" top: "fc" inner_product_param { num_output: 3 } }
+layer { name: "acc" type: "Accuracy" bottom: "fc" bottom: "label" top: "acc" include { phase: TEST } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }
+"""
+
+
+TINY = """
+name: "Tiny"
+input: "data"
+input_shape { dim: 1 dim: 3 dim: 9 dim: 7 }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "gap" type: "Pooling" bottom: "conv" top: "gap" pooling_param { pool: AVE global_pooling: true } }
+layer { name: "fc" type: "InnerProduct" bottom: "gap" top: "fc" inner_product_param { num_output: 3 } }
+layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
+"""
+
+
+def noise_images(count, size=(180, 240), seed=0):
+    """``count`` BGR images of blurred uniform noise."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        image = cv2.GaussianBlur(rng.integers(0, 256, (*size, 3), np.uint8), (0, 0), 3)
+        out.append(np.ascontiguousarray(image))
+    return out
+
+
+def input_block(c: int, h: int, w: int) -> str:
+    return (f'layer {{ name: "data" type: "Input" top: "data" '
+            f'input_param {{ shape {{ dim: 1 dim: {c} dim: {h} dim: {w} }} }} }}\n')
+
+
+def cam_head(feature: str, classes: int = 5, softmax: bool = True) -> str:
+    """feature → global AVE pooling → fc (→ prob): the CAM structure."""
+    text = (f'layer {{ name: "gap" type: "Pooling" bottom: "{feature}" top: "gap" '
+            f'pooling_param {{ pool: AVE global_pooling: true }} }}\n'
+            f'layer {{ name: "fc" type: "InnerProduct" bottom: "gap" top: "fc" '
+            f'inner_product_param {{ num_output: {classes} }} }}\n')
+    if softmax:
+        text += 'layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }\n'
+    return text
+
+
+def nontrivial_weights(netdef, seed: int = 0) -> dict[str, list[np.ndarray]]:
+    """random_weights, with non-zero biases and BatchNorm/Scale/PReLU away from identity."""
+    rng = np.random.default_rng(seed + 100)
+    weights = random_weights(netdef, seed)
+    for layer in netdef.net.layer:
+        shapes = param_shapes(netdef, layer)
+        if shapes is None:
+            continue
+        if layer.type == "BatchNorm":
+            factor = 0.5        # Caffe stores mean · f, var · f and f itself
+            weights[layer.name] = [rng.normal(0, 0.5, shapes[0]) * factor,
+                                   rng.uniform(0.5, 2.0, shapes[1]) * factor,
+                                   np.array([factor])]
+        elif layer.type in ("Scale", "Bias"):
+            weights[layer.name] = [rng.uniform(0.5, 1.5, s) if i == 0 and layer.type == "Scale"
+                                   else rng.normal(0, 0.3, s) for i, s in enumerate(shapes)]
+        elif layer.type == "PReLU":
+            slopes = rng.uniform(0.05, 0.6, shapes[0])
+            if layer.prelu_param.channel_shared:
+                slopes = slopes.reshape(())   # Caffe's shared slope is a 0-axis blob
+            weights[layer.name] = [slopes]
+        elif layer.type in ("Convolution", "Deconvolution", "InnerProduct") and len(shapes) > 1:
+            weights[layer.name][1] = rng.normal(0, 0.1, shapes[1])
+    return weights
+
+
+CONV = input_block(4, 17, 15) + """
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 6 kernel_size: 3 pad: 2 dilation: 2 group: 2 } }
+layer { name: "conv2" type: "Convolution" bottom: "conv1" top: "conv2"
+  convolution_param { num_output: 8 kernel_h: 3 kernel_w: 1 pad_h: 1 pad_w: 0 stride_h: 2 stride_w: 1
+                      bias_term: false } }
+layer { name: "conv3" type: "Convolution" bottom: "conv2" top: "conv3"
+  convolution_param { num_output: 8 kernel_size: 3 kernel_size: 2 stride: 1 stride: 2 pad: 1 pad: 0
+                      dilation: 1 dilation: 2 group: 4 } }
+layer { name: "relu3" type: "ReLU" bottom: "conv3" top: "conv3" }
+""" + cam_head("conv3")
+
+
+ELTWISE = input_block(4, 8, 8) + """
+layer { name: "c1" type: "Convolution" bottom: "data" top: "c1" convolution_param { num_output: 5 kernel_size: 3 pad: 1 } }
+layer { name: "c2" type: "Convolution" bottom: "data" top: "c2" convolution_param { num_output: 5 kernel_size: 1 } }
+layer { name: "c3" type: "Convolution" bottom: "data" top: "c3" convolution_param { num_output: 5 kernel_size: 1 } }
+layer { name: "sum" type: "Eltwise" bottom: "c1" bottom: "c2" bottom: "c3" top: "sum"
+  eltwise_param { operation: SUM coeff: 0.5 coeff: -2 coeff: 1 } }
+layer { name: "plain" type: "Eltwise" bottom: "c1" bottom: "c2" top: "plain" }
+layer { name: "prod" type: "Eltwise" bottom: "c1" bottom: "c2" bottom: "c3" top: "prod"
+  eltwise_param { operation: PROD } }
+layer { name: "max" type: "Eltwise" bottom: "c1" bottom: "c2" bottom: "c3" top: "max"
+  eltwise_param { operation: MAX } }
+layer { name: "cat" type: "Concat" bottom: "sum" bottom: "plain" bottom: "prod" bottom: "max" top: "cat" }
+""" + cam_head("cat")
+
+
+SLICE_NET = """
+name: "SliceNet"
+input: "data"
+input_shape { dim: 1 dim: 3 dim: 12 dim: 12 }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 6 kernel_size: 3 pad: 1 } }
+layer { name: "split" type: "Slice" bottom: "conv" top: "a" top: "b"
+        slice_param { axis: 1 slice_point: 4 } }
+layer { name: "relu" type: "ReLU" bottom: "a" top: "a" }
+""" + cam_head("a", classes=3)
+
+
+def png_header_only(width, height):
+    """A PNG that declares ``width`` x ``height`` pixels and holds almost none."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from test_onnx import caffe_lrn, caffe_pool
 
 from cam_caffe.netdef import hw_param, read_caffemodel
 
@@ -155,3 +154,47 @@ def bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     top = image[y0][:, x0] * (1 - fx) + image[y0][:, x1] * fx
     bottom = image[y1][:, x0] * (1 - fx) + image[y1][:, x1] * fx
     return top * (1 - fy[:, None]) + bottom * fy[:, None]
+
+
+def caffe_pool(x: np.ndarray, kernel, stride, pad, mode: str, ceil_mode: bool = True):
+    """Caffe's PoolingLayer::Forward_cpu, loop for loop (pooling_layer.cpp)."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, pad
+    n, c, height, width = x.shape
+    rounding = math.ceil if ceil_mode else math.floor
+    oh = int(rounding((height + 2 * ph - kh) / sh)) + 1
+    ow = int(rounding((width + 2 * pw - kw) / sw)) + 1
+    if ph or pw:
+        if (oh - 1) * sh >= height + ph:
+            oh -= 1
+        if (ow - 1) * sw >= width + pw:
+            ow -= 1
+    out = np.zeros((n, c, oh, ow), np.float64)
+    for i in range(oh):
+        for j in range(ow):
+            hstart, wstart = i * sh - ph, j * sw - pw
+            if mode == "MAX":
+                hend, wend = min(hstart + kh, height), min(wstart + kw, width)
+                hstart, wstart = max(hstart, 0), max(wstart, 0)
+                out[:, :, i, j] = x[:, :, hstart:hend, wstart:wend].max(axis=(2, 3))
+            else:
+                hend, wend = min(hstart + kh, height + ph), min(wstart + kw, width + pw)
+                pool_size = (hend - hstart) * (wend - wstart)
+                hstart, wstart = max(hstart, 0), max(wstart, 0)
+                hend, wend = min(hend, height), min(wend, width)
+                window = x[:, :, hstart:hend, wstart:wend].astype(np.float64)
+                out[:, :, i, j] = window.sum(axis=(2, 3)) / pool_size
+    return out
+
+
+def caffe_lrn(x: np.ndarray, size: int, alpha: float, beta: float, k: float, region: str):
+    """Caffe's LRN: across channels, or within channel (its square/pool/power composition)."""
+    x = x.astype(np.float64)
+    pad = (size - 1) // 2
+    if region == "ACROSS_CHANNELS":
+        sq = np.pad(x * x, ((0, 0), (pad, pad), (0, 0), (0, 0)))
+        total = sum(sq[:, i:i + x.shape[1]] for i in range(size))
+        return x / (k + alpha / size * total) ** beta
+    sq = np.pad(x * x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    h, w = x.shape[2:]
+    total = sum(sq[:, :, i:i + h, j:j + w] for i in range(size) for j in range(size))
+    return x * (1 + alpha * total / size ** 2) ** -beta

@@ -3,6 +3,7 @@ ten-crop against the crops' own maps merged, Prediction's accessors, load and th
 memory limit's batch size."""
 import numpy as np
 import pytest
+from conftest import assert_rel_close
 from nets import COLOUR_ARGS, colour_images, write_colour_net, write_random_net
 
 from cam_caffe import CAMNet
@@ -23,12 +24,6 @@ def load(colour_net, **kwargs):
     return CAMNet(prototxt, weights, backend="opencv", labels=labels, **COLOUR_ARGS, **kwargs)
 
 
-def assert_rel_close(actual, expected, rel=1e-5):
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape
-    assert np.abs(actual - expected).max() <= rel * max(np.abs(expected).max(), 1e-12)
-
-
 @pytest.mark.parametrize("method", ["cam", "scorecam"])
 def test_ten_crop_is_the_merge_of_each_crops_own_maps(colour_net, method):
     """24x24 net: resize 27 (= round(24·256/224)), crops of 24; probabilities are the
@@ -39,12 +34,12 @@ def test_ten_crop_is_the_merge_of_each_crops_own_maps(colour_net, method):
     for image, result in zip(images, results, strict=True):
         crops = net.predict(list(ten_crops(image, 27, 24)), classes=result.classes)
         probs = np.mean([c.probs for c in crops], axis=0)
-        assert_rel_close(result.probs, probs)
+        assert_rel_close(result.probs, probs, 1e-5)
         assert result.classes == [int(c) for c in np.argsort(-probs, kind="stable")[:2]]
         assert result.cams.shape == (2, 27, 27)
         for m in range(2):
             merged = merge_ten_crops(np.stack([c.cams[m] for c in crops]), 27, 24)
-            assert_rel_close(result.cams[m], merged)
+            assert_rel_close(result.cams[m], merged, 1e-5)
         top_class, label, _ = result.top(1)[0]
         assert label == net.labels[top_class]
     assert len({r.classes[0] for r in results}) == 3

@@ -3,30 +3,15 @@ a non-zero exit code, no traceback, no core dump and no partial output file."""
 import os
 import resource
 import shutil
-import struct
 import subprocess
 import sys
-import zlib
 
 import cv2
 import numpy as np
 import pytest
-from conftest import IN_CI
-from nets import square_image, write_random_net, write_square_net
+from conftest import IN_CI, error_lines, run_cli
+from nets import TINY, png_header_only, square_image, write_random_net, write_square_net
 from PIL import Image
-from test_parity import TINY
-
-
-def run_cli(*args, preexec=None, wrapper=()):
-    child = subprocess.run([*wrapper, sys.executable, "-m", "cam_caffe", *map(str, args)],
-                           capture_output=True, text=True, preexec_fn=preexec, timeout=300)
-    assert "Traceback" not in child.stderr, child.stderr
-    assert child.returncode >= 0, f"killed by signal {-child.returncode}: {child.stderr}"
-    return child
-
-
-def error_lines(child):
-    return [line for line in child.stderr.splitlines() if line.startswith("cam-caffe: error: ")]
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +19,6 @@ def net(tmp_path_factory):
     prototxt, model, labels = write_square_net(tmp_path_factory.mktemp("net"))
     return ["--prototxt", prototxt, "--weights", model, "--labels", labels, "--mean", "0",
             "--scale", 1 / 255, "--backend", "opencv"]
-
-
-def png_header_only(width, height):
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-            + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
 
 
 def make_corpus(folder):

@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import IN_CI, require_pycaffe
+from conftest import IN_CI, assert_rel_close, require_pycaffe
 from nets import COLOUR_ARGS, colour_images, write_colour_net
 
 from cam_caffe import CAMNet
@@ -55,18 +55,11 @@ def get_net(nets, backend):
     return nets[backend]
 
 
-def assert_rel_close(actual, expected, what):
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    err = np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-12)
-    assert err <= REL, f"{what}: relative error {err:.3g}"
-
-
 def assert_same_prediction(batched, single, what):
     assert batched.classes == single.classes, what
     assert batched.image_size == single.image_size, what
-    assert_rel_close(batched.probs, single.probs, f"{what} probabilities")
-    assert_rel_close(batched.cams, single.cams, f"{what} maps")
+    assert_rel_close(batched.probs, single.probs, REL, f"{what} probabilities")
+    assert_rel_close(batched.cams, single.cams, REL, f"{what} maps")
 
 
 def test_the_images_have_different_top1_classes(nets):
@@ -128,7 +121,7 @@ def test_run_batch_several_batches_deep_equals_single_images(nets, tmp_path, bac
     for i, image in enumerate(images):
         single = net.predict([image], **args)[0]
         raw = np.load(tmp_path / "out" / f"{i}.cam.npy")
-        assert_rel_close(raw, single.cams, f"image {i} .cam.npy")
+        assert_rel_close(raw, single.cams, REL, f"image {i} .cam.npy")
         record = json.loads((tmp_path / "out" / f"{i}.json").read_text())
         assert [m["class"] for m in record["maps"]] == single.classes
         assert [t["class"] for t in record["top_k"]] == [c for c, _, _ in single.top(3)][

@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from nets import write_random_net
+from synthetic import save_caffemodel
 
 from cam_caffe.cam import cam_weights
 from cam_caffe.camspec import find_cam_layers
 from cam_caffe.netdef import load_netdef, read_caffemodel
-from cam_caffe.synthetic import save_caffemodel
 
 
 def cam_net(channels: int, classes: int, transpose: bool = False, fc: bool = True) -> str:

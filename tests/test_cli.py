@@ -13,9 +13,8 @@ import termios
 import cv2
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, error_lines, run_cli
 from nets import COLOUR_ARGS, colour_images, write_colour_net
-from test_bad_inputs import error_lines, run_cli
 
 from cam_caffe import CAMNet
 from cam_caffe.batch import CAPTION_FONT, fit_caption, montage

@@ -19,7 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import IN_CI, output_files
+from conftest import IN_CI, ROOT, output_files
 
 try:
     import distributed  # the dask extra, which scripts/setup.sh installs
@@ -39,7 +39,6 @@ from cam_caffe.errors import BackendError, CamError, ModelError
 from cam_caffe.inputs import collect
 from cam_caffe.output import remove_temporaries, temporary_beside
 
-ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "models" / "demo"
 RUN = ["--model", "demo", "--save", "overlay,npy,json", "--top-k", "2", "--boxes", "paper",
        "--batch-size", "4", "--jsonl"]
@@ -271,7 +270,7 @@ def test_method_on_workers(shared_cluster, tmp_path):
 def test_memory_budget_on_workers(shared_cluster, tmp_path, monkeypatch):
     """Workers refuse an image over the memory budget before decoding it, with the
     line one process gives."""
-    from test_bad_inputs import png_header_only
+    from nets import png_header_only
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(png_header_only(30000, 30000))
     small = tmp_path / "small.png"

@@ -1,7 +1,6 @@
 """The embedded demo model, the demo data generator, and ``cam-caffe evaluate``."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,7 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import ROOT, require_pycaffe
+from conftest import ROOT, TEST_SEED, load_script, require_pycaffe
 from nets import square_image, write_square_net
 
 from cam_caffe import CAMNet
@@ -22,14 +21,6 @@ from cam_caffe.evaluate import error_rates, first_hits, image_key, read_truth
 DEMO = ROOT / "models" / "demo"
 DEMO_ARGS = ["--prototxt", str(DEMO / "deploy.prototxt"), "--weights",
              str(DEMO / "demo.caffemodel"), "--labels", str(DEMO / "labels.txt")]
-TEST_SEED = 3          # training uses seed 1, the documented evaluation seed 2
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 data = load_script("make_demo_data")

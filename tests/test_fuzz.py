@@ -5,9 +5,8 @@ import io
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from nets import TINY, V1_NET, VGG_LIKE
 from PIL import Image
-from test_netdef import V1_NET, VGG_LIKE
-from test_parity import TINY
 
 from cam_caffe.camspec import find_cam_layers
 from cam_caffe.errors import ImageError, ModelError

@@ -18,13 +18,10 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from conftest import IN_CI
+from conftest import ROOT, shared
 from google.protobuf import text_format
 from google.protobuf.message import Message
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-OFFICIAL = SHARED / "fixtures" / "googlenet_cam" / "deploy_googlenetCAM.prototxt"
 GENERATED = ROOT / "prototxt" / "deploy_googlenetCAM.prototxt"
 SCRIPT = ROOT / "scripts" / "make_googlenet_cam_prototxt.py"
 
@@ -51,13 +48,7 @@ def _parse(path: Path) -> Message:
 
 @pytest.fixture(scope="module")
 def official() -> Message:
-    if not SHARED.is_dir():
-        reason = f"shared fixtures folder {SHARED} is absent (upstream prototxt not available)"
-        if IN_CI:
-            pytest.fail(f"CI=true but {reason}")
-        pytest.skip(reason)
-    assert OFFICIAL.is_file(), f"{SHARED} exists but the upstream fixture {OFFICIAL} is missing"
-    return _parse(OFFICIAL)
+    return _parse(shared("googlenet_cam", "deploy_googlenetCAM.prototxt"))
 
 
 @pytest.fixture(scope="module")

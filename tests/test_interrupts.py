@@ -20,10 +20,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import ROOT
 
 from cam_caffe import output
 
-ROOT = Path(__file__).resolve().parents[1]
 COMMAND = [sys.executable, "-m", "cam_caffe", "--model", "demo"]
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import ROOT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nets import SQUARE_PROTOTXT, square_image, write_square_net
@@ -35,7 +36,6 @@ from cam_caffe.errors import CamError, one_line
 from cam_caffe.inputs import collect
 from cam_caffe.netdef import load_netdef
 
-ROOT = Path(__file__).resolve().parents[1]
 DEMO = ["--model", "demo"]
 FEW = settings(max_examples=25, deadline=None,
                suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -230,7 +230,7 @@ def test_image_over_the_memory_budget_is_refused_before_decoding(square, tmp_pat
                                                                  monkeypatch):
     """A header-only PNG of 30000x30000: were it decoded, the error would be about the
     truncated data; the budget refuses it from its header."""
-    from test_bad_inputs import png_header_only
+    from nets import png_header_only
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(png_header_only(30000, 30000))
     small = picture(tmp_path / "small.png")

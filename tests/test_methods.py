@@ -22,12 +22,10 @@ import sys
 import cv2
 import numpy as np
 import pytest
-from conftest import ROOT, require_pycaffe
-from nets import pycaffe_googlenet_weights
+from conftest import ROOT, assert_rel_close, require_pycaffe
+from nets import TINY, noise_images, nontrivial_weights, pycaffe_googlenet_weights
 from numpy_net import bilinear, finite_differences, run_from, stored_weights
 from synthetic import save_caffemodel
-from test_onnx import nontrivial_weights
-from test_parity import TINY, assert_rel_close, images
 
 from cam_caffe import CAMNet
 from cam_caffe.camspec import find_target
@@ -130,7 +128,7 @@ def check_gradients(tmp_path, text, blob, name, changes=None, image_size=(17, 15
     prototxt, weights = write_net(tmp_path, text, name, **(changes or {}))
     netdef = load_netdef(prototxt)
     reference = stored_weights(weights)
-    image = images(1, image_size, seed=3)
+    image = noise_images(1, image_size, seed=3)
     classes = np.array([[1, 3]])
     for backend in GRADIENT_BACKENDS:
         net = load(backend, prototxt, weights, mean="128", scale=1 / 64, feature_blob=blob,
@@ -180,7 +178,7 @@ def test_gradcam_is_relu_cam_over_hw_on_a_gap_fc_net(tmp_path, backend):
     prototxt, weights = write_net(tmp_path, TINY, "tiny")
     cam = load(backend, prototxt, weights, mean="128", method="cam")
     grad = load(backend, prototxt, weights, mean="128", method="gradcam")
-    batch = images(3, (9, 7), seed=4)
+    batch = noise_images(3, (9, 7), seed=4)
     h, w = cam.spec.feature_size
     for a, b in zip(cam.predict(batch, top_k=3), grad.predict(batch, top_k=3), strict=True):
         assert a.classes == b.classes
@@ -261,7 +259,7 @@ def test_forward_only_methods_match_numpy_loops(tmp_path, backend, method):
     netdef = load_netdef(prototxt)
     net = load(backend, prototxt, weights, mean="128", scale=1 / 64, method=method,
                feature_blob="conv1", batch_size=3)
-    batch = images(2, (17, 15), seed=5)
+    batch = noise_images(2, (17, 15), seed=5)
     results = net.predict(batch, top_k=2)
     preprocessed = net.preprocess(batch)
     features = np.array(net.backend.forward(preprocessed).features)
@@ -364,7 +362,7 @@ def test_batch_and_top_k_equal_one_image_one_class(tmp_path, method):
                     else {fast}):
         net = load(backend, prototxt, weights, mean="128", scale=1 / 64, method=method,
                    feature_blob="conv1", batch_size=4)
-        batch = images(3, (17, 15), seed=6)
+        batch = noise_images(3, (17, 15), seed=6)
         together = net.predict(batch, top_k=3)
         for image, result in zip(batch, together, strict=True):
             for c, cam in zip(result.classes, result.cams, strict=True):
@@ -385,7 +383,7 @@ def test_googlenet_gradient_methods_agree_on_pycaffe_and_onnxruntime(googlenet, 
                                                                      tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     prototxt, weights = googlenet
-    batch = images(2, (240, 260), seed=8)
+    batch = noise_images(2, (240, 260), seed=8)
     maps = {}
     for backend in GRADIENT_BACKENDS:
         net = load(backend, prototxt, weights, method="gradcam", feature_blob=blob)
@@ -433,7 +431,7 @@ def test_opencv_refuses_gradient_methods_but_runs_the_others(tmp_path):
                                        "onnxruntime"):
         CAMNet(prototxt, weights, backend="opencv", method="gradcam++")
     net = CAMNet(prototxt, weights, backend="opencv", method="eigencam")
-    assert net.predict(images(1, (17, 15)))[0].cams.shape == (1, 5, 5)
+    assert net.predict(noise_images(1, (17, 15)))[0].cams.shape == (1, 5, 5)
 
 
 def test_auto_backend_for_gradients_skips_opencv(tmp_path):
@@ -486,7 +484,7 @@ def run_cli(*args) -> subprocess.CompletedProcess:
 def test_cli_method_on_a_net_without_cam_head(tmp_path):
     prototxt, weights = write_net(tmp_path, NO_GAP, "nogap")
     image = tmp_path / "x.png"
-    cv2.imwrite(str(image), images(1, (30, 40))[0])
+    cv2.imwrite(str(image), noise_images(1, (30, 40))[0])
     common = ["--prototxt", prototxt, "--weights", weights, "--mean", "128"]
     child = run_cli(image, *common, "--jsonl", "-v")
     assert child.returncode == 0, child.stderr
@@ -547,7 +545,7 @@ def test_export_gradient_matches_pycaffe(tmp_path, capsys):
     assert "seed 'fc2:seed' → gradient 'conv1:grad'" in capsys.readouterr().out
     net = load("caffe", prototxt, weights, mean="128", scale=1 / 64, feature_blob="conv1",
                method="gradcam")
-    batch = net.preprocess(images(3, (17, 15), seed=9))
+    batch = net.preprocess(noise_images(3, (17, 15), seed=9))
     net.backend.forward(batch)
     classes = np.array([[2], [0], [3]])
     expected = net.backend.gradients(classes)[:, 0]

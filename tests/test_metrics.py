@@ -13,14 +13,15 @@ import json
 import cv2
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, TEST_SEED, load_script
 from synthetic import save_caffemodel
-from test_demo_model import TEST_SEED, data
 
 from cam_caffe import CAMNet
 from cam_caffe.commands import main
 from cam_caffe.metrics import auc, faithfulness, summary, variants
 from cam_caffe.netdef import load_netdef
+
+data = load_script("make_demo_data")
 
 SIDE, A = 12, 0.03
 LINEAR_PROTOTXT = f"""

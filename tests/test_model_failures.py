@@ -12,9 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from nets import SQUARE_PROTOTXT, square_case
+from nets import SLICE_NET, SQUARE_PROTOTXT, square_case
 from synthetic import save_caffemodel
-from test_onnx import SLICE_NET
 
 from cam_caffe.backends import create_backend
 from cam_caffe.camspec import find_cam_layers

@@ -5,7 +5,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 from conftest import ROOT, shared
-from nets import write_random_net
+from nets import NIN_NET, V1_NET, VGG_LIKE, write_random_net
 from synthetic import random_weights, save_caffemodel
 
 from cam_caffe import CAMNet
@@ -19,54 +19,6 @@ from cam_caffe.netdef import (
     read_caffemodel,
     tail,
 )
-
-V1_NET = """
-name: "V1Net"
-input: "data"
-input_dim: 1 input_dim: 3 input_dim: 20 input_dim: 20
-layers { name: "conv1" type: CONVOLUTION bottom: "data" top: "conv1"
-         convolution_param { num_output: 8 kernel_size: 3 pad: 1 } }
-layers { name: "relu1" type: RELU bottom: "conv1" top: "conv1" }
-layers { name: "pool1" type: POOLING bottom: "conv1" top: "pool1"
-         pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
-layers { name: "conv2" type: CONVOLUTION bottom: "pool1" top: "conv2"
-         convolution_param { num_output: 6 kernel_size: 3 pad: 1 group: 2 } }
-layers { name: "relu2" type: RELU bottom: "conv2" top: "conv2" }
-layers { name: "gap" type: POOLING bottom: "conv2" top: "gap"
-         pooling_param { pool: AVE kernel_size: 10 stride: 10 } }
-layers { name: "fc" type: INNER_PRODUCT bottom: "gap" top: "fc"
-         inner_product_param { num_output: 4 } }
-layers { name: "prob" type: SOFTMAX bottom: "fc" top: "prob" }
-"""
-
-NIN_NET = """
-name: "NINLike"
-layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 16 dim: 16 } } }
-layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
-        convolution_param { num_output: 5 kernel_size: 3 stride: 2 } }
-layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
-layer { name: "pool" type: "Pooling" bottom: "conv" top: "pool"
-        pooling_param { pool: AVE global_pooling: true } }
-layer { name: "loss" type: "Softmax" bottom: "pool" top: "loss" }
-"""
-
-VGG_LIKE = """
-name: "VGGLike"
-layer { name: "data" type: "Data" top: "data" top: "label"
-        include { phase: TRAIN } transform_param { crop_size: 24 mirror: true } }
-layer { name: "data" type: "Data" top: "data" top: "label"
-        include { phase: TEST } transform_param { crop_size: 24 scale: 0.5 mean_value: 10 mean_value: 20 mean_value: 30 } }
-layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
-        convolution_param { num_output: 7 kernel_size: 3 pad: 1 } }
-layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
-layer { name: "gap" type: "Pooling" bottom: "conv" top: "gap"
-        pooling_param { pool: AVE kernel_size: 24 stride: 24 } }
-layer { name: "drop" type: "Dropout" bottom: "gap" top: "gap" dropout_param { dropout_ratio: 0.5 } }
-layer { name: "flat" type: "Flatten" bottom: "gap" top: "flat" }
-layer { name: "fc" type: "InnerProduct" bottom: "flat" top: "fc" inner_product_param { num_output: 3 } }
-layer { name: "acc" type: "Accuracy" bottom: "fc" bottom: "label" top: "acc" include { phase: TEST } }
-layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }
-"""
 
 NO_CAM = """
 name: "Plain"

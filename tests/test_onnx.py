@@ -12,12 +12,13 @@ from ``../shared/fixtures``.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import IN_CI
+from conftest import IN_CI, ROOT, shared
+from nets import CONV, ELTWISE, SLICE_NET, cam_head, input_block, nontrivial_weights
+from numpy_net import caffe_lrn, caffe_pool
 
 if IN_CI:       # CI installs the "onnx" extra: a missing package is an error there
     import onnx
@@ -36,14 +37,11 @@ from cam_caffe.cam import cam_weights
 from cam_caffe.camspec import find_cam_layers
 from cam_caffe.commands import main
 from cam_caffe.errors import BackendError, ModelError
-from cam_caffe.netdef import CaffeModel, layer_shapes, load_netdef, param_shapes, read_caffemodel
+from cam_caffe.netdef import CaffeModel, layer_shapes, load_netdef, read_caffemodel
 from cam_caffe.onnx_export import SUPPORTED, convert
 from cam_caffe.onnx_export.pool import pool_windows
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 GOOGLENET = ROOT / "prototxt" / "deploy_googlenetCAM.prototxt"
-RESNET = SHARED / "fixtures" / "cifar10_resnet20"
 TOLERANCE = 1e-4
 
 
@@ -54,46 +52,6 @@ def private_cache(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------ helpers
-def input_block(c: int, h: int, w: int) -> str:
-    return (f'layer {{ name: "data" type: "Input" top: "data" '
-            f'input_param {{ shape {{ dim: 1 dim: {c} dim: {h} dim: {w} }} }} }}\n')
-
-
-def cam_head(feature: str, classes: int = 5, softmax: bool = True) -> str:
-    """feature → global AVE pooling → fc (→ prob): the CAM structure."""
-    text = (f'layer {{ name: "gap" type: "Pooling" bottom: "{feature}" top: "gap" '
-            f'pooling_param {{ pool: AVE global_pooling: true }} }}\n'
-            f'layer {{ name: "fc" type: "InnerProduct" bottom: "gap" top: "fc" '
-            f'inner_product_param {{ num_output: {classes} }} }}\n')
-    if softmax:
-        text += 'layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }\n'
-    return text
-
-
-def nontrivial_weights(netdef, seed: int = 0) -> dict[str, list[np.ndarray]]:
-    """random_weights, with non-zero biases and BatchNorm/Scale/PReLU away from identity."""
-    rng = np.random.default_rng(seed + 100)
-    weights = random_weights(netdef, seed)
-    for layer in netdef.net.layer:
-        shapes = param_shapes(netdef, layer)
-        if shapes is None:
-            continue
-        if layer.type == "BatchNorm":
-            factor = 0.5        # Caffe stores mean · f, var · f and f itself
-            weights[layer.name] = [rng.normal(0, 0.5, shapes[0]) * factor,
-                                   rng.uniform(0.5, 2.0, shapes[1]) * factor,
-                                   np.array([factor])]
-        elif layer.type in ("Scale", "Bias"):
-            weights[layer.name] = [rng.uniform(0.5, 1.5, s) if i == 0 and layer.type == "Scale"
-                                   else rng.normal(0, 0.3, s) for i, s in enumerate(shapes)]
-        elif layer.type == "PReLU":
-            slopes = rng.uniform(0.05, 0.6, shapes[0])
-            if layer.prelu_param.channel_shared:
-                slopes = slopes.reshape(())   # Caffe's shared slope is a 0-axis blob
-            weights[layer.name] = [slopes]
-        elif layer.type in ("Convolution", "Deconvolution", "InnerProduct") and len(shapes) > 1:
-            weights[layer.name][1] = rng.normal(0, 0.1, shapes[1])
-    return weights
 
 
 class Model:
@@ -174,48 +132,6 @@ def expected_cam_weights(model: Model) -> np.ndarray:
 
 
 # ------------------------------------------------------- NumPy references
-def caffe_pool(x: np.ndarray, kernel, stride, pad, mode: str, ceil_mode: bool = True):
-    """Caffe's PoolingLayer::Forward_cpu, loop for loop (pooling_layer.cpp)."""
-    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, pad
-    n, c, height, width = x.shape
-    rounding = math.ceil if ceil_mode else math.floor
-    oh = int(rounding((height + 2 * ph - kh) / sh)) + 1
-    ow = int(rounding((width + 2 * pw - kw) / sw)) + 1
-    if ph or pw:
-        if (oh - 1) * sh >= height + ph:
-            oh -= 1
-        if (ow - 1) * sw >= width + pw:
-            ow -= 1
-    out = np.zeros((n, c, oh, ow), np.float64)
-    for i in range(oh):
-        for j in range(ow):
-            hstart, wstart = i * sh - ph, j * sw - pw
-            if mode == "MAX":
-                hend, wend = min(hstart + kh, height), min(wstart + kw, width)
-                hstart, wstart = max(hstart, 0), max(wstart, 0)
-                out[:, :, i, j] = x[:, :, hstart:hend, wstart:wend].max(axis=(2, 3))
-            else:
-                hend, wend = min(hstart + kh, height + ph), min(wstart + kw, width + pw)
-                pool_size = (hend - hstart) * (wend - wstart)
-                hstart, wstart = max(hstart, 0), max(wstart, 0)
-                hend, wend = min(hend, height), min(wend, width)
-                window = x[:, :, hstart:hend, wstart:wend].astype(np.float64)
-                out[:, :, i, j] = window.sum(axis=(2, 3)) / pool_size
-    return out
-
-
-def caffe_lrn(x: np.ndarray, size: int, alpha: float, beta: float, k: float, region: str):
-    """Caffe's LRN: across channels, or within channel (its square/pool/power composition)."""
-    x = x.astype(np.float64)
-    pad = (size - 1) // 2
-    if region == "ACROSS_CHANNELS":
-        sq = np.pad(x * x, ((0, 0), (pad, pad), (0, 0), (0, 0)))
-        total = sum(sq[:, i:i + x.shape[1]] for i in range(size))
-        return x / (k + alpha / size * total) ** beta
-    sq = np.pad(x * x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    h, w = x.shape[2:]
-    total = sum(sq[:, :, i:i + h, j:j + w] for i in range(size) for j in range(size))
-    return x * (1 + alpha * total / size ** 2) ** -beta
 
 
 # ----------------------------------------------------------- the tiny nets
@@ -253,17 +169,6 @@ for _mode in ("MAX", "AVE"):
         f"{_m}_floor": pool_case((3, 8, 8), _mode, (3, 3), (2, 2), (1, 1), ceil_mode=False),
     })
 
-CONV = input_block(4, 17, 15) + """
-layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
-  convolution_param { num_output: 6 kernel_size: 3 pad: 2 dilation: 2 group: 2 } }
-layer { name: "conv2" type: "Convolution" bottom: "conv1" top: "conv2"
-  convolution_param { num_output: 8 kernel_h: 3 kernel_w: 1 pad_h: 1 pad_w: 0 stride_h: 2 stride_w: 1
-                      bias_term: false } }
-layer { name: "conv3" type: "Convolution" bottom: "conv2" top: "conv3"
-  convolution_param { num_output: 8 kernel_size: 3 kernel_size: 2 stride: 1 stride: 2 pad: 1 pad: 0
-                      dilation: 1 dilation: 2 group: 4 } }
-layer { name: "relu3" type: "ReLU" bottom: "conv3" top: "conv3" }
-""" + cam_head("conv3")
 
 DECONV = input_block(3, 6, 5) + """
 layer { name: "up" type: "Deconvolution" bottom: "data" top: "up"
@@ -317,19 +222,6 @@ layer { name: "bn2" type: "BatchNorm" bottom: "conv" top: "bn2" }
 layer { name: "scale2" type: "Scale" bottom: "bn2" top: "bn2" }
 """ + cam_head("bn2")
 
-ELTWISE = input_block(4, 8, 8) + """
-layer { name: "c1" type: "Convolution" bottom: "data" top: "c1" convolution_param { num_output: 5 kernel_size: 3 pad: 1 } }
-layer { name: "c2" type: "Convolution" bottom: "data" top: "c2" convolution_param { num_output: 5 kernel_size: 1 } }
-layer { name: "c3" type: "Convolution" bottom: "data" top: "c3" convolution_param { num_output: 5 kernel_size: 1 } }
-layer { name: "sum" type: "Eltwise" bottom: "c1" bottom: "c2" bottom: "c3" top: "sum"
-  eltwise_param { operation: SUM coeff: 0.5 coeff: -2 coeff: 1 } }
-layer { name: "plain" type: "Eltwise" bottom: "c1" bottom: "c2" top: "plain" }
-layer { name: "prod" type: "Eltwise" bottom: "c1" bottom: "c2" bottom: "c3" top: "prod"
-  eltwise_param { operation: PROD } }
-layer { name: "max" type: "Eltwise" bottom: "c1" bottom: "c2" bottom: "c3" top: "max"
-  eltwise_param { operation: MAX } }
-layer { name: "cat" type: "Concat" bottom: "sum" bottom: "plain" bottom: "prod" bottom: "max" top: "cat" }
-""" + cam_head("cat")
 
 ACTIVATIONS = input_block(4, 7, 6) + """
 layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" convolution_param { num_output: 6 kernel_size: 1 } }
@@ -818,13 +710,11 @@ def test_googlenet_onnx_names_cam_conv_after_relu(googlenet):
 
 @pytest.fixture(scope="module")
 def resnet(tmp_path_factory):
-    if not RESNET.is_dir():
-        reason = f"shared fixture {RESNET} is absent (real CIFAR-10 ResNet-20 not available)"
-        if IN_CI:
-            pytest.fail(f"CI=true but {reason}")
-        pytest.skip(reason)
-    return Model(tmp_path_factory.mktemp("resnet"), prototxt=RESNET / "test_ResNet_20.prototxt",
-                 weights=RESNET / "cifar10_ResNet_20_iter_53500.caffemodel", input_size=(32, 32))
+    """The real CIFAR-10 ResNet-20 of ../shared."""
+    return Model(tmp_path_factory.mktemp("resnet"),
+                 prototxt=shared("cifar10_resnet20", "test_ResNet_20.prototxt"),
+                 weights=shared("cifar10_resnet20", "cifar10_ResNet_20_iter_53500.caffemodel"),
+                 input_size=(32, 32))
 
 
 @pytest.mark.parametrize("reference", REFERENCES)
@@ -835,18 +725,6 @@ def test_cifar10_resnet20(resnet, reference):
     pixels = rng.integers(0, 256, (4, 3, 32, 32)).astype(np.float32)
     mean = np.array([125.3, 122.9, 113.8], np.float32).reshape(1, 3, 1, 1)
     compare(resnet, reference, (pixels - mean) * 0.00390625)
-
-
-SLICE_NET = """
-name: "SliceNet"
-input: "data"
-input_shape { dim: 1 dim: 3 dim: 12 dim: 12 }
-layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
-        convolution_param { num_output: 6 kernel_size: 3 pad: 1 } }
-layer { name: "split" type: "Slice" bottom: "conv" top: "a" top: "b"
-        slice_param { axis: 1 slice_point: 4 } }
-layer { name: "relu" type: "ReLU" bottom: "a" top: "a" }
-""" + cam_head("a", classes=3)
 
 
 def test_auto_takes_the_fastest_backend_that_runs_the_net(tmp_path):

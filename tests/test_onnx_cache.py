@@ -29,8 +29,8 @@ else:
     onnx = pytest.importorskip("onnx", reason="the 'onnx' extra is not installed")
     ort = pytest.importorskip("onnxruntime", reason="the 'onnx' extra is not installed")
 
+from nets import CONV, nontrivial_weights
 from synthetic import save_caffemodel
-from test_onnx import CONV, nontrivial_weights
 
 import cam_caffe.onnx_export as export_module
 from cam_caffe import output
@@ -38,8 +38,6 @@ from cam_caffe.backends.onnxruntime import CACHE_KEY, OnnxRuntimeBackend, cache_
 from cam_caffe.backends.opencv import OpenCVBackend
 from cam_caffe.camspec import find_cam_layers
 from cam_caffe.netdef import CaffeModel, load_netdef
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)

@@ -8,32 +8,22 @@ import sys
 import cv2
 import numpy as np
 import pytest
-from conftest import ROOT, require_pycaffe, shared
-from nets import pycaffe_googlenet_weights, square_image, write_random_net, write_square_net
-from test_netdef import NIN_NET, V1_NET
+from conftest import ROOT, assert_rel_close, require_pycaffe, shared
+from nets import (
+    NIN_NET,
+    TINY,
+    V1_NET,
+    noise_images,
+    pycaffe_googlenet_weights,
+    square_image,
+    write_random_net,
+    write_square_net,
+)
 
 from cam_caffe import CAMNet
 from cam_caffe.errors import BackendError, ModelError
 
 REL = 1e-4
-
-
-def assert_rel_close(actual, expected, rel=REL):
-    """max |a − e| ≤ rel · max |e|: relative to the array's scale."""
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape
-    scale = max(np.abs(expected).max(), 1e-12)
-    err = np.abs(actual - expected).max() / scale
-    assert err <= rel, f"relative error {err:.3g} > {rel}"
-
-
-def images(count, size=(180, 240), seed=0):
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(count):
-        image = cv2.GaussianBlur(rng.integers(0, 256, (*size, 3), np.uint8), (0, 0), 3)
-        out.append(np.ascontiguousarray(image))
-    return out
 
 
 def compare_backends(prototxt, weights, batch, **kwargs):
@@ -69,11 +59,11 @@ def googlenet_pycaffe_weights(tmp_path_factory):
 
 def test_googlenet_cam_backends_agree(googlenet_pycaffe_weights):
     prototxt, weights = googlenet_pycaffe_weights
-    nets, results = compare_backends(prototxt, weights, images(3))
+    nets, results = compare_backends(prototxt, weights, noise_images(3))
     assert results["caffe"].features.shape == (3, 1024, 14, 14)
     # The project's generated prototxt runs the same weights identically.
     mine = CAMNet(ROOT / "prototxt" / "deploy_googlenetCAM.prototxt", weights, backend="caffe")
-    batch = images(2, seed=5)
+    batch = noise_images(2, seed=5)
     a = mine.backend.forward(mine.preprocess(batch))
     b = nets["caffe"].backend.forward(nets["caffe"].preprocess(batch))
     np.testing.assert_array_equal(a.probs, b.probs)
@@ -82,18 +72,18 @@ def test_googlenet_cam_backends_agree(googlenet_pycaffe_weights):
 def test_cifar_resnet20_backends_agree():
     prototxt = shared("cifar10_resnet20", "test_ResNet_20.prototxt")
     weights = shared("cifar10_resnet20", "cifar10_ResNet_20_iter_53500.caffemodel")
-    _, results = compare_backends(prototxt, weights, images(4, (32, 32)), input_size=(32, 32))
+    _, results = compare_backends(prototxt, weights, noise_images(4, (32, 32)), input_size=(32, 32))
     assert results["caffe"].features.shape == (4, 64, 8, 8)
 
 
 def test_v1_syntax_backends_agree(tmp_path):
     prototxt, weights = write_random_net(tmp_path, V1_NET, "v1", seed=4)
-    compare_backends(prototxt, weights, images(3, (40, 30)))
+    compare_backends(prototxt, weights, noise_images(3, (40, 30)))
 
 
 def test_tiny_nets_backends_agree(tmp_path):
     prototxt, weights = write_random_net(tmp_path, NIN_NET, "nin", seed=2)
-    compare_backends(prototxt, weights, images(2, (16, 16)))
+    compare_backends(prototxt, weights, noise_images(2, (16, 16)))
     prototxt, weights, _labels = write_square_net(tmp_path)
     nets, _ = compare_backends(prototxt, weights, [square_image(20, 30), square_image(90, 100)],
                                mean="0", scale=1 / 255)
@@ -115,19 +105,6 @@ def numpy_forward(image_chw, w1, b1, fc_w, fc_b):
     scores = fc_w @ feat.mean(axis=(1, 2)) + fc_b
     e = np.exp(scores - scores.max())
     return feat, e / e.sum()
-
-
-TINY = """
-name: "Tiny"
-input: "data"
-input_shape { dim: 1 dim: 3 dim: 9 dim: 7 }
-layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
-        convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }
-layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
-layer { name: "gap" type: "Pooling" bottom: "conv" top: "gap" pooling_param { pool: AVE global_pooling: true } }
-layer { name: "fc" type: "InnerProduct" bottom: "gap" top: "fc" inner_product_param { num_output: 3 } }
-layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
-"""
 
 
 def test_pycaffe_matches_an_independent_numpy_forward(tmp_path):

@@ -10,7 +10,7 @@ in place of an LMDB data layer, which pycaffe could not open.
 import re
 
 import numpy as np
-from conftest import require_pycaffe, shared
+from conftest import assert_rel_close, require_pycaffe, shared
 from nets import write_random_net
 
 from cam_caffe import CAMNet
@@ -64,13 +64,6 @@ layers { name: "accuracy" type: ACCURACY bottom: "fc" bottom: "label" top: "accu
 """
 
 
-def assert_rel_close(actual, expected, what):
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    err = np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-12)
-    assert err <= REL, f"{what}: relative error {err:.3g} > {REL}"
-
-
 def caffe_on_original(prototxt, weights, batch, first_layer, score_blob, feature_blob):
     """pycaffe reading the file as given: the batch put into its data blob, the net run
     from ``first_layer``; (softmax of the scores, the feature blob)."""
@@ -96,8 +89,8 @@ def compare_with_original(original, weights, batch, first_layer, score_blob, for
             probs, features = caffe_on_original(for_caffe or original, weights, batch,
                                                 first_layer, score_blob, net.spec.feature_blob)
         out = net.backend.forward(batch)
-        assert_rel_close(out.probs, probs, f"{backend} probabilities")
-        assert_rel_close(out.features, features, f"{backend} features")
+        assert_rel_close(out.probs, probs, REL, f"{backend} probabilities")
+        assert_rel_close(out.features, features, REL, f"{backend} features")
     return net
 
 
