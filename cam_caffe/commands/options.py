@@ -12,7 +12,7 @@ import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from .. import models
 from ..backends import BACKENDS
@@ -33,7 +33,7 @@ DEFAULT_BATCH = 16
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that raises CamError instead of exiting, so errors stay one line."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise CamError(f"{message} (see {self.prog} --help)", EXIT_USAGE)
 
 
