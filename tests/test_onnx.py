@@ -12,6 +12,7 @@ from ``../shared/fixtures``.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -538,6 +539,17 @@ def test_missing_weights_is_a_model_error(tmp_path):
 
 
 # ----------------------------------------------------- backend behaviour
+def test_an_onnxruntime_error_keeps_every_line_of_its_message_on_one(tmp_path):
+    """ONNX Runtime says which axis of an input is wrong on a second line and ends with
+    a hint: the error keeps the axis, and stays one line."""
+    backend = Model(tmp_path, CONV).onnxruntime()
+    with pytest.raises(BackendError) as caught:
+        backend.forward(np.zeros((1, 3, 17, 15), np.float32))       # CONV takes 4 channels
+    message = str(caught.value)
+    assert "\n" not in message
+    assert re.search(r"invalid dimensions for input.* index: 1 Got: 3 Expected: 4", message)
+
+
 def test_backend_caches_the_converted_model(tmp_path, monkeypatch):
     model = Model(tmp_path, CONV)
     first = model.onnxruntime()

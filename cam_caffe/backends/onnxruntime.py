@@ -160,13 +160,13 @@ class OnnxRuntimeBackend:
     def _failure(self, error: Exception) -> CamError:
         kind = ModelError if self.gpu is None else BackendError
         return kind(f"{self.weights.path}: onnxruntime cannot load the converted net: "
-                    f"{_first_line(error)}", relayed=True)
+                    f"{_message(error)}", relayed=True)
 
     def _run(self, session, outputs: list[str], feeds: dict) -> list[np.ndarray]:
         try:
             return session.run(outputs, feeds)
         except Exception as e:
-            raise BackendError(f"onnxruntime forward failed: {_first_line(e)}") from None
+            raise BackendError(f"onnxruntime forward failed: {_message(e)}") from None
 
     def forward(self, batch: np.ndarray) -> Forward:
         feed = {self.input: np.ascontiguousarray(batch, np.float32)}
@@ -268,6 +268,8 @@ def _finish(temporary: str | None, path: Path | None, keep: bool) -> None:
         pass
 
 
-def _first_line(error: Exception) -> str:
+def _message(error: Exception) -> str:
+    """ONNX Runtime's message on one line: some span several (an input of the wrong
+    shape: what is wrong on the first, which axis on the second, a hint on the last)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
+    return " ".join(lines) if lines else type(error).__name__
