@@ -393,3 +393,17 @@ def test_import_cam_caffe_is_light():
     child, packages = imported("-c", "import cam_caffe")
     assert child.returncode == 0 and "cam_caffe" in packages
     assert not packages & {*HEAVY, "numpy"}
+
+
+@pytest.mark.parametrize("bad", [["--scale", "nan"], ["--mean", "1,2,inf"], ["--model", "nope"],
+                                 ["--box-threshold", "0"], ["--dt-thresholds", "300"],
+                                 ["--gpu", "-1"], ["--input-size", "0x3"], ["--threads", "0"],
+                                 ["--max-memory", "lots"], ["--method", "magic"]])
+def test_evaluate_checks_the_shared_options_as_cam_caffe_does(bad, capsys):
+    """The model, backend, method and box options are declared once: a bad value is the
+    same one-line usage error (exit 2) from both commands, before any model loads."""
+    errors = []
+    for argv in ([str(STAR), *bad], ["evaluate", str(STAR), "--faithfulness", *bad]):
+        assert main(argv) == 2
+        errors.append(capsys.readouterr().err.replace("cam-caffe evaluate --help", "cam-caffe --help"))
+    assert errors[0] == errors[1] and errors[0].count("\n") == 1 and bad[0] in errors[0]
