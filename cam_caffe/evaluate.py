@@ -109,8 +109,9 @@ def read_xml(path: Path) -> dict[str, Truth]:
             if bb is None:
                 continue
             try:
-                x0, y0, x1, y1 = (float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
-            except (TypeError, ValueError):
+                x0, y0, x1, y1 = (float(bb.findtext(corner, ""))
+                                  for corner in ("xmin", "ymin", "xmax", "ymax"))
+            except ValueError:                  # a corner missing ("") or not a number
                 raise CamError(f"{file}: a <bndbox> needs xmin, ymin, xmax, ymax") from None
             box = _box([x0, y0, x1 - x0 + 1, y1 - y0 + 1], str(file))     # inclusive corners
             boxes.append(((obj.findtext("name") or "").strip(), box))
@@ -168,7 +169,8 @@ def first_hits(guesses: list[tuple[int, Box | None]],
 def error_rates(hits: list[tuple[int | None, int | None]]) -> dict[str, float]:
     """Top-1 and top-5 classification and localization error of per-image first hits."""
     def error(which: int, k: int) -> float:
-        return sum(h[which] is None or h[which] >= k for h in hits) / len(hits)
+        ranks = [hit[which] for hit in hits]
+        return sum(rank is None or rank >= k for rank in ranks) / len(hits)
     return {"top1_cls_error": error(0, 1), "top5_cls_error": error(0, 5),
             "top1_loc_error": error(1, 1), "top5_loc_error": error(1, 5)}
 
@@ -177,7 +179,8 @@ def select(images: list[str], truth: dict[str, Truth] | None) -> tuple[list[Inpu
     """The inputs to evaluate (those with ground truth, when there is some) and the
     number left out for lack of it."""
     inputs: list[Input] = []
-    unmatched, seen = 0, dict[str, Path]()
+    seen: dict[str, Path] = {}          # image key → the first input with it
+    unmatched = 0
     for item in collect(images):
         key = image_key(item.path.name)
         if truth is not None and key in seen:

@@ -16,6 +16,7 @@ from nets import square_image, write_square_net
 from cam_caffe import CAMNet
 from cam_caffe.boxes import Box
 from cam_caffe.commands import main
+from cam_caffe.errors import CamError
 from cam_caffe.evaluate import error_rates, first_hits, image_key, read_truth
 
 DEMO = ROOT / "models" / "demo"
@@ -176,6 +177,16 @@ def test_evaluate_errors(square_case, capsys, tmp_path):
     assert "n09999999" in capsys.readouterr().err
     assert main(["evaluate", str(images), "--boxes-file", str(tmp_path / "none.csv"),
                  *map(str, args)]) == 4
+
+
+@pytest.mark.parametrize("corners", ["<xmin>1</xmin><ymin>1</ymin><xmax>5</xmax>",
+                                     "<xmin>1</xmin><ymin>1</ymin><xmax>5</xmax><ymax>five</ymax>"])
+def test_an_xml_box_without_four_numeric_corners_is_refused(tmp_path, corners):
+    path = tmp_path / "a.xml"
+    path.write_text(f"<annotation><filename>a.png</filename><object><name>n00000001</name>"
+                    f"<bndbox>{corners}</bndbox></object></annotation>")
+    with pytest.raises(CamError, match=r"a\.xml: a <bndbox> needs xmin, ymin, xmax, ymax"):
+        read_truth(path)
 
 
 def test_first_hits_and_error_rates():
