@@ -12,6 +12,7 @@ the last blob with a spatial size > 1 that the class scores depend on.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .errors import ModelError
@@ -146,9 +147,11 @@ def _spec(netdef: NetDef, feature: str, fc) -> CamSpec:
     if shape is None or len(shape) != 4:
         raise ModelError(f"{netdef.path}: cannot tell the shape of feature blob '{feature}'")
     fan_in = netdef.shapes.get(fc.bottom[0])
-    if fan_in is not None and fan_in[1] != shape[1]:
-        raise ModelError(f"{netdef.path}: FC layer '{fc.name}' reads {fan_in[1]} values, "
-                         f"but feature blob '{feature}' has {shape[1]} channels")
+    values = math.prod(fan_in[1:]) if fan_in is not None else shape[1]
+    if values != shape[1]:
+        raise ModelError(f"{netdef.path}: FC layer '{fc.name}' reads {values} values per "
+                         f"image, but feature blob '{feature}' has {shape[1]} channels (CAM "
+                         "needs the FC to read the feature blob's global average)")
     score_blob, score_layer, softmax = _score_output(netdef, fc.top[0])
     return CamSpec(feature, netdef.producers[feature], fc.name, score_blob, score_layer,
                    softmax, fc.inner_product_param.num_output, shape[1], (shape[2], shape[3]),

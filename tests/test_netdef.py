@@ -98,6 +98,15 @@ def test_overrides_name_the_layers(tmp_path):
         find_cam_layers(netdef, feature_blob="conv1")
 
 
+def test_an_fc_reading_a_spatial_blob_is_refused(tmp_path):
+    """An FC that reads the whole C×H×W blob, not its global average: a clear error
+    (it was a matmul failure, exit 70)."""
+    prototxt, model = write_random_net(tmp_path, NO_CAM, "nocam")
+    with pytest.raises(ModelError, match=r"FC layer 'fc' reads 36 values per image, but "
+                                         r"feature blob 'pool' has 4 channels"):
+        CAMNet(prototxt, model, backend="opencv", feature_blob="pool", fc_layer="fc")
+
+
 def test_python_layers_are_refused_by_default(tmp_path):
     text = NO_CAM + 'layer { name: "py" type: "Python" bottom: "fc" top: "py" }\n'
     with pytest.raises(ModelError, match="Python layer"):
