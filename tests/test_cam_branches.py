@@ -107,6 +107,38 @@ def test_two_branches_into_the_output_are_refused_with_their_names(tmp_path):
     assert (spec.feature_blob, spec.fc_layer) == ("feat_b", "fc_b")
 
 
+# A third branch, NIN-like: global average pooling straight into a Softmax (no FC).
+NIN_BRANCH = (
+    'layer { name: "conv_c" type: "Convolution" bottom: "data" top: "feat_c" '
+    'convolution_param { num_output: 3 kernel_size: 3 pad: 1 } }\n'
+    'layer { name: "gap_c" type: "Pooling" bottom: "feat_c" top: "gap_c" '
+    'pooling_param { pool: AVE global_pooling: true } }\n'
+    'layer { name: "prob_c" type: "Softmax" bottom: "gap_c" top: "prob_c" }\n')
+MERGED = (
+    'layer { name: "sum" type: "Eltwise" bottom: "fc_a" bottom: "fc_b" top: "sum" }\n'
+    'layer { name: "prob" type: "Softmax" bottom: "sum" top: "prob" }\n')
+
+
+@pytest.mark.parametrize(("end", "message"), [
+    (MERGED, "3 CAM branches (global average pooling → InnerProduct) and 2 of them feed the "
+             "net's final output 'prob': 'feat_a' → 'fc_a', 'feat_b' → 'fc_b'; choose one "
+             "with --feature-blob and --fc-layer"),
+    ('layer { name: "edge" type: "ReLU" bottom: "data" top: "edge" }\n',
+     "3 CAM branches (global average pooling → InnerProduct) and none of them feeds the "
+     "net's final output 'edge': 'feat_a' → 'fc_a', 'feat_b' → 'fc_b', 'feat_c' → 'gap_c'; "
+     "choose one with --feature-blob and --fc-layer")])
+def test_the_refusal_names_exactly_the_branches_in_question(tmp_path, end, message):
+    """Of three branches (one without FC), the two that feed the output, or all three
+    when none does, each as 'feature blob' → 'FC' (or the pooling, without FC)."""
+    order = ["conv_a", "relu_a", "gap_a", "fc_a", "conv_b", "gap_b", "fc_b"]
+    path = tmp_path / "three.prototxt"
+    path.write_text(net_text(order).replace("num_output: 5", "num_output: 3") + NIN_BRANCH
+                    + end)
+    with pytest.raises(ModelError) as error:
+        find_cam_layers(load_netdef(path))
+    assert str(error.value) == f"{path}: {message}"
+
+
 def test_no_branch_into_the_last_layer_is_refused(tmp_path):
     order = ["conv_a", "relu_a", "gap_a", "fc_a", "prob", "conv_b", "gap_b", "fc_b"]
     text = net_text(order) + 'layer { name: "edge" type: "ReLU" bottom: "data" top: "edge" }\n'

@@ -1,11 +1,13 @@
 """Reading and normalising prototxt files, and finding the CAM layers."""
 import math
+import re
 from fractions import Fraction
 
 import numpy as np
 import pytest
 from conftest import ROOT, shared
 from nets import NIN_NET, V1_NET, VGG_LIKE, write_random_net
+from numpy_net import stored_weights
 from synthetic import random_weights, save_caffemodel
 
 from cam_caffe import CAMNet
@@ -98,6 +100,59 @@ def test_overrides_name_the_layers(tmp_path):
         find_cam_layers(netdef, feature_blob="conv1")
 
 
+# GAP → Power → FC: discovery stops at the Power layer; --feature-blob and --fc-layer
+# name the head. The GAP's output is also read by a second layer, after the FC.
+SCALED_HEAD = """
+name: "ScaledHead"
+input: "data"
+input_shape { dim: 1 dim: 3 dim: 8 dim: 8 }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 4 kernel_size: 3 } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "gap" type: "Pooling" bottom: "conv" top: "gap"
+        pooling_param { pool: AVE global_pooling: true } }
+layer { name: "twice" type: "Power" bottom: "gap" top: "twice" power_param { scale: 2 } }
+layer { name: "fc" type: "InnerProduct" bottom: "twice" top: "fc"
+        inner_product_param { num_output: 5 } }
+layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
+"""
+
+
+def test_named_layers_where_discovery_cannot_see_the_head(tmp_path):
+    prototxt, model = write_random_net(tmp_path, SCALED_HEAD, "scaled")
+    netdef = load_netdef(prototxt)
+    with pytest.raises(ModelError, match="no CAM structure found"):
+        find_cam_layers(netdef)
+    spec = find_cam_layers(netdef, "conv", "fc")
+    assert (spec.feature_blob, spec.feature_layer, spec.fc_layer, spec.score_blob,
+            spec.score_layer, spec.softmax, spec.logit_blob, spec.logit_layer) == (
+        "conv", "relu", "fc", "prob", "prob", True, "fc", "fc")
+    assert (spec.num_classes, spec.channels, spec.feature_size) == (5, 4, (6, 6))
+    # The maps are the FC's weights applied to the feature channels (a NumPy sum).
+    net = CAMNet(prototxt, model, backend="opencv", feature_blob="conv", fc_layer="fc",
+                 mean="0")
+    image = np.random.default_rng(1).integers(0, 255, (8, 8, 3), np.uint8)
+    result = net.predict([image], classes=[4, 1])[0]
+    features = net.backend.forward(net.preprocess([image])).features[0].astype(np.float64)
+    w = stored_weights(model)["fc"][0]
+    expected = np.stack([np.tensordot(w[c], features, axes=1) for c in (4, 1)])
+    np.testing.assert_allclose(result.cams, expected, rtol=1e-5, atol=1e-6 * abs(expected).max())
+
+
+@pytest.mark.parametrize(("feature", "fc", "message"), [
+    ("conv", "conv", "layer 'conv' is a Convolution, not an InnerProduct"),
+    (None, "fc", "give --feature-blob with --fc-layer for this net"),
+    ("nope", "fc", "no blob named 'nope'"),
+    ("fc", "fc", "cannot tell the shape of feature blob 'fc'"),
+    ("data", "fc", "FC layer 'fc' reads 4 values per image, but feature blob 'data' has 3 "
+                   "channels"),
+])
+def test_named_layers_that_cannot_make_a_cam_are_refused(tmp_path, feature, fc, message):
+    path = write(tmp_path, SCALED_HEAD)
+    with pytest.raises(ModelError, match=f"^{path}: {re.escape(message)}"):
+        find_cam_layers(load_netdef(path), feature, fc)
+
+
 def test_an_fc_reading_a_spatial_blob_is_refused(tmp_path):
     """An FC that reads the whole C×H×W blob, not its global average: a clear error
     (it was a matmul failure, exit 70)."""
@@ -105,6 +160,19 @@ def test_an_fc_reading_a_spatial_blob_is_refused(tmp_path):
     with pytest.raises(ModelError, match=r"FC layer 'fc' reads 36 values per image, but "
                                          r"feature blob 'pool' has 4 channels"):
         CAMNet(prototxt, model, backend="opencv", feature_blob="pool", fc_layer="fc")
+
+
+def test_a_pooled_vector_read_twice_uses_its_first_reader(tmp_path):
+    """The GAP's output goes to the FC and, after it in the file, to another layer."""
+    text = SCALED_HEAD.replace(
+        'layer { name: "twice" type: "Power" bottom: "gap" top: "twice" power_param '
+        '{ scale: 2 } }\n', "").replace('bottom: "twice"', 'bottom: "gap"').replace(
+        'layer { name: "prob"', 'layer { name: "dup" type: "Power" bottom: "gap" top: "dup" }\n'
+        'layer { name: "prob"')
+    netdef = load_netdef(write(tmp_path, text))
+    assert [layer.name for layer in netdef.consumers("gap")] == ["fc", "dup"]
+    spec = find_cam_layers(netdef)
+    assert (spec.feature_blob, spec.fc_layer, spec.score_blob) == ("conv", "fc", "prob")
 
 
 def test_python_layers_are_refused_by_default(tmp_path):
