@@ -11,7 +11,7 @@ from numpy_net import stored_weights
 from synthetic import random_weights, save_caffemodel
 
 from cam_caffe import CAMNet
-from cam_caffe.camspec import find_cam_layers
+from cam_caffe.camspec import find_cam_layers, find_target
 from cam_caffe.errors import ModelError
 from cam_caffe.netdef import (
     CaffeModel,
@@ -173,6 +173,57 @@ def test_a_pooled_vector_read_twice_uses_its_first_reader(tmp_path):
     assert [layer.name for layer in netdef.consumers("gap")] == ["fc", "dup"]
     spec = find_cam_layers(netdef)
     assert (spec.feature_blob, spec.fc_layer, spec.score_blob) == ("conv", "fc", "prob")
+
+
+# No CAM head: blobs of 5×1 and 2×1 (spatial all the same), a side branch the scores do
+# not depend on, scores reshaped to N×C×1×1 and a Dropout in place on them, last.
+THIN = """
+name: "Thin"
+input: "data"
+input_shape { dim: 1 dim: 3 dim: 5 dim: 2 }
+layer { name: "side" type: "Convolution" bottom: "data" top: "side"
+        convolution_param { num_output: 2 kernel_size: 1 } }
+layer { name: "side_pool" type: "Pooling" bottom: "side" top: "side_pool"
+        pooling_param { pool: MAX kernel_size: 1 } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+        convolution_param { num_output: 4 kernel_h: 1 kernel_w: 2 } }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1"
+        pooling_param { pool: MAX kernel_h: 3 kernel_w: 1 stride_h: 2 stride_w: 1 } }
+layer { name: "fc" type: "InnerProduct" bottom: "pool1" top: "fc"
+        inner_product_param { num_output: 6 } }
+layer { name: "scores" type: "Reshape" bottom: "fc" top: "scores"
+        reshape_param { shape { dim: 0 dim: -1 dim: 1 dim: 1 } } }
+layer { name: "drop" type: "Dropout" bottom: "scores" top: "scores" }
+"""
+
+
+def test_the_target_blob_of_a_net_without_cam_head(tmp_path):
+    netdef = load_netdef(write(tmp_path, THIN))
+    assert [netdef.shapes[b] for b in ("side", "conv1", "pool1", "scores")] == [
+        (1, 2, 5, 2), (1, 4, 5, 1), (1, 4, 2, 1), (1, 6, 1, 1)]
+    spec = find_target(netdef)
+    assert (spec.feature_blob, spec.feature_layer, spec.channels, spec.feature_size) == (
+        "pool1", "pool1", 4, (2, 1))
+    assert (spec.score_blob, spec.score_layer, spec.softmax, spec.num_classes) == (
+        "scores", "drop", False, 6)
+    assert (spec.logit_blob, spec.fc_layer, spec.cam_head) == ("scores", None, False)
+    assert find_target(netdef, "conv1").feature_size == (5, 1)
+    with pytest.raises(ModelError, match=r"--feature-blob 'side': the class scores 'scores' "
+                                         r"do not depend on it; candidates \(input to "
+                                         r"output\): conv1, pool1$"):
+        find_target(netdef, "side")
+
+
+@pytest.mark.parametrize(("last", "shape"), [
+    ('layer { name: "am" type: "ArgMax" bottom: "scores" top: "am" }', "None"),
+    ('layer { name: "am" type: "Reshape" bottom: "scores" top: "am" '
+     'reshape_param { shape { dim: 0 dim: 3 dim: 2 dim: 1 } } }', r"\(1, 3, 2, 1\)"),
+])
+def test_an_output_that_is_not_a_score_vector_is_refused(tmp_path, last, shape):
+    netdef = load_netdef(write(tmp_path, THIN + last + "\n"))
+    with pytest.raises(ModelError, match=rf"the output blob 'am' is not a vector of class "
+                                         rf"scores \(shape {shape}\)$"):
+        find_target(netdef)
 
 
 def test_python_layers_are_refused_by_default(tmp_path):
