@@ -182,9 +182,9 @@ name: "Thin"
 input: "data"
 input_shape { dim: 1 dim: 3 dim: 5 dim: 2 }
 layer { name: "side" type: "Convolution" bottom: "data" top: "side"
-        convolution_param { num_output: 2 kernel_size: 1 } }
+        convolution_param { num_output: 2 kernel_h: 4 kernel_w: 1 } }
 layer { name: "side_pool" type: "Pooling" bottom: "side" top: "side_pool"
-        pooling_param { pool: MAX kernel_size: 1 } }
+        pooling_param { pool: MAX kernel_h: 1 kernel_w: 2 } }
 layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
         convolution_param { num_output: 4 kernel_h: 1 kernel_w: 2 } }
 layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1"
@@ -199,8 +199,8 @@ layer { name: "drop" type: "Dropout" bottom: "scores" top: "scores" }
 
 def test_the_target_blob_of_a_net_without_cam_head(tmp_path):
     netdef = load_netdef(write(tmp_path, THIN))
-    assert [netdef.shapes[b] for b in ("side", "conv1", "pool1", "scores")] == [
-        (1, 2, 5, 2), (1, 4, 5, 1), (1, 4, 2, 1), (1, 6, 1, 1)]
+    assert [netdef.shapes[b] for b in ("side", "side_pool", "conv1", "pool1", "scores")] == [
+        (1, 2, 2, 2), (1, 2, 2, 1), (1, 4, 5, 1), (1, 4, 2, 1), (1, 6, 1, 1)]
     spec = find_target(netdef)
     assert (spec.feature_blob, spec.feature_layer, spec.channels, spec.feature_size) == (
         "pool1", "pool1", 4, (2, 1))
@@ -208,10 +208,22 @@ def test_the_target_blob_of_a_net_without_cam_head(tmp_path):
         "scores", "drop", False, 6)
     assert (spec.logit_blob, spec.fc_layer, spec.cam_head) == ("scores", None, False)
     assert find_target(netdef, "conv1").feature_size == (5, 1)
-    with pytest.raises(ModelError, match=r"--feature-blob 'side': the class scores 'scores' "
-                                         r"do not depend on it; candidates \(input to "
-                                         r"output\): conv1, pool1$"):
-        find_target(netdef, "side")
+    for side in ("side", "side_pool"):
+        with pytest.raises(ModelError, match=rf"--feature-blob '{side}': the class scores "
+                                             r"'scores' do not depend on it; candidates "
+                                             r"\(input to output\): conv1, pool1$"):
+            find_target(netdef, side)
+    # Named layers the discovery cannot read are taken as named (here: no global average
+    # pooling before fc, so refused) rather than dropped for the no-CAM-head default.
+    with pytest.raises(ModelError, match="FC layer 'fc' reads 8 values per image"):
+        find_target(netdef, "pool1", "fc")
+    flat = load_netdef(write(tmp_path, THIN.replace("dim: 5 dim: 2", "dim: 1 dim: 1").replace(
+        "kernel_h: 1 kernel_w: 2", "kernel_size: 1").replace(
+        "kernel_h: 4 kernel_w: 1", "kernel_size: 1").replace(
+        "kernel_h: 3 kernel_w: 1 stride_h: 2 stride_w: 1", "kernel_size: 1"), "flat"))
+    with pytest.raises(ModelError, match=r"no blob with a spatial size > 1 feeds the class "
+                                         r"scores 'scores'$"):
+        find_target(flat)
 
 
 @pytest.mark.parametrize(("last", "shape"), [
