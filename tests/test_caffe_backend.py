@@ -1,0 +1,88 @@
+"""The pycaffe backend's own logic around Caffe: the line of a dying Caffe child that says
+why, which failures are the GPU's (a backend error, exit 4) rather than the net's (a model
+error, exit 3), and the probe child's side. The Caffe messages are Caffe's own (a real
+child's stderr, and the texts of common.cpp and CUDA_CHECK). pycaffe is required under
+CI=true."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import require_pycaffe
+from nets import TINY, write_random_net
+
+from cam_caffe.backends.caffe import _is_gpu_failure, _probe_main, caffe_failure, probe
+from cam_caffe.errors import ModelError
+
+FATAL = ("F20261129 15:44:18.251050 32734 layer_factory.hpp:81] Check failed: "
+         "registry.count(type) == 1 (0 vs. 1) Unknown layer type: NoSuchLayer (known "
+         "types: AbsVal, Accuracy, ArgMax)")
+UNKNOWN = "Check failed: registry.count(type) == 1 (0 vs. 1) Unknown layer type: NoSuchLayer"
+STACK = "*** Check failure stack trace: ***\n    @     0x7f2b0c1d2e3f  google::LogMessage::Fail()"
+
+
+@pytest.fixture
+def bad_net(tmp_path):
+    """A net Caffe cannot build (it aborts), with good weights for its layers."""
+    _prototxt, weights = write_random_net(tmp_path, TINY, "ok")
+    bad = tmp_path / "bad.prototxt"
+    bad.write_text(TINY + 'layer { name: "extra" type: "NoSuchLayer" bottom: "prob" '
+                          'top: "extra" }\n')
+    return bad, weights
+
+
+def test_a_real_caffe_abort_gives_its_check_line(bad_net):
+    require_pycaffe()
+    bad, weights = bad_net
+    child = subprocess.run([sys.executable, "-m", "cam_caffe.backends.caffe", str(bad),
+                            str(weights), ""], capture_output=True, text=True,
+                           env=dict(os.environ, GLOG_minloglevel="1"))
+    assert child.returncode != 0 and "*** Check failure stack trace" in child.stderr
+    assert caffe_failure(child.stderr) == UNKNOWN
+    with pytest.raises(ModelError, match=re.escape(f"{weights}: pycaffe cannot run this net: "
+                                                   f"{UNKNOWN}")):
+        probe(bad, weights, None, False)
+
+
+@pytest.mark.parametrize(("stderr", "reason"), [
+    (f"W1129 10:00:00.000001 7 upgrade_proto.cpp:72] Note\n{FATAL}\n{STACK}\n", UNKNOWN),
+    (f"F1129 10:00:00.000001 7 net.cpp:1] first\n{FATAL}\n", UNKNOWN),     # the last one
+    (f"{FATAL}\ncam-caffe-probe: RuntimeError: later\n", UNKNOWN),         # glog first
+    ("I1129 x\ncam-caffe-probe: RuntimeError: Could not open file a.prototxt\n  tail  \n",
+     "RuntimeError: Could not open file a.prototxt"),
+    ("F1129 not glog\nmiddle\n  last words  \n\n", "last words"),
+    ("\n \n", "the process died without a message"),
+])
+def test_the_reason_is_the_line_that_says_why(stderr, reason):
+    assert caffe_failure(stderr) == reason
+
+
+@pytest.mark.parametrize(("reason", "gpu"), [
+    ("Cannot use GPU in CPU-only Caffe: check mode.", True),
+    ("Check failed: error == cudaSuccess (100 vs. 0)  no CUDA-capable device is detected", True),
+    ("Check failed: error == cudaSuccess (101 vs. 0)  invalid device ordinal", True),
+    ("CPU-only", True), ("CUDA", True), ("cuda", True), ("device", True), ("GPU", True),
+    (UNKNOWN, False),
+    ("Check failed: target_blobs[j]->shape() == source_layer.blobs(j).shape() "
+     "Cannot copy param 0 weights from layer 'fc'; shape mismatch", False),
+    ("RuntimeError: Could not open file a.prototxt", False),
+])
+def test_gpu_failures_are_told_from_the_nets(reason, gpu):
+    assert _is_gpu_failure(reason) is gpu
+
+
+def test_the_probe_child_runs_a_good_net_and_reports_what_pycaffe_raises(tmp_path, capsys):
+    """Its side, in this process (only for what does not abort): a good net loads and
+    runs; a file pycaffe cannot open is its exception's one line and exit status 1."""
+    require_pycaffe()
+    prototxt, weights = write_random_net(tmp_path, TINY, "ok")
+    assert _probe_main(str(prototxt), str(weights), "") is None
+    missing = tmp_path / "missing.caffemodel"
+    with pytest.raises(SystemExit) as exit_:
+        _probe_main(str(prototxt), str(missing), "")
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err == (f"cam-caffe-probe: RuntimeError: Could not open "
+                                       f"file {missing}\n")
