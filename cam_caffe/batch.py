@@ -46,7 +46,7 @@ from .files import TEXT_LIMIT, read_limited
 from .inputs import Input, identity
 from .labels import class_name
 from .output import OutputLedger, remove_stale, write_bytes, write_image
-from .progress import finish, progress_bar
+from .progress import finish, on_terminal, progress_bar
 from .render import DEFAULT_ALPHA, heatmap, overlay_paper, overlay_seed
 from .signals import held, interrupt_for
 
@@ -566,7 +566,7 @@ def run_batch(net: CAMNet, inputs: list[Input], options: Options, out: TextIO | 
         todo = pending_inputs(inputs, options, report, skip)
         if on_chunk is not None:
             on_chunk(ChunkResult(0, records=skipped, failed=list(report.failed)))
-        bar = progress_bar(len(todo), sys.stderr.isatty() and not options.quiet, "img",
+        bar = progress_bar(len(todo), on_terminal() and not options.quiet, "img",
                            mininterval=0)      # drawn after each chunk, cleared for records
         while todo and not stop.is_set():
             chunks = [todo[i:i + options.batch_size]

@@ -11,6 +11,14 @@ if TYPE_CHECKING:
     from tqdm import tqdm
 
 
+def on_terminal() -> bool:
+    """Whether stderr is a terminal (False for a closed or replaced stream)."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 def progress_bar(total: int | None, enabled: bool, unit: str, **options: Any) -> tqdm:
     """A bar counting ``unit`` up to ``total`` (None: unknown), with its rate and the
     time left; a disabled one (or one with nothing to count) draws nothing.
