@@ -19,7 +19,8 @@ def on_terminal() -> bool:
         return False
 
 
-def progress_bar(total: int | None, enabled: bool, unit: str, **options: Any) -> tqdm:
+def progress_bar(total: int | None, enabled: bool, unit: str,
+                 **options: Any) -> tqdm[Any]:
     """A bar counting ``unit`` up to ``total`` (None: unknown), with its rate and the
     time left; a disabled one (or one with nothing to count) draws nothing.
     ``options`` go to tqdm (``desc``, ``initial``, ``mininterval``…).
@@ -30,8 +31,10 @@ def progress_bar(total: int | None, enabled: bool, unit: str, **options: Any) ->
     """
     from tqdm import tqdm  # here: most runs draw no bar
     enabled = enabled and total != 0
+    if enabled:
+        options = {**_terminal_size(), **options}
     return tqdm(total=total, unit=unit, disable=not enabled, file=sys.stderr, leave=False,
-                **(_terminal_size() if enabled else {}), **options)
+                **options)
 
 
 def _terminal_size() -> dict[str, int]:
@@ -44,7 +47,7 @@ def _terminal_size() -> dict[str, int]:
     return {"ncols": size.columns or 80, "nrows": size.lines or 24}
 
 
-def finish(bar: tqdm) -> None:
+def finish(bar: tqdm[Any]) -> None:
     """Close ``bar``. One that reached its total stays, on a line of its own, unless
     it was drawn below another (a method's forwards during a batch); one stopped
     before its total (an interrupted run) is erased."""
