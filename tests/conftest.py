@@ -13,10 +13,15 @@ for the few tests that read what scripts/install_pycaffe.sh left there.
 """
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
+import pty
+import re
+import struct
 import subprocess
 import sys
+import termios
 from pathlib import Path
 
 import numpy as np
@@ -130,3 +135,51 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# ---------------------------------------------------------------- terminals
+
+def terminal_screen(data: bytes) -> list[str]:
+    """The lines a terminal shows for ``data``: \\r returns to the start of the line,
+    ESC[K erases to its end, other text overwrites what is under the cursor (trailing
+    spaces, which look like nothing, are dropped)."""
+    lines, line, col = [], [], 0
+    for token in re.findall(rb"\x1b\[K|\r|\n|[^\r\n\x1b]+|\x1b", data):
+        if token == b"\r":
+            col = 0
+        elif token == b"\n":
+            lines.append("".join(line))
+            line, col = [], 0
+        elif token == b"\x1b[K":
+            del line[col:]
+        else:
+            for ch in token.decode():
+                line[col:col + 1] = [ch]
+                col += 1
+    return [text.rstrip(" ") for text in lines + (["".join(line)] if line else [])]
+
+
+def read_terminal(main_fd: int) -> bytes:
+    """What was written to a pseudo-terminal, read from its main side (then closed)
+    until every writer has closed the other side."""
+    data = b""
+    while True:
+        try:
+            chunk = os.read(main_fd, 65536)
+        except OSError:                  # EIO: the writers closed the terminal
+            break
+        if not chunk:
+            break
+        data += chunk
+    os.close(main_fd)
+    return data
+
+
+def draw_on_terminal(monkeypatch, draw, columns: int = 80) -> list[str]:
+    """The screen after ``draw()`` ran with stderr on a pseudo-terminal of ``columns``."""
+    main_fd, other_fd = pty.openpty()
+    fcntl.ioctl(other_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    with open(other_fd, "w", encoding="utf-8") as terminal, monkeypatch.context() as patch:
+        patch.setattr(sys, "stderr", terminal)
+        draw()
+    return [line for line in terminal_screen(read_terminal(main_fd)) if line]

@@ -13,7 +13,7 @@ import termios
 import cv2
 import numpy as np
 import pytest
-from conftest import ROOT, error_lines, run_cli
+from conftest import ROOT, draw_on_terminal, error_lines, read_terminal, run_cli, terminal_screen
 from nets import COLOUR_ARGS, colour_images, write_colour_net
 
 from cam_caffe import CAMNet
@@ -201,42 +201,6 @@ def test_every_run_ends_with_a_summary_on_stderr(tmp_path):
     assert child.stderr == "" and child.stdout == ""
 
 
-def terminal_screen(data: bytes) -> list[str]:
-    """The lines a terminal shows for ``data``: \\r returns to the start of the line,
-    ESC[K erases to its end, other text overwrites what is under the cursor (trailing
-    spaces, which look like nothing, are dropped)."""
-    lines, line, col = [], [], 0
-    for token in re.findall(rb"\x1b\[K|\r|\n|[^\r\n\x1b]+|\x1b", data):
-        if token == b"\r":
-            col = 0
-        elif token == b"\n":
-            lines.append("".join(line))
-            line, col = [], 0
-        elif token == b"\x1b[K":
-            del line[col:]
-        else:
-            for ch in token.decode():
-                line[col:col + 1] = [ch]
-                col += 1
-    return [text.rstrip(" ") for text in lines + (["".join(line)] if line else [])]
-
-
-def read_terminal(main_fd: int) -> bytes:
-    """What was written to a pseudo-terminal, read from its main side (then closed)
-    until every writer has closed the other side."""
-    data = b""
-    while True:
-        try:
-            chunk = os.read(main_fd, 65536)
-        except OSError:                  # EIO: the writers closed the terminal
-            break
-        if not chunk:
-            break
-        data += chunk
-    os.close(main_fd)
-    return data
-
-
 @pytest.mark.parametrize("columns", [None, 60])       # None: a terminal of size 0x0
 def test_progress_bar_and_records_share_a_terminal_cleanly(tmp_path, columns):
     """stdout and stderr on one terminal: the bar (counts, rate, time left) is redrawn
@@ -265,22 +229,12 @@ def test_progress_bar_and_records_share_a_terminal_cleanly(tmp_path, columns):
     assert len(bars[0]) <= (columns or 80)
 
 
-def on_terminal(monkeypatch, draw, columns: int = 80) -> list[str]:
-    """The screen after ``draw()`` ran with stderr on a pseudo-terminal of ``columns``."""
-    main_fd, other_fd = pty.openpty()
-    fcntl.ioctl(other_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
-    with open(other_fd, "w", encoding="utf-8") as terminal, monkeypatch.context() as patch:
-        patch.setattr(sys, "stderr", terminal)
-        draw()
-    return [line for line in terminal_screen(read_terminal(main_fd)) if line]
-
-
 def test_score_cam_forwards_have_a_bar_that_stays_when_done(monkeypatch, tmp_path):
     prototxt, weights, _ = write_colour_net(tmp_path)
     net = CAMNet(prototxt, weights, backend="opencv", method="scorecam", batch_size=3,
                  progress=True, **COLOUR_ARGS)
     images = colour_images(2)
-    screen = on_terminal(monkeypatch, lambda: net.predict(images, top_k=1))
+    screen = draw_on_terminal(monkeypatch, lambda: net.predict(images, top_k=1))
     k = net.spec.channels
     assert len(screen) == 1 and len(screen[0]) <= 80
     assert re.fullmatch(rf"masked forwards: 100%\|.*\| {2 * k}/{2 * k} "
@@ -298,10 +252,10 @@ def test_a_bar_stopped_before_its_total_is_erased(monkeypatch):
         bar.update(2_500_000)
         finish(bar)
 
-    assert on_terminal(monkeypatch, stopped) == []
-    assert on_terminal(monkeypatch, lambda: finish(progress_bar(10, False, "img"))) == []
-    assert on_terminal(monkeypatch, lambda: finish(progress_bar(0, True, "img"))) == []
-    screen = on_terminal(monkeypatch, done)          # no total: counts and rate
+    assert draw_on_terminal(monkeypatch, stopped) == []
+    assert draw_on_terminal(monkeypatch, lambda: finish(progress_bar(10, False, "img"))) == []
+    assert draw_on_terminal(monkeypatch, lambda: finish(progress_bar(0, True, "img"))) == []
+    screen = draw_on_terminal(monkeypatch, done)          # no total: counts and rate
     assert len(screen) == 1 and re.fullmatch(r"x\.caffemodel: 2\.50MB \[\d\d:\d\d, .*B/s\]",
                                              screen[0]), screen
 

@@ -18,15 +18,16 @@ from urllib.parse import urlsplit
 import cv2
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, draw_on_terminal
 from nets import SQUARE_LABELS, SQUARE_PROTOTXT, square_image, write_square_net
 from synthetic import random_weights, save_caffemodel
+from tqdm import tqdm
 
 from cam_caffe import models
 from cam_caffe.commands import main, options
 from cam_caffe.commands import models as models_command
 from cam_caffe.errors import EXIT_MODEL, ModelError
-from cam_caffe.models import FileSpec, Model
+from cam_caffe.models import FileSpec, Model, fetch, registry, verify
 from cam_caffe.netdef import load_netdef
 
 # The same layer names with other sizes: a caffemodel of "another net".
@@ -116,7 +117,7 @@ def isolated(tmp_path, monkeypatch):
     """A private cache, no base-URL override from the environment, no retry delay."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv(models.BASE_URL_ENV, raising=False)
-    monkeypatch.setattr(models, "RETRY_DELAY", 0.0)
+    monkeypatch.setattr(fetch, "RETRY_DELAY", 0.0)
 
 
 # ---------------------------------------------------------------- generated files
@@ -197,7 +198,7 @@ def test_project_googlenet_prototxt_passes_the_prototxt_checks():
     model = models.get("googlenet-cam")
     assert models.file_path(model, model.prototxt) == \
         ROOT / "prototxt" / "deploy_googlenetCAM.prototxt"
-    netdef, spec = models._check_prototxt(model, models.file_path(model, model.prototxt))
+    netdef, spec = verify.check_prototxt(model, models.file_path(model, model.prototxt))
     assert spec.num_classes == 1000 and netdef.input_shape == (1, 3, 224, 224)
 
 
@@ -215,7 +216,7 @@ def test_path_of_a_model_not_downloaded(capsys):
 
 
 def test_demo_model_absent_then_present(tmp_path, monkeypatch, blobs, capsys):
-    monkeypatch.setattr(models, "PROJECT_ROOT", tmp_path / "project")
+    monkeypatch.setattr(registry, "PROJECT_ROOT", tmp_path / "project")
     with pytest.raises(ModelError, match=r"model 'demo' is not present: .*deploy.prototxt"):
         models.model_path("demo")
     with pytest.raises(ModelError, match="not present"):
@@ -315,20 +316,30 @@ def test_base_url_from_the_environment(server, blobs, monkeypatch):
     assert sorted(name for name, _ in server.requests) == ["tiny.caffemodel", "tiny.prototxt"]
 
 
-def test_progress_bar_on_a_terminal(server, blobs, monkeypatch, capsys):
+def test_progress_bar_on_a_terminal(server, blobs, monkeypatch):
+    """One bar a file, left at 100% with its size; a try that stopped early is erased
+    and the bar of the resumed one starts where it stopped."""
     server.files.update(blobs)
+    good = blobs["tiny.caffemodel"]
+    server.drops["tiny.caffemodel"] = [len(good) // 2]
     register(monkeypatch, server.url)
-    monkeypatch.setattr(models, "_isatty", lambda stream: True)
-    models.download("tiny")
-    err = capsys.readouterr().err
-    assert "tiny.caffemodel [" in err and "100%" in err and "\r" in err
+    screen = draw_on_terminal(monkeypatch, lambda: models.download("tiny"))
+    sizes = {"tiny.prototxt": len(blobs["tiny.prototxt"]), "tiny.txt": len(blobs["tiny.txt"]),
+             "tiny.caffemodel": len(good)}
+    assert len(screen) == 3, screen
+    for line, (name, size) in zip(screen, sizes.items(), strict=True):
+        shown = tqdm.format_sizeof(size)
+        assert line.startswith(f"{name}: 100%|") and f"| {shown}/{shown} [" in line, line
+        assert re.search(r"\[\d\d:\d\d<00:00, +[\d.]+[kMG]?B/s\]$", line), line
 
 
-def test_no_progress_bar_when_not_a_terminal(server, blobs, monkeypatch, capsys):
+def test_no_progress_bar_when_not_a_terminal_or_quiet(server, blobs, monkeypatch, capsys):
     server.files.update(blobs)
     register(monkeypatch, server.url)
     models.download("tiny", progress=True)          # pytest's stderr is not a terminal
     assert capsys.readouterr().err == ""
+    assert draw_on_terminal(monkeypatch,
+                            lambda: models.download("tiny", progress=False, force=True)) == []
 
 
 def test_dropped_connection_is_resumed_with_range(server, blobs, monkeypatch):
