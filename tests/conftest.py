@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, Phase, settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "fixtures"
+GOOGLENET = ROOT / "prototxt" / "deploy_googlenetCAM.prototxt"    # the default model's
 IN_CI = os.environ.get("CI", "").lower() == "true"
 USER_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
 

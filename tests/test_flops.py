@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import GOOGLENET
 from flops import count_flops, layer_flops
 from google.protobuf import text_format
 from nets import SQUARE_PROTOTXT
@@ -17,7 +17,6 @@ from synthetic import random_weights, save_caffemodel
 from cam_caffe import proto
 from cam_caffe.netdef import load_netdef
 
-GOOGLENET = ROOT / "prototxt" / "deploy_googlenetCAM.prototxt"
 GOOGLENET_FLOPS = 4_453_588_320      # 4.45 GFLOP per 224x224 image
 
 MIXED_PROTOTXT = """

@@ -18,11 +18,11 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from conftest import ROOT, shared
+from conftest import GOOGLENET, ROOT, shared
 from google.protobuf import text_format
 from google.protobuf.message import Message
 
-GENERATED = ROOT / "prototxt" / "deploy_googlenetCAM.prototxt"
+GENERATED = GOOGLENET             # what scripts/make_googlenet_cam_prototxt.py writes
 SCRIPT = ROOT / "scripts" / "make_googlenet_cam_prototxt.py"
 
 FILLER_FIELDS = ("weight_filler", "bias_filler")

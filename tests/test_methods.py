@@ -22,7 +22,7 @@ import sys
 import cv2
 import numpy as np
 import pytest
-from conftest import ROOT, assert_rel_close, require_pycaffe
+from conftest import GOOGLENET, ROOT, assert_rel_close, require_pycaffe
 from nets import TINY, noise_images, nontrivial_weights, pycaffe_googlenet_weights
 from numpy_net import bilinear, finite_differences, run_from, stored_weights
 from synthetic import save_caffemodel
@@ -375,7 +375,7 @@ def test_batch_and_top_k_equal_one_image_one_class(tmp_path, method):
 @pytest.fixture(scope="module")
 def googlenet(tmp_path_factory):
     weights = pycaffe_googlenet_weights(tmp_path_factory.mktemp("gcam"), seed=7)
-    return ROOT / "prototxt" / "deploy_googlenetCAM.prototxt", weights
+    return GOOGLENET, weights
 
 
 @pytest.mark.parametrize("blob", ["CAM_conv", "inception_4e/output"])

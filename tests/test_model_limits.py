@@ -15,7 +15,7 @@ from pathlib import Path
 
 import cv2
 import pytest
-from conftest import ROOT, require_pycaffe, shared
+from conftest import GOOGLENET, require_pycaffe, shared
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from nets import CONV, ELTWISE, SQUARE_PROTOTXT, square_case, square_image
@@ -28,7 +28,6 @@ from cam_caffe.errors import ModelError
 from cam_caffe.limits import default_max_memory, human
 from cam_caffe.netdef import forward_bytes, load_netdef
 
-GOOGLENET = ROOT / "prototxt" / "deploy_googlenetCAM.prototxt"
 FEW = settings(max_examples=20, deadline=None,
                suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import cv2
 import numpy as np
 import pytest
-from conftest import ROOT, draw_on_terminal
+from conftest import GOOGLENET, draw_on_terminal
 from nets import SQUARE_LABELS, SQUARE_PROTOTXT, square_image, write_square_net
 from synthetic import random_weights, save_caffemodel
 from tqdm import tqdm
@@ -196,8 +196,7 @@ def test_registry_entries():
 
 def test_project_googlenet_prototxt_passes_the_prototxt_checks():
     model = models.get("googlenet-cam")
-    assert models.file_path(model, model.prototxt) == \
-        ROOT / "prototxt" / "deploy_googlenetCAM.prototxt"
+    assert models.file_path(model, model.prototxt) == GOOGLENET
     netdef, spec = verify.check_prototxt(model, models.file_path(model, model.prototxt))
     assert spec.num_classes == 1000 and netdef.input_shape == (1, 3, 224, 224)
 

@@ -5,7 +5,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-from conftest import ROOT, shared
+from conftest import GOOGLENET, shared
 from nets import NIN_NET, V1_NET, VGG_LIKE, write_random_net
 from numpy_net import stored_weights
 from synthetic import random_weights, save_caffemodel
@@ -276,7 +276,7 @@ def test_cifar_train_test_prototxt_needs_and_takes_an_input_size():
 
 
 def test_googlenet_cam_structure():
-    netdef = load_netdef(ROOT / "prototxt" / "deploy_googlenetCAM.prototxt")
+    netdef = load_netdef(GOOGLENET)
     spec = find_cam_layers(netdef)
     assert (spec.feature_blob, spec.feature_layer, spec.fc_layer, spec.score_blob) == (
         "CAM_conv", "CAM_relu", "CAM_fc", "prob")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import IN_CI, ROOT, shared
+from conftest import GOOGLENET, IN_CI, shared
 from nets import CONV, ELTWISE, SLICE_NET, cam_head, input_block, nontrivial_weights
 from numpy_net import caffe_lrn, caffe_pool
 
@@ -42,7 +42,6 @@ from cam_caffe.netdef import CaffeModel, layer_shapes, load_netdef, read_caffemo
 from cam_caffe.onnx_export import SUPPORTED, convert
 from cam_caffe.onnx_export.pool import pool_windows
 
-GOOGLENET = ROOT / "prototxt" / "deploy_googlenetCAM.prototxt"
 TOLERANCE = 1e-4
 
 

@@ -8,7 +8,7 @@ import sys
 import cv2
 import numpy as np
 import pytest
-from conftest import ROOT, assert_rel_close, require_pycaffe, shared
+from conftest import GOOGLENET, assert_rel_close, require_pycaffe, shared
 from nets import (
     NIN_NET,
     TINY,
@@ -62,7 +62,7 @@ def test_googlenet_cam_backends_agree(googlenet_pycaffe_weights):
     nets, results = compare_backends(prototxt, weights, noise_images(3))
     assert results["caffe"].features.shape == (3, 1024, 14, 14)
     # The project's generated prototxt runs the same weights identically.
-    mine = CAMNet(ROOT / "prototxt" / "deploy_googlenetCAM.prototxt", weights, backend="caffe")
+    mine = CAMNet(GOOGLENET, weights, backend="caffe")
     batch = noise_images(2, seed=5)
     a = mine.backend.forward(mine.preprocess(batch))
     b = nets["caffe"].backend.forward(nets["caffe"].preprocess(batch))

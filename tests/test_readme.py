@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import IN_CI, ROOT, shared
+from conftest import GOOGLENET, IN_CI, ROOT, shared
 from nets import write_random_net
 from PIL import Image
 from synthetic import random_weights, save_caffemodel
@@ -178,7 +178,7 @@ def example_folder(tmp_path_factory):
     finally:
         os.environ.pop("XDG_CACHE_HOME") if old is None else os.environ.update(
             XDG_CACHE_HOME=old)
-    prototxt = ROOT / "prototxt" / "deploy_googlenetCAM.prototxt"
+    prototxt = GOOGLENET
     for path in missing:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".caffemodel":

@@ -2,7 +2,7 @@
 import cv2
 import numpy as np
 import pytest
-from conftest import ROOT, shared
+from conftest import GOOGLENET, shared
 from synthetic import random_weights, save_caffemodel
 
 from cam_caffe import CAMNet
@@ -13,7 +13,7 @@ from cam_caffe.netdef import load_netdef, read_caffemodel
 @pytest.fixture(scope="session")
 def googlenet(tmp_path_factory):
     """The project's GoogLeNet-CAM prototxt and a He-random caffemodel for it."""
-    prototxt = ROOT / "prototxt" / "deploy_googlenetCAM.prototxt"
+    prototxt = GOOGLENET
     model = tmp_path_factory.mktemp("googlenet") / "googlenet_random.caffemodel"
     netdef = load_netdef(prototxt)
     save_caffemodel(netdef, random_weights(netdef, seed=1), model)

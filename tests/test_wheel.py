@@ -25,7 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import GOOGLENET, ROOT
 from synthetic import random_weights, save_caffemodel
 
 from cam_caffe import CAMNet, models
@@ -161,7 +161,7 @@ def test_default_model_after_a_download(installed, server):
         "models download googlenet-cam, or pass --model demo, or --prototxt and --weights\n")
 
     # The official weights' file name, GoogLeNet-CAM with random weights; 1000 labels.
-    prototxt = ROOT / "prototxt" / "deploy_googlenetCAM.prototxt"
+    prototxt = GOOGLENET
     netdef = load_netdef(prototxt)
     save_caffemodel(netdef, random_weights(netdef, seed=5), served / entry.weights.filename)
     (served / entry.labels.filename).write_text("".join(f"class {i}\n" for i in range(1000)))
