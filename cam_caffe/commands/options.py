@@ -21,6 +21,7 @@ from ..errors import EXIT_USAGE, CamError, ModelError
 from ..files import DEFAULT_MAX_PIXELS
 from ..methods import METHODS
 from ..models import DEFAULT_MODEL, Model
+from ..progress import on_terminal
 
 if TYPE_CHECKING:
     from ..api import CAMNet
@@ -257,7 +258,7 @@ def load_net(args: argparse.Namespace, quiet: bool = False) -> CAMNet:
                  allow_python_layers=args.allow_python_layers, max_pixels=args.max_pixels,
                  max_memory=args.max_memory, verbose=args.verbose,
                  method=args.method, batch_size=args.batch_size, threads=args.threads,
-                 progress=sys.stderr.isatty() and not quiet)
+                 progress=on_terminal() and not quiet)
     if args.verbose:
         spec = net.spec
         print(f"cam-caffe: method {net.method} at blob '{spec.feature_blob}' "
