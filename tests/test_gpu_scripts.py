@@ -76,9 +76,12 @@ def _sdist() -> Path:
 
 
 def _touched_files(patches: list[Path]) -> set[str]:
+    """The sdist's files that the patches change (not those they create)."""
     files = set()
     for patch in patches:
-        files.update(re.findall(r"^\+\+\+ b/(\S+)", patch.read_text(), re.M))
+        text = patch.read_text()
+        created = re.findall(r"^--- /dev/null\n\+\+\+ b/(\S+)", text, re.M)
+        files.update(set(re.findall(r"^\+\+\+ b/(\S+)", text, re.M)) - set(created))
     return files
 
 
