@@ -44,7 +44,8 @@
 #          their tests/ folders are pruned.
 #   app/   the cam_caffe package (this checkout's), prototxt/,
 #          scripts/gpu_check.py + scripts/bundle_check.py, tests/synthetic.py, and
-#          benchmarks/bench_cores.py + common.py (GPU end to end vs forward).
+#          benchmarks/bench_cores.py + common.py (GPU end to end vs forward),
+#          bench_pycaffe_threads.py (pycaffe's CPU forward by cores).
 #   run.sh sets LD_LIBRARY_PATH/PYTHONPATH/PYTHONHOME and runs
 #          `python3.11 -m cam_caffe "$@"` (see `run.sh --bundle-help`).
 # The host needs glibc >= 2.36 (Debian 12's python), e.g. Ubuntu 24.04.
@@ -247,7 +248,8 @@ cp "$ROOT/scripts/gpu_check.py" "$STAGE/app/scripts/"
 mkdir -p "$STAGE/app/tests"
 cp "$ROOT/tests/synthetic.py" "$STAGE/app/tests/"       # gpu_check's random weights
 mkdir -p "$STAGE/app/benchmarks"
-cp "$ROOT/benchmarks/bench_cores.py" "$ROOT/benchmarks/common.py" "$STAGE/app/benchmarks/"
+cp "$ROOT/benchmarks/bench_cores.py" "$ROOT/benchmarks/bench_pycaffe_threads.py" \
+  "$ROOT/benchmarks/common.py" "$STAGE/app/benchmarks/"
 cat > "$STAGE/app/scripts/bundle_check.py" <<'EOF'
 """Bundle self-check: import everything, then list every shared library this
 process mapped that is neither inside the bundle nor an expected host
