@@ -19,11 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, require_pycaffe
+from conftest import GOOGLENET, ROOT, assert_rel_close, require_pycaffe
 from nets import write_random_net
 from numpy_net import layer_forward, stored_weights
 from synthetic import random_weights, save_caffemodel
-from test_parity import assert_rel_close
 
 from cam_caffe.netdef import load_netdef
 
@@ -163,7 +162,7 @@ def test_googlenet_cam_threads_bit_for_bit(tmp_path):
     """GoogLeNet-CAM (random weights, the benchmarks' model) at batch 3 on 1 and 2
     threads: every blob the same."""
     require_pycaffe()
-    prototxt = ROOT / "prototxt" / "deploy_googlenetCAM.prototxt"
+    prototxt = GOOGLENET
     weights = tmp_path / "googlenet.caffemodel"
     netdef = load_netdef(prototxt)
     save_caffemodel(netdef, random_weights(netdef, 0), weights)
