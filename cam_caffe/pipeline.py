@@ -40,6 +40,7 @@ import cv2
 from .api import CAMNet
 from .backends import cpu_threads, usable_cores
 from .budget import MemoryBudget
+from .signals import blocked
 
 PARENT_POLL_S = 0.5        # how often a worker checks that its parent is alive
 
@@ -74,10 +75,14 @@ class ProcessPool(Executor):
         copies: dict[str, object] = {"net": worker_net, "budget": budget}
         self._pool = ProcessPoolExecutor(workers, _CONTEXT, initializer=_start_worker,
                                          initargs=(copies, os.getpid()))
-        # Start every worker now, from this thread: the pool would start them one
-        # by one on the first calls, from whichever thread made them.
+        # Start every worker now, from this thread (the pool would start them one
+        # by one on the first calls, from whichever thread made them), with the
+        # signals blocked: the parent stops the workers, and a Ctrl-C to the whole
+        # process group must not hit a worker still importing (a traceback).
         try:
-            for future in [self._pool.submit(int) for _ in range(workers)]:
+            with blocked():
+                futures = [self._pool.submit(int) for _ in range(workers)]
+            for future in futures:
                 future.result()
         except BaseException:
             self._pool.shutdown(wait=False, cancel_futures=True)
@@ -116,7 +121,8 @@ _calling = threading.Lock()           # held by a worker while it runs a call
 
 def _start_worker(shared: dict[str, object], parent: int) -> None:
     """A worker's set-up: its copies of the shared objects, one thread for OpenCV
-    (a worker per core), signals left to the parent, and a watch on the parent."""
+    (a worker per core), signals left to the parent (blocked since it started;
+    now also ignored), and a watch on the parent."""
     _shared.update(shared)
     cv2.setNumThreads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

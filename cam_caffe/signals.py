@@ -33,6 +33,19 @@ def raise_on_signals() -> None:
         signal.signal(signum, _raise)
 
 
+@contextmanager
+def blocked() -> Iterator[None]:
+    """SIGINT and SIGTERM blocked in this thread during the block: one that comes
+    meanwhile is delivered after it. A process started meanwhile inherits the
+    block from its first instruction on, so it can never be interrupted, not
+    even while Python starts up and imports."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def ignore_signals() -> None:
     """From now on SIGINT and SIGTERM do nothing (the process is on its way out)."""
     for signum in SIGNALS:

@@ -106,6 +106,23 @@ def test_a_call_sends_the_net_by_reference_and_the_budget_is_shared():
         pool.shutdown()
 
 
+def test_workers_start_with_the_signals_blocked():
+    """Each worker has SIGINT and SIGTERM blocked from its first instruction (read
+    from /proc as soon as the pool exists, while a worker may still be importing):
+    a Ctrl-C to the process group never interrupts one into a traceback."""
+    pool = ProcessPool(CAMNet(*DEMO_NET, backend="opencv"), 2)
+    try:
+        for pid in pool._pool._processes:
+            status = Path(f"/proc/{pid}/status").read_text()
+            blocked = int(next(line for line in status.splitlines()
+                               if line.startswith("SigBlk:")).split()[1], 16)
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                assert blocked >> (signum - 1) & 1, f"worker {pid}: {signum.name} not blocked"
+        assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])   # not here
+    finally:
+        pool.shutdown()
+
+
 def test_default_workers_are_the_cores_the_forward_leaves():
     cores = usable_cores()
     assert default_workers(0, None) == cores - 1                  # a GPU forward
