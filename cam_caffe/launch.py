@@ -94,10 +94,14 @@ def entry() -> None:
         ignore_signals()
         say("cam-caffe: interrupted")
         os._exit(128 + received[0])
-    raise_on_signals()
+    started = False
     try:
+        raise_on_signals()
+        started = True
         code = main()
-    except KeyboardInterrupt as e:    # a second signal just as main() handled the first
+    except KeyboardInterrupt as e:    # as the handlers were set, or just as main() handled one
+        if not started:
+            say("cam-caffe: interrupted")
         code = exit_code(e)
     ignore_signals()
     try:

@@ -63,6 +63,17 @@ def interrupt_for(signum: int) -> KeyboardInterrupt:
 
 
 @contextmanager
+def deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back during the block, then raise the first one received
+    (KeyboardInterrupt or Terminated): for imports, where an exception raised by a
+    signal handler can land in the import machinery's callbacks and be lost."""
+    with held() as received:
+        yield
+    if received:
+        raise interrupt_for(received[0])
+
+
+@contextmanager
 def held(on_signal: Callable[[], None] | None = None) -> Iterator[list[int]]:
     """Hold SIGINT and SIGTERM back during the block: they are recorded in the list
     it yields (and ``on_signal`` is called) instead of interrupting. On the main

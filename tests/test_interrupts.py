@@ -23,6 +23,8 @@ import pytest
 from conftest import ROOT
 
 from cam_caffe import output
+from cam_caffe.errors import Terminated
+from cam_caffe.signals import deferred
 
 COMMAND = [sys.executable, "-m", "cam_caffe", "--model", "demo"]
 
@@ -184,3 +186,22 @@ def test_killed_run_leaves_nothing_that_looks_done(images, tmp_path):
     assert resumed.returncode == 0
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
     assert len(list(out.glob("*.json"))) == 120
+
+
+@pytest.mark.parametrize(("signum", "raised"), [(signal.SIGINT, KeyboardInterrupt),
+                                                (signal.SIGTERM, Terminated)])
+def test_deferred_finishes_the_block_then_raises_the_signal(signum, raised):
+    """What the commands parse and import under: a signal during the block (an import)
+    does not cut it short, and is raised right after it."""
+    steps = []
+
+    def block() -> None:
+        with deferred():
+            os.kill(os.getpid(), signum)
+            steps.append("after the signal")
+        steps.append("after the block")
+    with pytest.raises(raised):
+        block()
+    assert steps == ["after the signal"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # restored
+

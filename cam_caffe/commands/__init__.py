@@ -18,7 +18,7 @@ import threading
 
 from ..errors import EXIT_INTERNAL, CamError, Terminated, one_line
 from ..launch import reader_gone, say
-from ..signals import exit_code, ignore_signals
+from ..signals import deferred, exit_code, ignore_signals
 
 # The first argument names a command module; anything else runs ``run``.
 SUBCOMMANDS = ("models", "evaluate", "export")
@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         command = argv[0] if argv and argv[0] in SUBCOMMANDS else "run"
-        module = importlib.import_module(f"{__name__}.{command}")
+        with deferred():                         # a Ctrl-C during the imports acts after them
+            module = importlib.import_module(f"{__name__}.{command}")
         return module.main(argv[1:] if command != "run" else argv)
     except CamError as e:
         say(f"cam-caffe: error: {one_line(str(e))}")

@@ -4,11 +4,14 @@ a batch (--output-dir, --jsonl, --dask): a thin layer over :class:`cam_caffe.CAM
 The modules that run the net and write its outputs (``api``, ``batch``,
 ``report``, ``cluster``: NumPy, OpenCV, Pillow, a backend) are imported where
 they are used, once the arguments are read: ``--help``, ``--version`` and a
-usage error never load them.
+usage error never load them. Parsing and those imports run with SIGINT and
+SIGTERM held back (``signals.deferred``): a Ctrl-C meanwhile is acted on after
+them, never lost inside the import machinery.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -25,6 +28,7 @@ from ..launch import say
 from ..models import DEFAULT_MODEL
 from ..output import check_writable, image_format, write_image
 from ..render import DEFAULT_ALPHA, STYLES
+from ..signals import deferred
 from .options import (
     ArgumentParser,
     add_backend_options,
@@ -255,10 +259,13 @@ def report_writer(args: argparse.Namespace, net: CAMNet, options: Options,
 def main(argv: list[str]) -> int:
     """``cam-caffe INPUT… [options]``: the exit code."""
     started = time.monotonic()
-    args = build_parser().parse_args(argv)
-    check_arguments(args)
-    from ..batch import Report, run_batch
-    from ..cluster import dask_client
+    with deferred():          # parsing and the imports: a Ctrl-C meanwhile acts after them
+        args = build_parser().parse_args(argv)
+        check_arguments(args)
+        for module in ("api", "boxes", "pipeline", "report"):     # used below: loaded now
+            importlib.import_module(f"cam_caffe.{module}")
+        from ..batch import Report, run_batch
+        from ..cluster import dask_client
     problems: list[CamError] = []           # inputs that could not even be listed
     inputs = collect(args.images, args.output_dir, problems=problems)
     if not inputs and problems:
