@@ -238,6 +238,14 @@ def test_an_output_that_is_not_a_score_vector_is_refused(tmp_path, last, shape):
         find_target(netdef)
 
 
+def test_a_net_of_its_input_alone_has_no_output(tmp_path):
+    path = write(tmp_path, 'name: "Empty"\nlayer { name: "data" type: "Input" top: "data" '
+                           'input_param { shape { dim: 1 dim: 3 dim: 4 dim: 4 } } }\n')
+    with pytest.raises(ModelError, match=f"^{re.escape(str(path))}: the net has no output "
+                                         "blob$"):
+        find_target(load_netdef(path))
+
+
 def test_python_layers_are_refused_by_default(tmp_path):
     text = NO_CAM + 'layer { name: "py" type: "Python" bottom: "fc" top: "py" }\n'
     with pytest.raises(ModelError, match="Python layer"):
