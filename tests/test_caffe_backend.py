@@ -14,7 +14,13 @@ import pytest
 from conftest import require_pycaffe
 from nets import TINY, write_random_net
 
-from cam_caffe.backends.caffe import _is_gpu_failure, _probe_main, caffe_failure, probe
+from cam_caffe.backends.caffe import (
+    _is_gpu_failure,
+    _probe_main,
+    caffe_failure,
+    first_reader,
+    probe,
+)
 from cam_caffe.errors import ModelError
 
 FATAL = ("F20261129 15:44:18.251050 32734 layer_factory.hpp:81] Check failed: "
@@ -86,3 +92,21 @@ def test_the_probe_child_runs_a_good_net_and_reports_what_pycaffe_raises(tmp_pat
     assert exit_.value.code == 1
     assert capsys.readouterr().err == (f"cam-caffe-probe: RuntimeError: Could not open "
                                        f"file {missing}\n")
+
+
+def test_backward_ends_at_the_first_layer_reading_the_blobs_final_value(tmp_path):
+    """Not at the in-place ReLU on it; at Caffe's own Split where two layers read it."""
+    caffe = require_pycaffe()
+    two_readers = TINY.replace(
+        'layer { name: "prob"',
+        'layer { name: "side" type: "Pooling" bottom: "conv" top: "side" '
+        'pooling_param { pool: MAX global_pooling: true } }\nlayer { name: "prob"')
+    nets = {}
+    for name, text in (("tiny", TINY), ("two", two_readers)):
+        prototxt, weights = write_random_net(tmp_path, text, name)
+        nets[name] = caffe.Net(str(prototxt), caffe.TEST, weights=str(weights))
+    assert first_reader(nets["tiny"], "conv") == "gap"
+    split = first_reader(nets["two"], "conv")
+    assert nets["two"].layer_dict[split].type == "Split"
+    with pytest.raises(ModelError, match=r"^no layer reads blob 'prob'$"):
+        first_reader(nets["tiny"], "prob")

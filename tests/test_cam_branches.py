@@ -160,3 +160,4 @@ def test_the_last_layer_of_the_file_decides(tmp_path):
     path.write_text(net_text(order))
     spec = find_cam_layers(load_netdef(path))
     assert (spec.feature_blob, spec.fc_layer, spec.softmax) == ("feat_b", "fc_b", False)
+    assert (spec.logit_blob, spec.logit_layer) == ("fc_b", "fc_b")     # no Softmax: the scores

@@ -6,7 +6,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 from conftest import GOOGLENET, shared
-from nets import NIN_NET, V1_NET, VGG_LIKE, write_random_net
+from nets import NIN_NET, TINY, V1_NET, VGG_LIKE, write_random_net
 from numpy_net import stored_weights
 from synthetic import random_weights, save_caffemodel
 
@@ -244,6 +244,15 @@ def test_a_net_of_its_input_alone_has_no_output(tmp_path):
     with pytest.raises(ModelError, match=f"^{re.escape(str(path))}: the net has no output "
                                          "blob$"):
         find_target(load_netdef(path))
+
+
+def test_global_max_pooling_is_no_cam_head(tmp_path):
+    """CAM needs the average: a global MAX pooling → FC is not a CAM head."""
+    text = TINY.replace("pool: AVE global_pooling: true", "pool: MAX global_pooling: true")
+    netdef = load_netdef(write(tmp_path, text))
+    with pytest.raises(ModelError, match="no CAM structure found"):
+        find_cam_layers(netdef)
+    assert not find_target(netdef).cam_head
 
 
 def test_python_layers_are_refused_by_default(tmp_path):
