@@ -255,6 +255,23 @@ def test_global_max_pooling_is_no_cam_head(tmp_path):
     assert not find_target(netdef).cam_head
 
 
+@pytest.mark.parametrize(("pooling", "top"), [
+    ("kernel_h: 2 kernel_w: 7", (1, 4, 8, 1)), ("kernel_h: 9 kernel_w: 2", (1, 4, 1, 6)),
+    ("kernel_h: 9 kernel_w: 7 pad_h: 1", (1, 4, 3, 1)),
+    ("kernel_h: 9 kernel_w: 7 pad: 1", (1, 4, 3, 3)), ("kernel_h: 9 kernel_w: 7", None)])
+def test_an_average_pooling_is_global_only_over_the_whole_unpadded_map(tmp_path, pooling, top):
+    """The 9×7 map of TINY's conv, pooled by AVE with a kernel of one axis only, or the whole
+    map with padding: no CAM head; the whole map without padding: the CAM head."""
+    text = TINY.replace("pool: AVE global_pooling: true", f"pool: AVE {pooling}")
+    netdef = load_netdef(write(tmp_path, text))
+    if top is None:
+        assert netdef.shapes["gap"] == (1, 4, 1, 1) and find_cam_layers(netdef).fc_layer == "fc"
+        return
+    assert netdef.shapes["gap"] == top
+    with pytest.raises(ModelError, match="no CAM structure found"):
+        find_cam_layers(netdef)
+
+
 def test_python_layers_are_refused_by_default(tmp_path):
     text = NO_CAM + 'layer { name: "py" type: "Python" bottom: "fc" top: "py" }\n'
     with pytest.raises(ModelError, match="Python layer"):
