@@ -108,22 +108,24 @@ def main_process_costs(folder, batch: int) -> list[list[str]]:
     from pathlib import Path
 
     from cam_caffe import CAMNet
-    from cam_caffe.batch import Options, process
+    from cam_caffe.batch import Options, finish_image
     from cam_caffe.inputs import Input
     from cam_caffe.pipeline import _SharedPickler
 
     net = CAMNet(PROTOTXT, googlenet_weights(), backend="opencv")
     paths = sorted(folder.glob("*.jpg"))[:batch]
     images = [net.load(p) for p in paths]
-    predictions = net.predict(images)
+    options = Options()
+    results = net.predict(images, items=[Input(p, Path(p.stem)) for p in paths])
     decoded = [pickle.dumps(image, protocol=5) for image in images]
+    finished = [pickle.dumps(finish_image(net, result, image, options), protocol=5)
+                for result, image in zip(results, images, strict=True)]
 
     def send() -> None:
-        for path, image, prediction in zip(paths, images, predictions, strict=True):
+        for image, result in zip(images, results, strict=True):
             buffer = io.BytesIO()
-            item = Input(path, Path(path.stem))
-            _SharedPickler(buffer, {"net": net}).dump(
-                (process, (net, item, image, prediction, Options()), {}))
+            _SharedPickler(buffer, {"net": net}).dump((finish_image,
+                                                       (net, result, image, options), {}))
             pickle.dumps(buffer.getvalue(), protocol=5)
 
     def cpu_ms(fn) -> str:
@@ -135,6 +137,8 @@ def main_process_costs(folder, batch: int) -> list[list[str]]:
 
     return [["preprocess (resize, mean, NCHW)", cpu_ms(lambda: net.preprocess(images))],
             ["receive a decoded image", cpu_ms(lambda: [pickle.loads(d) for d in decoded])],
+            ["receive a finished image's result and record",
+             cpu_ms(lambda: [pickle.loads(d) for d in finished])],
             ["send image and maps to a render worker", cpu_ms(send)]]
 
 

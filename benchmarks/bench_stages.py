@@ -41,13 +41,14 @@ NOT_DEFAULT = ("boxes",)          # timed, but not part of a default run
 
 def stage_times(net, paths: list[Path], batch_size: int, out_dir: Path) -> dict[str, float]:
     """Seconds per image of each stage over ``paths`` (one pass)."""
-    from cam_caffe.api import Prediction
-    from cam_caffe.batch import Options, find_boxes, render_overlay
+    from cam_caffe.boxes import BoxRule
     from cam_caffe.cam import class_activation_maps
+    from cam_caffe.compose import Look, render_overlay
     from cam_caffe.output import encode_image, write_bytes
+    from cam_caffe.result import ImageResult
 
-    options = Options(output_dir=out_dir)
-    boxed = Options(output_dir=out_dir, boxes="paper")
+    look = Look(net_size=net.input_size)
+    boxed = BoxRule("paper")
     total: dict[str, float] = defaultdict(float)
     clock = time.perf_counter
 
@@ -62,19 +63,19 @@ def stage_times(net, paths: list[Path], batch_size: int, out_dir: Path) -> dict[
         t3 = clock()
         chosen = net._choose(out.probs, None, 1)
         cams = class_activation_maps(out.features, net.cam_weights, chosen)
-        results = [Prediction(out.probs[i], [int(c) for c in chosen[i]], cams[i],
-                              images[i].shape[:2]) for i in range(len(images))]
+        results = [ImageResult(out.probs[i], [int(c) for c in chosen[i]], cams[i],
+                               images[i].shape[:2]) for i in range(len(images))]
         t4 = clock()
         for stage, seconds in zip(("decode", "preprocess", "forward", "CAM"),
                                   (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
             total[stage] += seconds
         for path, image, result in zip(chunk, images, results, strict=True):
             t0 = clock()
-            cam_full = result.cam(result.classes[0], result.image_size)
+            cam_full = result.full_map(0)
             t1 = clock()
-            find_boxes(cam_full, boxed)
+            boxed.find(cam_full)
             t2 = clock()
-            overlay = render_overlay(net, image, cam_full, [], options)
+            overlay = render_overlay(image, cam_full, [], look)
             t3 = clock()
             target = out_dir / f"{path.stem}.cam.png"
             data = encode_image(target, overlay)

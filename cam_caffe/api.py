@@ -5,57 +5,35 @@
     result = net.predict([net.load("img1.jpg")])[0]
     result.top(5)                       # [(class id, label, probability), …]
     result.cam(result.classes[0], result.image_size)  # the top-1 class's raw CAM, image size
+
+Each result is a :class:`cam_caffe.result.ImageResult`, made once by ``predict``.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .backends import Backend, create_backend
-from .cam import cam_weights, upsample
+from .boxes import NO_BOXES, BoxRule
+from .cam import cam_weights
 from .camspec import CamSpec, find_target
 from .errors import CamError, ModelError
 from .files import DEFAULT_MAX_PIXELS
 from .image import load_image
-from .labels import class_name, read_labels, resolve_class
+from .inputs import Input
+from .labels import read_labels, resolve_class
 from .limits import check as check_memory
 from .limits import default_max_memory, max_batch
 from .methods import GRADIENT_METHODS, METHODS, Evidence, compute
 from .netdef import CaffeModel, check_weights, load_netdef
 from .preprocess import Preprocessor, parse_mean
+from .result import ImageResult
 from .tencrop import merge_ten_crops, ten_crops
 
-
-@dataclass
-class Prediction:
-    """One image's result: probabilities and raw maps at feature resolution."""
-
-    probs: np.ndarray             # (C,) float32
-    classes: list[int]            # the classes whose maps were computed, in order
-    cams: np.ndarray              # (len(classes), h, w) float32, the method's raw maps
-    image_size: tuple[int, int]   # (H, W) of the original image
-    labels: list[str] | None = None
-
-    def top(self, k: int = 5) -> list[tuple[int, str, float]]:
-        """The k most probable classes as (id, label, probability)."""
-        order = np.argsort(-self.probs, kind="stable")[:k]
-        return [(int(i), class_name(self.labels, int(i)), float(self.probs[i])) for i in order]
-
-    def cam(self, class_id: int | str, size: tuple[int, int] | None = None) -> np.ndarray:
-        """The raw CAM of ``class_id`` (an id or a label name), bilinearly upsampled to
-        ``size`` (H, W) if given. Only the classes in ``classes`` were computed."""
-        index = resolve_class(class_id, self.labels, len(self.probs))
-        if index not in self.classes:
-            computed = ", ".join(f"{c} ({class_name(self.labels, c)})" for c in self.classes)
-            raise CamError(f"no CAM computed for class {index} "
-                           f"({class_name(self.labels, index)}): this prediction has "
-                           f"{computed}; ask predict() for it with classes=[{index}]")
-        raw = self.cams[self.classes.index(index)]
-        return raw if size is None else upsample(raw, size)
+Prediction = ImageResult           # the API's earlier name for one image's result
 
 
 def absolute(path: str | Path) -> Path:
@@ -153,27 +131,46 @@ class CAMNet:
         return [resolve_class(c, self.labels, self.spec.num_classes) for c in classes]
 
     def predict(self, images: Sequence[np.ndarray], classes: Sequence[int | str] | None = None,
-                top_k: int = 1, ten_crop: bool = False) -> list[Prediction]:
+                top_k: int = 1, ten_crop: bool = False, *, boxes: BoxRule = NO_BOXES,
+                items: Sequence[Input] | None = None) -> list[ImageResult]:
         """Forward a batch of BGR images; CAMs of ``classes`` (ids or label names), else
         of each image's top-k.
 
         With ``ten_crop``, the official test-time procedure: probabilities
         averaged over ten crops and the CAMs merged back into one map at the
         resize size (256 for a 224 net), instead of one feature-size map.
+        Each result finds its boxes by ``boxes`` when asked for them, and
+        carries its input from ``items`` (one per image) when given.
         """
         if classes is not None:
             classes = self.class_ids([classes] if isinstance(classes, (str, int)) else classes)
         if not images:
             return []
-        check_memory(self.netdef, len(images) * (10 if ten_crop else 1), self.max_memory)
+        crops = 10 if ten_crop else 1
+        check_memory(self.netdef, len(images) * crops, self.max_memory)
         if ten_crop:
-            return self._predict_ten_crop(images, classes, top_k)
-        batch = self.preprocess(list(images))
+            resize, crop = self._ten_crop_sizes()
+            batch = self.preprocess([c for image in images for c in ten_crops(image, resize, crop)])
+        else:
+            batch = self.preprocess(list(images))
         out = self.backend.forward(batch)
-        chosen = self._choose(out.probs, classes, top_k)
-        cams = self._maps(batch, out, chosen)
-        return [Prediction(out.probs[i], [int(c) for c in chosen[i]], cams[i],
-                           images[i].shape[:2], self.labels) for i in range(len(images))]
+        probs = out.probs if crops == 1 else out.probs.reshape(len(images), crops, -1).mean(axis=1)
+        chosen = self._choose(probs, classes, top_k)
+        cams = self._maps(batch, out, np.repeat(chosen, crops, axis=0) if ten_crop else chosen)
+        if ten_crop:
+            cams = np.stack([[merge_ten_crops(cams[10 * i:10 * i + 10, m], resize, crop)
+                              for m in range(chosen.shape[1])] for i in range(len(images))])
+        return [ImageResult(probs[i], [int(c) for c in chosen[i]], cams[i], images[i].shape[:2],
+                            self.labels, self.method, ten_crop,
+                            items[i] if items is not None else None, boxes)
+                for i in range(len(images))]
+
+    def _ten_crop_sizes(self) -> tuple[int, int]:
+        """(resize, crop) of the ten-crop procedure for this net's square input."""
+        height, width = self.input_size
+        if height != width:
+            raise CamError(f"--ten-crop needs a square net input, this one is {height}x{width}")
+        return round(height * 256 / 224), height
 
     def _maps(self, batch: np.ndarray, out, classes: np.ndarray) -> np.ndarray:
         """The method's raw maps (N, M, h, w) of ``classes`` (N, M) for one forward ``out``."""
@@ -188,24 +185,3 @@ class CAMNet:
         if classes is not None:
             return np.tile(np.asarray(classes, int), (len(probs), 1))
         return np.argsort(-probs, axis=1, kind="stable")[:, :max(1, top_k)]
-
-    def _predict_ten_crop(self, images: Sequence[np.ndarray], classes: Sequence[int] | None,
-                          top_k: int) -> list[Prediction]:
-        height, width = self.input_size
-        if height != width:
-            raise CamError(f"--ten-crop needs a square net input, this one is {height}x{width}")
-        resize = round(height * 256 / 224)
-        crops = [crop for image in images for crop in ten_crops(image, resize, height)]
-        batch = self.preprocess(crops)
-        out = self.backend.forward(batch)
-        probs = out.probs.reshape(len(images), 10, -1).mean(axis=1)
-        chosen = self._choose(probs, classes, top_k)
-        cams = self._maps(batch, out, np.repeat(chosen, 10, axis=0))
-        results = []
-        for i, image in enumerate(images):
-            per_crop = cams[10 * i:10 * i + 10]                     # (10, M, h, w)
-            merged = np.stack([merge_ten_crops(per_crop[:, m], resize, height)
-                               for m in range(chosen.shape[1])])
-            results.append(Prediction(probs[i], [int(c) for c in chosen[i]], merged,
-                                      image.shape[:2], self.labels))
-        return results

@@ -1,13 +1,9 @@
 """Run a CAM net over many images: batches, prefetching, outputs, and a failure report.
 
-Per image it writes, under the output directory and mirroring the inputs'
-relative paths (``stem`` = the image's relative path without extension):
-
-- ``stem.cam.png`` the overlay (``stem.cam-R.png`` for the R-th of several maps),
-- ``stem.heatmap.png`` the coloured map (same numbering),
-- ``stem.cam.npy`` the raw maps (M, h, w) and ``stem.cam-full.npy`` at image size,
-- ``stem.json`` the predictions, maps and boxes, ``stem.montage.png`` with --montage,
-- ``stem.thumb.jpg`` a small overlay without boxes (``--report``'s cards).
+Per image: decode, one forward pass per chunk (``CAMNet.predict`` makes each
+image's :class:`~cam_caffe.result.ImageResult`), then on a worker its files
+(named as ``naming.py`` says, under the output directory, mirroring the
+inputs' relative paths) and its JSON record (``result.record``).
 
 One bad image never stops the batch: it is reported at the end.
 """
@@ -24,18 +20,18 @@ from concurrent.futures import BrokenExecutor, Executor, Future, ThreadPoolExecu
 from contextlib import AbstractContextManager, closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-import cv2
 import numpy as np
 
-from .api import CAMNet, Prediction
-from .boxes import Box, draw_boxes, dt_boxes_from_cam, paper_box
+from . import naming
+from .api import CAMNet
+from .boxes import BoxRule
 from .budget import MemoryBudget, Postponed, memory_budget
+from .compose import Look, montage, render_overlay, thumbnail
 from .errors import (
     EXIT_INPUT,
     EXIT_INTERNAL,
-    EXIT_MODEL,
     EXIT_OK,
     EXIT_SOME_FAILED,
     CamError,
@@ -44,17 +40,16 @@ from .errors import (
 )
 from .files import TEXT_LIMIT, read_limited
 from .inputs import Input, identity
-from .labels import class_name
 from .output import OutputLedger, remove_stale, write_bytes, write_image
 from .progress import finish, on_terminal, progress_bar
-from .render import DEFAULT_ALPHA, heatmap, overlay_paper, overlay_seed
+from .render import heatmap
+from .result import ImageResult, record
 from .signals import held, interrupt_for
 
 if TYPE_CHECKING:
     import distributed
 
 SAVE_KINDS = ("overlay", "heatmap", "npy", "json", "thumb")
-THUMB_SIDE = 192                # a thumbnail's longest side, pixels
 
 
 @dataclass
@@ -80,6 +75,15 @@ class Options:
     workers: int = 0                # processes that decode and write; 0: threads of this one
     jsonl: bool = False
     quiet: bool = False
+
+    def look(self, net_size: tuple[int, int]) -> Look:
+        """How each map is drawn, on a net of input size ``net_size`` (H, W)."""
+        return Look(self.style, self.colormap, self.alpha, net_size)
+
+    @property
+    def box_rule(self) -> BoxRule:
+        """How each map's boxes are found."""
+        return BoxRule(self.boxes, self.box_threshold, self.dt_thresholds)
 
     @property
     def maps(self) -> int:
@@ -116,164 +120,64 @@ class Report:
 
 
 def output_paths(item: Input, options: Options, maps: int) -> dict[str, Path]:
-    """Every file ``item`` gets, by kind (``overlay-2`` for the second map…)."""
-    base = options.output_dir / item.stem
-    ext = options.image_format
-
-    def numbered(kind: str, suffix: str, ext: str = ext) -> dict[str, Path]:
-        if maps == 1:
-            return {kind: base.with_name(f"{base.name}.{suffix}.{ext}")}
-        return {f"{kind}-{r}": base.with_name(f"{base.name}.{suffix}-{r}.{ext}")
-                for r in range(1, maps + 1)}
-
-    paths: dict[str, Path] = {}
-    if "overlay" in options.save:
-        paths.update(numbered("overlay", "cam"))
-    if "heatmap" in options.save:
-        paths.update(numbered("heatmap", "heatmap"))
-    if "thumb" in options.save:
-        paths.update(numbered("thumb", "thumb", "jpg"))
-    if "npy" in options.save:
-        paths["npy"] = base.with_name(f"{base.name}.cam.npy")
-        paths["npy-full"] = base.with_name(f"{base.name}.cam-full.npy")
-    if "json" in options.save:
-        paths["json"] = base.with_name(f"{base.name}.json")
-    if options.montage:
-        paths["montage"] = base.with_name(f"{base.name}.montage.{ext}")
-    return paths
+    """Every file ``item`` gets under ``options.output_dir`` (``naming.py``), by kind."""
+    assert options.output_dir is not None
+    return naming.output_paths(options.output_dir / item.stem, options.save, options.montage,
+                               options.image_format, maps)
 
 
-def find_boxes(cam_full: np.ndarray, options: Options) -> list[Box]:
-    """Boxes of one class's map at the image's size, by the chosen method."""
-    if options.boxes == "paper":
-        box = paper_box(cam_full, options.box_threshold)
-        return [box] if box else []
-    if options.boxes == "dt":
-        return dt_boxes_from_cam(cam_full, options.dt_thresholds)
-    return []
-
-
-def render_overlay(net: CAMNet, image: np.ndarray, cam_full: np.ndarray, boxes: list[Box],
-                   options: Options) -> np.ndarray:
-    """The overlay of one map in the chosen style, with its boxes drawn."""
-    alpha = DEFAULT_ALPHA[options.style] if options.alpha is None else options.alpha
-    if options.style == "seed":
-        h, w = net.input_size
-        small = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
-        cam_small = cv2.resize(cam_full, (w, h), interpolation=cv2.INTER_LINEAR)
-        sy, sx = h / image.shape[0], w / image.shape[1]
-        scaled = [Box(round(b.x * sx), round(b.y * sy), round(b.w * sx), round(b.h * sy))
-                  for b in boxes]
-        return draw_boxes(overlay_seed(small, cam_small, options.colormap, alpha), scaled)
-    return draw_boxes(overlay_paper(image, cam_full, options.colormap, alpha), boxes)
-
-
-def thumbnail(net: CAMNet, image: np.ndarray, cam_full: np.ndarray,
-              options: Options) -> np.ndarray:
-    """A small overlay without boxes (the report draws them): longest side THUMB_SIDE."""
-    scale = min(1.0, THUMB_SIDE / max(image.shape[:2]))
-    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
-    small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    return render_overlay(net, small, cv2.resize(cam_full, size, interpolation=cv2.INTER_AREA),
-                          [], options)
-
-
-CAPTION_FONT = (cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)   # face, scale, thickness
-
-
-def fit_caption(label: str, prob: float | None, width: int) -> str:
-    """``label`` and ``prob`` ("garter snake 0.812") within ``width`` pixels: the label
-    is shortened (to its first comma part, then cut, with ".."), never the probability."""
-    tail = "" if prob is None else f" {prob:.3f}"
-
-    def fits(text: str) -> bool:
-        return cv2.getTextSize(text + tail, *CAPTION_FONT)[0][0] <= width
-
-    if fits(label):
-        return label + tail
-    label = label.split(",")[0].strip()
-    if fits(label):
-        return label + tail
-    while label and not fits(label + ".."):
-        label = label[:-1].rstrip()
-    return label + ".." + tail if label else tail.strip()
-
-
-def montage(image: np.ndarray, overlays: list[np.ndarray],
-            captions: list[tuple[str, float]], height: int = 224) -> np.ndarray:
-    """The image and its overlays side by side, each captioned with its (label,
-    probability) (like the demo's result.jpg)."""
-    def tile(picture: np.ndarray, label: str, prob: float | None) -> np.ndarray:
-        width = max(1, round(picture.shape[1] * height / picture.shape[0]))
-        body = cv2.resize(picture, (width, height), interpolation=cv2.INTER_AREA)
-        strip = np.full((28, width, 3), 255, np.uint8)
-        cv2.putText(strip, fit_caption(label, prob, width - 8), (4, 19), CAPTION_FONT[0],
-                    CAPTION_FONT[1], (0, 0, 0), CAPTION_FONT[2], cv2.LINE_AA)
-        return np.vstack([strip, body])
-    tiles = [tile(image, "input", None)] + [tile(o, *c) for o, c in zip(overlays, captions)]
-    gap = np.full((tiles[0].shape[0], 4, 3), 255, np.uint8)
-    return np.hstack([part for t in tiles for part in (t, gap)][:-1])
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
+def npy_bytes(arrays: np.ndarray | list[np.ndarray]) -> bytes:
+    """``arrays`` (stacked) as a float32 .npy file."""
     buffer = io.BytesIO()
-    np.save(buffer, np.asarray(array, np.float32))
+    np.save(buffer, np.asarray(arrays, np.float32))
     return buffer.getvalue()
 
 
-def process(net: CAMNet, item: Input, image: np.ndarray, result: Prediction,
-            options: Options) -> dict:
-    """Boxes, renders and files for one image; returns its JSON record. Files go
-    under ``options.output_dir``, each listed in the folder's ledger before it is
-    written."""
-    if not (np.isfinite(result.probs).all() and np.isfinite(result.cams).all()):
-        raise CamError(f"{item.path}: the net's output is not finite (NaN or infinity): "
-                       "check the weights, --mean and --scale", EXIT_MODEL)
-    size = result.image_size
-    maps = []
-    for class_id in result.classes:
-        cam_full = result.cam(class_id, size)
-        maps.append((class_id, cam_full, find_boxes(cam_full, options)))
-    record = {
-        "image": str(item.path),
-        "size": {"width": size[1], "height": size[0]},
-        "model": {"prototxt": str(net.netdef.path), "weights": str(net.weights)},
-        "backend": net.backend_name,
-        "method": net.method,
-        "feature_blob": net.spec.feature_blob,
-        "ten_crop": options.ten_crop,
-        "top_k": [{"class": c, "label": label, "prob": round(p, 6)}
-                  for c, label, p in result.top(options.top_k)],
-        "maps": [{"class": c, "label": class_name(net.labels, c),
-                  "prob": round(float(result.probs[c]), 6),
-                  "boxes": [[b.x, b.y, b.w, b.h] for b in boxes]} for c, _, boxes in maps],
-    }
+def finish_image(net: CAMNet, result: ImageResult, image: np.ndarray,
+                 options: Options) -> tuple[ImageResult, dict]:
+    """What follows an image's forward pass, on a worker: its result checked, its
+    files written (with ``options.output_dir``) and its JSON record made. The
+    result comes back without its maps at image size."""
+    assert result.item is not None
+    result.check_finite()
     if options.output_dir is None:
-        return record
-    paths = output_paths(item, options, len(maps))
-    OutputLedger.of(options.output_dir).record(paths.values())
-    overlays = [render_overlay(net, image, cam_full, boxes, options)
-                for _, cam_full, boxes in maps] if ("overlay" in options.save
-                                                    or options.montage) else []
-    for rank, (_, cam_full, _) in enumerate(maps, 1):
-        suffix = "" if len(maps) == 1 else f"-{rank}"
+        entry = record(result, net, options.top_k)
+    else:
+        paths = output_paths(result.item, options, len(result.classes))
+        OutputLedger.of(options.output_dir).record(paths.values())
+        entry = record(result, net, options.top_k, paths)
+        write_renders(net, image, result, options, paths)
+        if "json" in options.save:
+            write_bytes(paths["json"], (json.dumps(entry, indent=2, allow_nan=False)
+                                        + "\n").encode())
+    result.release()
+    return result, entry
+
+
+def write_renders(net: CAMNet, image: np.ndarray, result: ImageResult, options: Options,
+                  paths: dict[str, Path]) -> None:
+    """The image's pictures and maps, each to its path in ``paths``: overlays, heatmaps,
+    thumbnails, the maps as .npy, the montage."""
+    look = options.look(net.input_size)
+    count = len(result.classes)
+    overlays = [render_overlay(image, result.full_map(rank), boxes, look)
+                for rank, boxes in enumerate(result.boxes)
+                ] if "overlay" in options.save or options.montage else []
+    for rank in range(count):
+        suffix = "" if count == 1 else f"-{rank + 1}"
         if "overlay" in options.save:
-            write_image(paths["overlay" + suffix], overlays[rank - 1])
+            write_image(paths["overlay" + suffix], overlays[rank])
         if "heatmap" in options.save:
-            write_image(paths["heatmap" + suffix], heatmap(cam_full, options.colormap))
+            write_image(paths["heatmap" + suffix], heatmap(result.full_map(rank),
+                                                           options.colormap))
         if "thumb" in options.save:
-            write_image(paths["thumb" + suffix], thumbnail(net, image, cam_full, options))
+            write_image(paths["thumb" + suffix], thumbnail(image, result.full_map(rank), look))
     if "npy" in options.save:
         write_bytes(paths["npy"], npy_bytes(result.cams))
-        write_bytes(paths["npy-full"], npy_bytes(np.stack([m for _, m, _ in maps])))
+        write_bytes(paths["npy-full"], npy_bytes(result.full_maps))
     if options.montage:
-        captions = [(m["label"], m["prob"]) for m in record["maps"]]
+        captions = [(result.label(c), result.prob(c)) for c in result.classes]
         write_image(paths["montage"], montage(image, overlays, captions))
-    record["files"] = {kind: str(path) for kind, path in paths.items()}
-    if "json" in options.save:
-        write_bytes(paths["json"], (json.dumps(record, indent=2, allow_nan=False)
-                                    + "\n").encode())
-    return record
 
 
 def print_record(record: dict, out: TextIO) -> None:
@@ -337,13 +241,15 @@ def failure(item: Input, error: Exception) -> CamError:
 @dataclass
 class ChunkResult:
     """What one chunk of inputs gave: the records of the images done (in input
-    order), the images that failed, with why, and those postponed because they
-    did not fit in the memory budget next to the others (to be run again)."""
+    order) and their results (without their maps at image size), the images that
+    failed, with why, and those postponed because they did not fit in the memory
+    budget next to the others (to be run again)."""
 
     size: int
     records: list[dict] = field(default_factory=list)
     failed: list[tuple[Path, CamError]] = field(default_factory=list)
     postponed: list[Input] = field(default_factory=list)
+    results: list[ImageResult] = field(default_factory=list)
 
 
 def load_within(net: CAMNet, item: Input, options: Options,
@@ -377,12 +283,12 @@ def process_chunk(net: CAMNet, chunk: list[Input], options: Options, pool: Execu
 
     The single-process run and the Dask workers both run every chunk through here.
     """
-    result = ChunkResult(len(chunk))
+    chunk_result = ChunkResult(len(chunk))
     stop = stop or threading.Event()
     budget = budget or MemoryBudget(None)
     reserved: list[int] = []
 
-    def outcomes(futures: list[tuple[Input, Future]]) -> Iterator[tuple[Input, object]]:
+    def outcomes(futures: list[tuple[Input, Future]]) -> Iterator[tuple[Input, Any]]:
         """Each future's result, or the failure it raised (None: dropped or postponed)."""
         for item, future in futures:
             if stop.is_set() and future.cancel():
@@ -390,9 +296,9 @@ def process_chunk(net: CAMNet, chunk: list[Input], options: Options, pool: Execu
             try:
                 yield item, future.result()
             except Postponed:
-                result.postponed.append(item)
+                chunk_result.postponed.append(item)
             except Exception as e:
-                result.failed.append((item.path, failure(item, e)))
+                chunk_result.failed.append((item.path, failure(item, e)))
 
     try:
         decoded = list(outcomes([(item, pool.submit(load_within, net, item, options, budget))
@@ -400,27 +306,30 @@ def process_chunk(net: CAMNet, chunk: list[Input], options: Options, pool: Execu
         reserved.extend(taken for _, (_, taken) in decoded)
         loaded = [(item, image) for item, (image, _) in decoded]
         if stop.is_set() or not loaded:
-            return result
+            return chunk_result
         with forward_lock or nullcontext():
-            predicted = forward(net, loaded, options, result.failed)
-        rendering = [(item, pool.submit(process, net, item, image, prediction, options))
-                     for item, image, prediction in predicted]
-        result.records.extend(record for _, record in outcomes(rendering))
-        return result
+            predicted = forward(net, loaded, options, chunk_result.failed)
+        finishing = [(item, pool.submit(finish_image, net, image_result, image, options))
+                     for item, image, image_result in predicted]
+        for _, (image_result, entry) in outcomes(finishing):
+            chunk_result.results.append(image_result)
+            chunk_result.records.append(entry)
+        return chunk_result
     finally:
         budget.release(sum(reserved))
 
 
 def forward(net: CAMNet, loaded: list[tuple[Input, np.ndarray]], options: Options,
-            failed: list[tuple[Path, CamError]]) -> list[tuple[Input, np.ndarray, Prediction]]:
-    """One forward pass for the loaded images; when the batch runs out of memory, one
-    image at a time (the batch shrinks), an image that still does not fit failing
-    alone into ``failed``."""
-    def predict(images: list[np.ndarray]) -> list[Prediction]:
-        return net.predict(images, options.classes, options.top_k, options.ten_crop)
+            failed: list[tuple[Path, CamError]]) -> list[tuple[Input, np.ndarray, ImageResult]]:
+    """One forward pass for the loaded images: (input, image, its result) each; when the
+    batch runs out of memory, one image at a time (the batch shrinks), an image that
+    still does not fit failing alone into ``failed``."""
+    items = [item for item, _ in loaded]
+    images = [image for _, image in loaded]
     try:
-        return [(item, image, p) for (item, image), p in
-                zip(loaded, predict([image for _, image in loaded]))]
+        results = net.predict(images, options.classes, options.top_k, options.ten_crop,
+                              boxes=options.box_rule, items=items)
+        return list(zip(items, images, results, strict=True))
     except MemoryError:
         if len(loaded) == 1:
             failed.append((loaded[0][0].path, failure(loaded[0][0], MemoryError())))
@@ -529,12 +438,14 @@ def write_line(text: str, out: TextIO) -> None:
 
 def run_batch(net: CAMNet, inputs: list[Input], options: Options, out: TextIO | None = None,
               client: distributed.Client | str | None = None,
-              on_chunk: Callable[[ChunkResult], None] | None = None) -> Report:
+              on_chunk: Callable[[ChunkResult], None] | None = None,
+              records: bool = True) -> Report:
     """Process ``inputs`` in chunks of ``options.batch_size``, in this process or, with
     ``client`` (a ``distributed.Client`` or a ``--dask`` address), on a Dask cluster
-    (``cluster.py``). Records go to ``out`` as chunks finish: in input order here, in
-    the order chunks complete on a cluster. ``on_chunk`` (the report) gets first the
-    records of the images skipped and those refused, then each chunk's result.
+    (``cluster.py``). Records go to ``out`` (unless not ``records``) as chunks finish:
+    in input order here, in the order chunks complete on a cluster. ``on_chunk`` (the
+    report, ``evaluate``) gets first the records of the images skipped and those
+    refused, then each chunk's result.
 
     Images that did not fit in the memory budget next to others run again after
     the rest, in as many rounds as it takes (each round runs at least one).
@@ -550,6 +461,8 @@ def run_batch(net: CAMNet, inputs: list[Input], options: Options, out: TextIO | 
 
     def emit(record: dict) -> None:
         bar.clear()                      # stdout and the bar may share a terminal
+        if not records:
+            return
         if options.jsonl:
             write_line(json.dumps(record, allow_nan=False), out)
         elif not options.quiet and not record.get("skipped"):

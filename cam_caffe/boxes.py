@@ -138,6 +138,29 @@ def dt_boxes_from_cam(cam: np.ndarray, thresholds: Sequence[int] = (20, 100, 110
     return dt_boxes(heatmap, thresholds)
 
 
+@dataclass(frozen=True)
+class BoxRule:
+    """How boxes are found in a map at the image's size: ``paper`` (the largest region
+    ≥ ``threshold``·max), ``dt`` (the official generator at 0–255 ``levels``) or
+    None (no boxes)."""
+
+    kind: str | None = None
+    threshold: float = 0.2
+    levels: tuple[int, ...] = (20, 100, 110)
+
+    def find(self, cam_full: np.ndarray) -> list[Box]:
+        """The boxes of one map at the image's size, largest first."""
+        if self.kind == "paper":
+            box = paper_box(cam_full, self.threshold)
+            return [box] if box else []
+        if self.kind == "dt":
+            return dt_boxes_from_cam(cam_full, self.levels)
+        return []
+
+
+NO_BOXES = BoxRule()
+
+
 def draw_boxes(image_bgr: np.ndarray, boxes: Sequence[Box],
                color: tuple[int, int, int] = (0, 255, 0), thickness: int = 2) -> np.ndarray:
     """A copy of the image with the boxes drawn."""

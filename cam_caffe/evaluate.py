@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from .api import CAMNet
-from .batch import Options, run_batch
+from .batch import ChunkResult, Options, run_batch
 from .boxes import Box
 from .errors import EXIT_INPUT, CamError
 from .files import IMAGE_EXTENSIONS
@@ -205,15 +204,16 @@ def localization(net: CAMNet, inputs: list[Input], truth: dict[str, Truth],
     resolve = class_resolver(labels_file, net.labels, net.spec.num_classes)
     targets = {str(item.path): [(resolve(label), box) for label, box in
                                 truth[image_key(item.path.name)]] for item in inputs}
-    options = dataclasses.replace(options, top_k=min(TOP_K, net.spec.num_classes), jsonl=True)
-    buffer = io.StringIO()
-    report = run_batch(net, inputs, options, buffer)
+    options = dataclasses.replace(options, top_k=min(TOP_K, net.spec.num_classes))
     hits = []
-    for line in buffer.getvalue().splitlines():
-        record = json.loads(line)
-        guesses = [(m["class"], Box(*m["boxes"][0]) if m["boxes"] else None)
-                   for m in record["maps"]]
-        hits.append(first_hits(guesses, targets[record["image"]]))
+
+    def score(chunk: ChunkResult) -> None:
+        for image_result in chunk.results:
+            assert image_result.item is not None
+            guesses = [(c, boxes[0] if boxes else None)
+                       for c, boxes in zip(image_result.classes, image_result.boxes, strict=True)]
+            hits.append(first_hits(guesses, targets[str(image_result.item.path)]))
+    report = run_batch(net, inputs, options, on_chunk=score, records=False)
     result = {"images": len(hits), "boxes": options.boxes, **error_rates(hits)} if hits else {}
     return result, report.failed
 

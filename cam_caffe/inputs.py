@@ -13,7 +13,6 @@ import glob
 import io
 import itertools
 import os
-import re
 import sys
 import zlib
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from typing import BinaryIO, TextIO
 
 from .errors import EXIT_INPUT, CamError
 from .files import IMAGE_EXTENSIONS, LIST_LIMIT, MiB, read_limited
+from .naming import OUTPUT_NAME
 
 
 @dataclass(frozen=True)
@@ -78,11 +78,6 @@ def _is_image(data: bytes) -> bool:
             return True
     except Exception:   # any failure to identify means "not an image": read it as a list
         return False
-
-
-# Names of the files cam-caffe writes (see batch.py), never taken as inputs from
-# a folder that holds the output directory.
-OUTPUT_NAME = re.compile(r"\.(cam|heatmap|thumb)(-\d+)?\.(png|jpg)$|\.montage\.(png|jpg)$")
 
 
 def identity(path: Path) -> Path:

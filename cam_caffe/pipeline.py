@@ -8,7 +8,7 @@ main process (and the GPU, or the cores given to ``--threads``) busy.
 
 Each worker holds its own copy of the net without its backend (decoding and
 rendering need the net's settings, never a forward pass), sent once when it
-starts; a call that names the net (``net.load``, ``process(net, …)``) sends
+starts; a call that names the net (``net.load``, ``finish_image(net, …)``) sends
 a reference to it, not the net. The memory budget of the images in flight
 (budget.py) is shared the same way, its count in shared memory, so a worker
 reserves an image's bytes before decoding it as a thread would. Images cross

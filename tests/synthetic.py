@@ -65,7 +65,7 @@ def save_caffemodel(netdef: NetDef, weights: dict[str, list[np.ndarray]],
 def synthetic_records(folder: str | Path, count: int, methods: tuple[str, ...] = ("cam",),
                       labels: tuple[str, ...] = ("circle", "square", "triangle", "cross", "star"),
                       seed: int = 0) -> list[dict]:
-    """``count`` batch records (as ``batch.process`` returns them) of made-up images
+    """``count`` batch records (as ``batch.finish_image`` makes them) of made-up images
     ``img_NNNNN.png``, one map per method of the top-1 class, each with a real
     32×32 JPEG thumbnail in ``folder``: a report to test and time without a net."""
     import cv2

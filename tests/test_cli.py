@@ -17,8 +17,8 @@ from conftest import ROOT, draw_on_terminal, error_lines, read_terminal, run_cli
 from nets import COLOUR_ARGS, colour_images, write_colour_net
 
 from cam_caffe import CAMNet
-from cam_caffe.batch import CAPTION_FONT, fit_caption, montage
 from cam_caffe.commands import main
+from cam_caffe.compose import CAPTION_FONT, fit_caption, montage
 from cam_caffe.errors import EXIT_CODES
 from cam_caffe.progress import finish, progress_bar
 

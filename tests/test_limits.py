@@ -293,10 +293,10 @@ def test_forward_out_of_memory_shrinks_the_batch(square, tmp_path, monkeypatch):
     net = CAMNet(Path(square[1]), Path(square[3]), backend="opencv", mean="0", scale=1 / 255)
     real = net.predict
 
-    def predict(images, *args):
+    def predict(images, *args, **kwargs):
         if len(images) > 1 or images[0].shape[0] == 62:      # the batch, and image 2 alone
             raise MemoryError()
-        return real(images, *args)
+        return real(images, *args, **kwargs)
     monkeypatch.setattr(net, "predict", predict)
     sink = io.StringIO()
     report = run_batch(net, collect([str(p) for p in paths]), Options(batch_size=4, jsonl=True),

@@ -12,10 +12,10 @@ from conftest import ROOT
 from nets import COLOUR_ARGS, colour_images, write_colour_net
 
 from cam_caffe import CAMNet
-from cam_caffe.batch import montage
 from cam_caffe.boxes import Box, draw_boxes, dt_boxes_from_cam, paper_box
 from cam_caffe.cam import upsample
 from cam_caffe.commands import main
+from cam_caffe.compose import montage
 from cam_caffe.inputs import collect
 from cam_caffe.output import write_bytes, write_image
 from cam_caffe.render import heatmap, overlay_paper, overlay_seed

@@ -43,9 +43,12 @@ from .options import (
 )
 
 if TYPE_CHECKING:
-    from ..api import CAMNet, Prediction
+    import numpy as np
+
+    from ..api import CAMNet
     from ..batch import Options
     from ..report import ReportWriter
+    from ..result import ImageResult
 
 
 def _image_path(text: str) -> Path:
@@ -158,7 +161,7 @@ def check_display() -> None:
         raise CamError("--show needs a display (no interactive matplotlib backend); use -o")
 
 
-def show(net: CAMNet, image, result: Prediction, class_id: int, colormap: str,
+def show(net: CAMNet, image: np.ndarray, result: ImageResult, class_id: int, colormap: str,
          alpha: float | None) -> None:
     """The original script's window: the image with the CAM over it."""
     import cv2
@@ -195,28 +198,29 @@ def options_from(args: argparse.Namespace, net: CAMNet) -> Options:
                    else args.workers, jsonl=args.jsonl, quiet=args.quiet)
 
 
-def single(net: CAMNet, item: Input, options: Options, args: argparse.Namespace) -> None:
-    """-o and --show: one image, its first map."""
-    from ..batch import image_cost, print_record, process, render_overlay
-    from ..boxes import Box
-    budget = MemoryBudget(memory_budget())
-    image = net.load(item.path, item.data, lambda width, height: budget.reserve(
-        image_cost(width, height, options), item.path, width, height))
-    result = net.predict([image], options.classes, options.top_k, options.ten_crop)[0]
-    record = process(net, item, image, result, options)
-    class_id = result.classes[0]
+def write_single(net: CAMNet, item: Input, options: Options,
+                 args: argparse.Namespace) -> None:
+    """-o and --show: one image's result, its first map written to -o and/or shown,
+    its record printed."""
+    from ..batch import load_within, print_record
+    from ..compose import render_overlay
+    from ..result import record
+    image, _ = load_within(net, item, options, MemoryBudget(memory_budget()))
+    result = net.predict([image], options.classes, options.top_k, options.ten_crop,
+                         boxes=options.box_rule, items=[item])[0]
+    result.check_finite()
+    files = None
     if args.output:
-        boxes = [Box(*b) for b in record["maps"][0]["boxes"]]
-        cam_full = result.cam(class_id, result.image_size)
-        write_image(args.output, render_overlay(net, image, cam_full, boxes, options))
-        record["files"] = {"overlay" if len(result.classes) == 1 else "overlay-1":
-                           str(args.output)}
+        write_image(args.output, render_overlay(image, result.full_map(0), result.boxes[0],
+                                                options.look(net.input_size)))
+        files = {"overlay" if len(result.classes) == 1 else "overlay-1": args.output}
+    entry = record(result, net, options.top_k, files)
     if options.jsonl:
-        print(json.dumps(record, allow_nan=False))
+        print(json.dumps(entry, allow_nan=False))
     elif not options.quiet:
-        print_record(record, sys.stdout)
+        print_record(entry, sys.stdout)
     if args.show:
-        show(net, image, result, class_id, args.colormap, args.alpha)
+        show(net, image, result, result.classes[0], args.colormap, args.alpha)
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -294,7 +298,7 @@ def main(argv: list[str]) -> int:
     writer = report_writer(args, net, options, len(inputs)) if args.report else None
     on_chunk = writer.add if writer else None
     if args.output or args.show:
-        single(net, inputs[0], options, args)
+        write_single(net, inputs[0], options, args)
         report = Report(done=1)
     elif args.dask:
         with dask_client(args.dask, quiet=not args.verbose) as client:
