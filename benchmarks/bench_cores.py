@@ -137,7 +137,7 @@ def main_process_costs(folder, batch: int) -> list[list[str]]:
 
     return [["preprocess (resize, mean, NCHW)", cpu_ms(lambda: net.preprocess(images))],
             ["receive a decoded image", cpu_ms(lambda: [pickle.loads(d) for d in decoded])],
-            ["receive a finished image's result and record",
+            ["receive a finished image's record",
              cpu_ms(lambda: [pickle.loads(d) for d in finished])],
             ["send image and maps to a render worker", cpu_ms(send)]]
 

@@ -134,10 +134,10 @@ def npy_bytes(arrays: np.ndarray | list[np.ndarray]) -> bytes:
 
 
 def finish_image(net: CAMNet, result: ImageResult, image: np.ndarray,
-                 options: Options) -> tuple[ImageResult, dict]:
+                 options: Options) -> dict:
     """What follows an image's forward pass, on a worker: its result checked, its
-    files written (with ``options.output_dir``) and its JSON record made. The
-    result comes back without its maps at image size."""
+    files written (with ``options.output_dir``) and its JSON record returned. The
+    result then drops its maps at image size (its boxes stay)."""
     assert result.item is not None
     result.check_finite()
     if options.output_dir is None:
@@ -151,7 +151,7 @@ def finish_image(net: CAMNet, result: ImageResult, image: np.ndarray,
             write_bytes(paths["json"], (json.dumps(entry, indent=2, allow_nan=False)
                                         + "\n").encode())
     result.release()
-    return result, entry
+    return entry
 
 
 def write_renders(net: CAMNet, image: np.ndarray, result: ImageResult, options: Options,
@@ -241,9 +241,10 @@ def failure(item: Input, error: Exception) -> CamError:
 @dataclass
 class ChunkResult:
     """What one chunk of inputs gave: the records of the images done (in input
-    order) and their results (without their maps at image size), the images that
-    failed, with why, and those postponed because they did not fit in the memory
-    budget next to the others (to be run again)."""
+    order) and their results (as the forward made them: with worker threads,
+    their boxes are already found; records, not results, cross a process
+    boundary), the images that failed, with why, and those postponed because
+    they did not fit in the memory budget next to the others (to be run again)."""
 
     size: int
     records: list[dict] = field(default_factory=list)
@@ -309,11 +310,12 @@ def process_chunk(net: CAMNet, chunk: list[Input], options: Options, pool: Execu
             return chunk_result
         with forward_lock or nullcontext():
             predicted = forward(net, loaded, options, chunk_result.failed)
+        results = {id(item): image_result for item, _, image_result in predicted}
         finishing = [(item, pool.submit(finish_image, net, image_result, image, options))
                      for item, image, image_result in predicted]
-        for _, (image_result, entry) in outcomes(finishing):
-            chunk_result.results.append(image_result)
+        for item, entry in outcomes(finishing):
             chunk_result.records.append(entry)
+            chunk_result.results.append(results[id(item)])
         return chunk_result
     finally:
         budget.release(sum(reserved))
