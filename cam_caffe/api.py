@@ -60,7 +60,8 @@ class CAMNet:
                  progress: bool = False, threads: int | None = None) -> None:
         # What rebuilds this net in another process (a Dask worker): paths made absolute.
         self.arguments = {
-            "prototxt": absolute(prototxt), "weights": absolute(weights), "backend": backend, "gpu": gpu,
+            "prototxt": absolute(prototxt), "weights": absolute(weights), "backend": backend,
+            "gpu": gpu,
             "mean": absolute(mean) if mean and Path(mean).is_file() else mean, "scale": scale,
             "input_size": input_size, "labels": absolute(labels) if labels else None,
             "feature_blob": feature_blob, "fc_layer": fc_layer,

@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import BrokenExecutor, Executor, Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, closing, nullcontext
 from dataclasses import dataclass, field
@@ -363,7 +363,7 @@ def pending_inputs(inputs: list[Input], options: Options, report: Report,
     protected = {identity(item.path) for item in inputs if item.data is None}
     ledger = OutputLedger.of(options.output_dir) if options.output_dir else None
     todo = []
-    folders = set()
+    folders: set[Path] = set()
     for item in inputs:
         if ledger is not None:
             paths = output_paths(item, options, options.maps)
@@ -391,7 +391,7 @@ def pending_inputs(inputs: list[Input], options: Options, report: Report,
 
 def local_chunks(net: CAMNet, chunks: list[list[Input]], options: Options,
                  stop: threading.Event | None = None,
-                 budget: MemoryBudget | None = None) -> Iterator[ChunkResult]:
+                 budget: MemoryBudget | None = None) -> Generator[ChunkResult, None, None]:
     """Each chunk's result in order, two chunks in flight: while one runs its forward
     pass (one at a time, on the GPU or on the cores the workers leave free), the
     workers decode the other's images or render, encode and write them: with

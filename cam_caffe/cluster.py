@@ -26,7 +26,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import CancelledError, Executor, Future
 from contextlib import contextmanager
 from dataclasses import replace
@@ -183,7 +183,7 @@ def net_arguments(net: CAMNet) -> tuple:
 
 
 def cluster_chunks(client: distributed.Client | str, net: CAMNet, chunks: list[list[Input]],
-                   options: Options) -> Iterator[ChunkResult]:
+                   options: Options) -> Generator[ChunkResult, None, None]:
     """Each chunk's result as its task completes on the cluster ``client`` (a
     ``distributed.Client``, or an address for :func:`dask_client`)."""
     if isinstance(client, str):
