@@ -27,7 +27,7 @@ from .inputs import Input
 from .labels import read_labels, resolve_class
 from .limits import check as check_memory
 from .limits import default_max_memory, max_batch
-from .methods import GRADIENT_METHODS, METHODS, Evidence, compute
+from .methods import GRADIENT_METHODS, Evidence, compute, parse_methods
 from .netdef import CaffeModel, check_weights, load_netdef
 from .preprocess import Preprocessor, parse_mean
 from .result import ImageResult
@@ -45,7 +45,8 @@ class CAMNet:
     """A Caffe classification network loaded into one backend, with its CAM method.
 
     ``method`` (``cam_caffe.methods.METHODS``): by default ``cam`` where the net
-    has the CAM head at ``feature_blob``, else ``gradcam``. ``batch_size`` is
+    has the CAM head at ``feature_blob``, else ``gradcam``; a comma list gives
+    each class's map once per method (``methods``), in that order. ``batch_size`` is
     the rows per extra forward of Score-CAM and Ablation-CAM; ``progress``
     shows their progress bar.
     """
@@ -79,15 +80,15 @@ class CAMNet:
         self.max_memory = default_max_memory() if max_memory is None else max_memory
         check_memory(self.netdef, 1, self.max_memory)
         self.spec: CamSpec = find_target(self.netdef, feature_blob, fc_layer)
-        self.method = method or ("cam" if self.spec.cam_head else "gradcam")
-        if self.method not in METHODS:
-            raise CamError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
-        if self.method == "cam" and not self.spec.cam_head:
+        self.methods = parse_methods(method) if method else \
+            ("cam" if self.spec.cam_head else "gradcam",)
+        self.method = ",".join(self.methods)
+        if "cam" in self.methods and not self.spec.cam_head:
             raise ModelError(f"{self.netdef.path}: --method cam needs a global average pooling "
                              f"→ InnerProduct head after blob '{self.spec.feature_blob}'; "
                              "the other methods (gradcam, scorecam, …) work on any net")
         self.cam_weights = cam_weights(self.netdef, model.net, self.spec) \
-            if self.method == "cam" else None
+            if "cam" in self.methods else None
         self.batch_size, self.progress = batch_size, progress
         self.labels = read_labels(labels) if labels else None
         if self.labels and len(self.labels) != self.spec.num_classes:
@@ -106,9 +107,14 @@ class CAMNet:
         self.max_pixels = max_pixels
         self.backend: Backend = create_backend(backend, self.netdef, model, self.spec,
                                                gpu=gpu, verbose=verbose,
-                                               gradients=self.method in GRADIENT_METHODS,
+                                               gradients=self.needs_gradients,
                                                threads=threads)
         self.backend_name = self.backend.name
+
+    @property
+    def needs_gradients(self) -> bool:
+        """Whether one of the methods is a gradient method."""
+        return any(m in GRADIENT_METHODS for m in self.methods)
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -160,10 +166,11 @@ class CAMNet:
         cams = self._maps(batch, out, np.repeat(chosen, crops, axis=0) if ten_crop else chosen)
         if ten_crop:
             cams = np.stack([[merge_ten_crops(cams[10 * i:10 * i + 10, m], resize, crop)
-                              for m in range(chosen.shape[1])] for i in range(len(images))])
-        return [ImageResult(probs[i], [int(c) for c in chosen[i]], cams[i], images[i].shape[:2],
+                              for m in range(cams.shape[1])] for i in range(len(images))])
+        mapped = np.repeat(chosen, len(self.methods), axis=1)     # each map's class
+        return [ImageResult(probs[i], [int(c) for c in mapped[i]], cams[i], images[i].shape[:2],
                             self.labels, self.method, ten_crop,
-                            items[i] if items is not None else None, boxes)
+                            items[i] if items is not None else None, boxes, self.methods)
                 for i in range(len(images))]
 
     def _ten_crop_sizes(self) -> tuple[int, int]:
@@ -174,13 +181,21 @@ class CAMNet:
         return round(height * 256 / 224), height
 
     def _maps(self, batch: np.ndarray, out, classes: np.ndarray) -> np.ndarray:
-        """The method's raw maps (N, M, h, w) of ``classes`` (N, M) for one forward ``out``."""
-        evidence = Evidence(out.features, classes, batch,
-                            lambda: self.backend.gradients(classes),
+        """The methods' raw maps (N, M·S, h, w) of ``classes`` (N, M) for one forward
+        ``out``: for each class, one map per method (S of them), in --method's order."""
+        # the gradients first: the extra forwards of Score-/Ablation-CAM replace the
+        # backend's target blob, which the gradients are taken at
+        grads = self.backend.gradients(classes) if self.needs_gradients else None
+
+        def gradients() -> np.ndarray:
+            assert grads is not None, "only a gradient method asks for the gradients"
+            return grads
+        evidence = Evidence(out.features, classes, batch, gradients,
                             lambda inputs: self.backend.forward(inputs).logits,
                             self.backend.tail_logits, out.logits, self.cam_weights,
                             self.batch_size, self.progress)
-        return compute(self.method, evidence)
+        maps = np.stack([compute(m, evidence) for m in self.methods], axis=2)
+        return maps.reshape(maps.shape[0], -1, *maps.shape[3:])
 
     def _choose(self, probs: np.ndarray, classes: Sequence[int] | None, top_k: int) -> np.ndarray:
         if classes is not None:

@@ -73,6 +73,7 @@ class Options:
     overwrite: bool = False         # replace files at output names that cam-caffe did not write
     batch_size: int = 16
     workers: int = 0                # processes that decode and write; 0: threads of this one
+    methods: int = 1                # maps per class: one per --method
     jsonl: bool = False
     quiet: bool = False
 
@@ -87,8 +88,9 @@ class Options:
 
     @property
     def maps(self) -> int:
-        """How many maps each image gets: one per class asked for, else the top-k."""
-        return len(self.classes) if self.classes else self.top_k
+        """How many maps each image gets: one per class asked for, else the top-k,
+        times the methods."""
+        return (len(self.classes) if self.classes else self.top_k) * self.methods
 
 
 @dataclass
@@ -176,7 +178,9 @@ def write_renders(net: CAMNet, image: np.ndarray, result: ImageResult, options: 
         write_bytes(paths["npy"], npy_bytes(result.cams))
         write_bytes(paths["npy-full"], npy_bytes(result.full_maps))
     if options.montage:
-        captions = [(result.label(c), result.prob(c)) for c in result.classes]
+        several = len(result.methods) > 1
+        captions = [((f"{result.map_method(rank)}: " if several else "") + result.label(c),
+                     result.prob(c)) for rank, c in enumerate(result.classes)]
         write_image(paths["montage"], montage(image, overlays, captions))
 
 

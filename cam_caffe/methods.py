@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .cam import class_activation_maps, upsample
+from .errors import CamError
 from .progress import finish, progress_bar
 
 GRADIENT_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam")
@@ -56,6 +57,20 @@ class Evidence:
     cam_weights: np.ndarray | None = None             # (C, K) of the CAM head
     batch_size: int = 16                              # rows per extra forward
     progress: bool = False                            # a progress bar for the K forwards
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    """The methods a ``--method`` value names (one, or a comma list: each map of an
+    image then comes once per method), checked: CamError for an unknown or
+    repeated name."""
+    names = tuple(name.strip() for name in text.split(","))
+    for name in names:
+        if name not in METHODS:
+            raise CamError(f"--method {name!r}: choose one of {', '.join(METHODS)} "
+                           "(or a comma list of them)")
+    if len(set(names)) < len(names):
+        raise CamError(f"--method {text!r}: a method named twice")
+    return names
 
 
 def compute(method: str, evidence: Evidence) -> np.ndarray:

@@ -42,6 +42,7 @@ class ImageResult:
     ten_crop: bool = False
     item: Input | None = None
     box_rule: BoxRule = NO_BOXES
+    methods: tuple[str, ...] = ("cam",)   # with several, each class's maps are one per method
     _full: dict[int, np.ndarray] = field(default_factory=dict, init=False, repr=False)
     _boxes: list[list[Box]] | None = field(default=None, init=False, repr=False)
 
@@ -49,6 +50,10 @@ class ImageResult:
         """The k most probable classes as (id, label, probability)."""
         order = np.argsort(-self.probs, kind="stable")[:k]
         return [(int(i), class_name(self.labels, int(i)), float(self.probs[i])) for i in order]
+
+    def map_method(self, rank: int) -> str:
+        """The method of the ``rank``-th map (0-based)."""
+        return self.methods[rank % len(self.methods)]
 
     def label(self, class_id: int) -> str:
         """The label of ``class_id`` ("class N" without labels)."""
@@ -87,7 +92,8 @@ class ImageResult:
     def cam(self, class_id: int | str, size: tuple[int, int] | None = None) -> np.ndarray:
         """The raw CAM of ``class_id`` (an id or a label name), bilinearly upsampled to
         ``size`` (H, W) if given (at the image's size: :meth:`full_map`, read-only).
-        Only the classes in ``classes`` were computed."""
+        Only the classes in ``classes`` were computed; with several methods, this is
+        the first method's map."""
         index = resolve_class(class_id, self.labels, len(self.probs))
         if index not in self.classes:
             computed = ", ".join(f"{c} ({self.label(c)})" for c in self.classes)
@@ -128,8 +134,10 @@ def record(result: ImageResult, net: CAMNet, top_k: int,
         "top_k": [{"class": c, "label": label, "prob": round(p, PROB_DIGITS)}
                   for c, label, p in result.top(top_k)],
         "maps": [{"class": c, "label": result.label(c), "prob": result.prob(c),
-                  "boxes": [[b.x, b.y, b.w, b.h] for b in boxes]}
-                 for c, boxes in zip(result.classes, result.boxes, strict=True)],
+                  "boxes": [[b.x, b.y, b.w, b.h] for b in boxes],
+                  **({"method": result.map_method(rank)} if len(result.methods) > 1 else {})}
+                 for rank, (c, boxes) in enumerate(zip(result.classes, result.boxes,
+                                                       strict=True))],
     }
     if files is not None:
         entry["files"] = {kind: str(path) for kind, path in files.items()}

@@ -555,3 +555,64 @@ def test_export_gradient_matches_pycaffe(tmp_path, capsys):
     logits, grads = session.run(["fc2", grad_name], {"data": batch, seed_name: seed})
     assert_rel_close(grads, expected, 1e-5)
     assert_rel_close(logits, net.backend.forward(batch).logits, 1e-5)
+
+
+# ------------------------------------------------------------- several methods at once
+DEMO = ROOT / "models" / "demo"
+DEMO_IMAGES = sorted((ROOT / "images").glob("demo_*.png"))
+
+
+def demo_net(method: str) -> CAMNet:
+    return CAMNet(DEMO / "deploy.prototxt", DEMO / "demo.caffemodel",
+                  labels=DEMO / "labels.txt", backend="onnxruntime", method=method)
+
+
+def test_several_methods_give_each_methods_own_maps():
+    """--method scorecam,gradcam,cam: for each class one map per method, in that order,
+    each equal to the map of a run of that method alone (the gradients are taken
+    before Score-CAM's extra forwards replace the target blob)."""
+    images = [cv2.imread(str(p)) for p in DEMO_IMAGES[:2]]
+    together = demo_net("scorecam,gradcam,cam").predict(images, top_k=2)
+    alone = {m: demo_net(m).predict(images, top_k=2) for m in ("scorecam", "gradcam", "cam")}
+    for i, result in enumerate(together):
+        assert result.methods == ("scorecam", "gradcam", "cam")
+        assert result.classes == [c for c in alone["cam"][i].classes for _ in range(3)]
+        for rank in range(6):
+            method = result.map_method(rank)
+            assert method == ("scorecam", "gradcam", "cam")[rank % 3]
+            assert_rel_close(result.cams[rank], alone[method][i].cams[rank // 3], 1e-5)
+
+
+def test_several_methods_on_the_command_line(tmp_path):
+    """Files cam-1… in class-then-method order, the JSON's maps naming their method,
+    the report's cards side by side and its header listing the methods."""
+    out = tmp_path / "out"
+    child = subprocess.run([sys.executable, "-m", "cam_caffe", str(DEMO_IMAGES[0]), "--model",
+                            "demo", "--method", "cam,gradcam", "--top-k", "2", "--output-dir",
+                            str(out), "--save", "overlay,json", "--report", "-q"],
+                           capture_output=True, text=True, cwd=ROOT)
+    assert child.returncode == 0, child.stderr
+    stem = DEMO_IMAGES[0].stem
+    record = json.loads((out / f"{stem}.json").read_text())
+    assert [m["method"] for m in record["maps"]] == ["cam", "gradcam"] * 2
+    assert [m["class"] for m in record["maps"]] == [record["top_k"][0]["class"]] * 2 + [
+        record["top_k"][1]["class"]] * 2
+    assert all((out / f"{stem}.cam-{r}.png").is_file() for r in range(1, 5))
+    assert '"methods": ["cam", "gradcam"]' in (out / "_report" / "run.js").read_text()
+    cards = (out / "_report" / "data-0000.js").read_text()
+    assert cards.count('"method":"cam"') == 2 and cards.count('"method":"gradcam"') == 2
+
+
+@pytest.mark.parametrize(("command", "message"), [
+    ([], "argument --method: 'cam,cam': a method named twice"),
+    ([], "argument --method: invalid choice: 'nope'"),
+    (["evaluate", "--faithfulness"], "evaluate scores one method at a time"),
+])
+def test_several_methods_refused(tmp_path, command, message):
+    method = "cam,nope" if "nope" in message else "cam,cam" if "twice" in message \
+        else "cam,gradcam"
+    child = subprocess.run([sys.executable, "-m", "cam_caffe", *command, str(DEMO_IMAGES[0]),
+                            "--model", "demo", "--method", method],
+                           capture_output=True, text=True, cwd=ROOT)
+    assert child.returncode != 0 and len(child.stderr.splitlines()) == 1
+    assert message in child.stderr, child.stderr

@@ -83,6 +83,9 @@ def main(argv: list[str]) -> int:
         raise CamError("give --boxes-file (localization error), --faithfulness, or both")
     if args.faithfulness and args.ten_crop:
         raise CamError("--faithfulness masks the net's input: it does not work with --ten-crop")
+    if args.method and "," in args.method:
+        raise CamError(f"evaluate scores one method at a time, got --method {args.method}: "
+                       "run it once per method")
     truth: dict[str, Truth] | None = read_truth(args.boxes_file) if args.boxes_file else None
     inputs, unmatched = select(args.images, truth)
     if not inputs:

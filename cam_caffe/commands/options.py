@@ -19,7 +19,7 @@ from ..backends import BACKENDS
 from ..budget import parse_size
 from ..errors import EXIT_USAGE, CamError, ModelError
 from ..files import DEFAULT_MAX_PIXELS
-from ..methods import METHODS
+from ..methods import METHODS, parse_methods
 from ..models import DEFAULT_MODEL, Model
 from ..progress import on_terminal
 
@@ -50,6 +50,19 @@ def height_width(text: str) -> tuple[int, int]:
     if h <= 0 or w <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size like 224 or 224x224")
     return h, w
+
+
+def method_list(text: str) -> str:
+    """A ``--method`` value: one method, or a comma list of them (checked)."""
+    for name in text.split(","):
+        if name.strip() not in METHODS:
+            raise argparse.ArgumentTypeError(
+                f"invalid choice: {name.strip()!r} (choose from {', '.join(METHODS)}, "
+                "or a comma list of them)")
+    try:
+        return ",".join(parse_methods(text))
+    except CamError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--method ")) from None
 
 
 def positive_int(text: str) -> int:
@@ -146,10 +159,11 @@ def levels(text: str) -> tuple[int, ...]:
 def add_method_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """``--method``."""
     parser.add_argument(
-        "--method", choices=METHODS, metavar="NAME",
+        "--method", type=method_list, metavar="NAME[,NAME…]",
         help="how maps are made: " + ", ".join(METHODS) + " (default: cam where the net has "
-             "the global-average-pooling head, else gradcam); gradient methods need "
-             "--backend caffe or onnxruntime")
+             "the global-average-pooling head, else gradcam); a comma list makes each map "
+             "once per method, side by side; gradient methods need --backend caffe or "
+             "onnxruntime")
 
 
 def add_model_options(parser: argparse.ArgumentParser, running: bool = True) -> None:

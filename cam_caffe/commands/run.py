@@ -195,7 +195,8 @@ def options_from(args: argparse.Namespace, net: CAMNet) -> Options:
                    skip_existing=args.skip_existing, overwrite=args.overwrite,
                    batch_size=batch_size(args, net),
                    workers=default_workers(args.gpu, args.threads) if args.workers is None
-                   else args.workers, jsonl=args.jsonl, quiet=args.quiet)
+                   else args.workers, methods=len(net.methods), jsonl=args.jsonl,
+                   quiet=args.quiet)
 
 
 def write_single(net: CAMNet, item: Input, options: Options,
@@ -256,7 +257,7 @@ def report_writer(args: argparse.Namespace, net: CAMNet, options: Options,
     from ..report import ReportWriter
     model = f"{args.prototxt} ({args.weights})" if args.prototxt else args.model or DEFAULT_MODEL
     return ReportWriter(args.output_dir, {
-        "model": model, "backend": net.backend_name, "methods": [net.method], "images": images,
+        "model": model, "backend": net.backend_name, "methods": list(net.methods), "images": images,
         "top_k": options.top_k, "boxes": options.boxes}, options, shard=args.shard)
 
 
