@@ -169,8 +169,8 @@ class CAMNet:
                               for m in range(cams.shape[1])] for i in range(len(images))])
         mapped = np.repeat(chosen, len(self.methods), axis=1)     # each map's class
         return [ImageResult(probs[i], [int(c) for c in mapped[i]], cams[i], images[i].shape[:2],
-                            self.labels, self.method, ten_crop,
-                            items[i] if items is not None else None, boxes, self.methods)
+                            self.labels, self.methods, ten_crop,
+                            items[i] if items is not None else None, boxes)
                 for i in range(len(images))]
 
     def _ten_crop_sizes(self) -> tuple[int, int]:

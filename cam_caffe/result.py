@@ -38,11 +38,10 @@ class ImageResult:
     cams: np.ndarray              # (len(classes), h, w) float32, the method's raw maps
     image_size: tuple[int, int]   # (H, W) of the original image
     labels: list[str] | None = None
-    method: str = "cam"
+    methods: tuple[str, ...] = ("cam",)   # with several, each class's maps are one per method
     ten_crop: bool = False
     item: Input | None = None
     box_rule: BoxRule = NO_BOXES
-    methods: tuple[str, ...] = ("cam",)   # with several, each class's maps are one per method
     _full: dict[int, np.ndarray] = field(default_factory=dict, init=False, repr=False)
     _boxes: list[list[Box]] | None = field(default=None, init=False, repr=False)
 
@@ -50,6 +49,11 @@ class ImageResult:
         """The k most probable classes as (id, label, probability)."""
         order = np.argsort(-self.probs, kind="stable")[:k]
         return [(int(i), class_name(self.labels, int(i)), float(self.probs[i])) for i in order]
+
+    @property
+    def method(self) -> str:
+        """The methods as ``--method`` names them (``cam``, ``gradcam,scorecam``)."""
+        return ",".join(self.methods)
 
     def map_method(self, rank: int) -> str:
         """The method of the ``rank``-th map (0-based)."""
