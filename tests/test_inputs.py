@@ -199,3 +199,62 @@ def test_each_stem_counts_its_own_duplicates(tmp_path):
     items = collect([str(tmp_path / "1" / "a.png"), str(tmp_path / "2" / "a.png"),
                      str(tmp_path / "1" / "b.png")])
     assert names(items) == ["a", "a-2", "b"]
+
+
+class Endless(io.RawIOBase):
+    """A stdin that never ends (``yes |``), counting the bytes it gave."""
+
+    def __init__(self) -> None:
+        self.given = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.given > 1000:          # a reader that wants everything would never stop
+            raise OSError(27, "File too large")
+        buffer[:] = b"1" * len(buffer)
+        self.given += len(buffer)
+        return len(buffer)
+
+
+def test_an_endless_stdin_is_read_one_byte_past_the_limit_only(monkeypatch):
+    monkeypatch.setattr(inputs, "LIST_LIMIT", 8)
+    stream = Endless()
+    _, problems = gathered(["-"], stdin=stream)
+    assert problems == ["stdin: larger than 0 MiB, the limit for a list of inputs"]
+    assert stream.given == 9
+
+
+def test_a_closed_stdin_and_a_spec_that_cannot_be_listed_are_input_problems(monkeypatch):
+    monkeypatch.setattr(inputs.sys, "stdin", None)
+    problems: list[CamError] = []
+    # a NUL byte in a folder of a pattern (from the API: argv cannot hold one):
+    # glob raises ValueError, which has no strerror
+    collect(["-", "a\0b/*.png"], problems=problems)
+    assert [(str(p), p.exit_code) for p in problems] == [
+        ("stdin: closed, so '-' has no inputs to read", EXIT_INPUT),
+        ("a\\x00b/*.png: cannot list: embedded null byte", EXIT_INPUT)]
+
+
+def test_problems_of_a_list_on_stdin_name_stdin_and_the_line():
+    _, problems = gathered(["-"], stdin=io.BytesIO(b"a.png\nbad\0name.png\n-\n"))
+    assert problems == ["stdin:2: the line contains a NUL byte, which no file name can",
+                        "stdin: '-' (stdin) inside a list"]
+
+
+def test_an_image_on_stdin_is_not_a_file_named_dash(tmp_path, monkeypatch):
+    png = cv2.imencode(".png", np.zeros((4, 5, 3), np.uint8))[1].tobytes()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "-").write_bytes(png)               # a file really named "-", given as ./-
+    items = collect(["-", "./-"], stdin=io.BytesIO(png))
+    assert items == [Input(STDIN_NAME, PurePath("stdin"), png),
+                     Input(Path("-"), PurePath("-"), None)]
+
+
+def test_stems_that_differ_only_in_upper_case_letters_keep_their_own_count(tmp_path):
+    # "ß".upper() is "SS": the count of "ß" must not move "ss" on
+    touch(tmp_path / "1" / "ß.png", tmp_path / "2" / "ß.png", tmp_path / "ss.png")
+    items = collect([str(tmp_path / "1" / "ß.png"), str(tmp_path / "2" / "ß.png"),
+                     str(tmp_path / "ss.png")])
+    assert names(items) == ["ß", "ß-2", "ss"]
