@@ -1,7 +1,8 @@
 """Worker processes (``--workers N``, pipeline.py) and the forward's threads (``--threads``).
 
-- The same outputs, byte for byte, and the same JSON lines in the same order as a
-  run in one process; a bad image in a worker (undecodable, over --max-pixels or
+- The same outputs (byte for byte, PNGs pixel for pixel: ISA-L's deflate may
+  encode the same pixels differently from one call to the next) and the same
+  JSON lines in the same order as a run in one process; a bad image in a worker (undecodable, over --max-pixels or
   over the memory budget, which the workers share) is reported for that image.
 - Ctrl-C and SIGTERM stop the workers with the run: no worker left, no temporary,
   each image's files all written or none; a killed parent's workers exit too.
@@ -47,7 +48,13 @@ def write_images(folder: Path, count: int, size: tuple[int, int] = (48, 64)) -> 
 
 
 def tree(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in output_files(folder)}
+    """Each output file's bytes; a PNG's decoded pixels and shape instead."""
+    def content(path: Path) -> bytes:
+        if path.suffix != ".png":
+            return path.read_bytes()
+        pixels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        return repr(pixels.shape).encode() + pixels.tobytes()
+    return {str(p.relative_to(folder)): content(p) for p in output_files(folder)}
 
 
 def test_workers_write_the_same_bytes_and_lines_in_order(tmp_path, capsys, monkeypatch):
@@ -81,7 +88,7 @@ def test_workers_write_the_same_bytes_and_lines_in_order(tmp_path, capsys, monke
     assert f"{paths[7]}: not an image" in err and f"{paths[30]}: 400x300 pixels" in err
     assert f"{paths[41]}: 400x240 pixels would need about" in err
     assert len(files) == 42 * 8                               # 2 maps: 2 overlays, 2 heatmaps…
-    assert runs[2] == runs[0]                                 # same exit, lines, errors, bytes
+    assert runs[2] == runs[0]                                 # same exit, lines, errors, files
 
 
 def test_a_call_sends_the_net_by_reference_and_the_budget_is_shared():
