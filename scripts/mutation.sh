@@ -97,7 +97,11 @@ timeout_multiplier=3
 pytest_add_cli_args_test_selection=$tests
 CFG
   local start=$SECONDS
-  (cd "$work" && CI=true HYPOTHESIS_PROFILE=mutation "$PYTHON" -m mutmut run \
+  # OMP_NUM_THREADS=1: mutmut forks each mutant from a process whose tests already ran
+  # forwards, and GNU OpenMP's thread pool does not survive a fork (the child's next
+  # parallel region waits forever: every such mutant was a "timeout"); one thread per
+  # forward gives the same results (tests/test_pycaffe_threads.py) and spawns no pool
+  (cd "$work" && CI=true HYPOTHESIS_PROFILE=mutation OMP_NUM_THREADS=1 "$PYTHON" -m mutmut run \
      --max-children "$JOBS" > "$work/mutmut.log" 2>&1) || true
   (cd "$work" && "$PYTHON" -m mutmut export-cicd-stats > /dev/null 2>&1 \
      && "$PYTHON" -m mutmut results > "$work/survivors.txt" 2>&1) || true

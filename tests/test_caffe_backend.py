@@ -110,3 +110,43 @@ def test_backward_ends_at_the_first_layer_reading_the_blobs_final_value(tmp_path
     assert nets["two"].layer_dict[split].type == "Split"
     with pytest.raises(ModelError, match=r"^no layer reads blob 'prob'$"):
         first_reader(nets["tiny"], "prob")
+
+
+class DeviceLog:
+    """pycaffe with its device calls written down instead of made: this CPU-only build
+    aborts on set_device (the GPU path runs on a CUDA build, docs/GPU.md)."""
+
+    def __init__(self, caffe) -> None:
+        self.caffe, self.calls = caffe, []
+
+    def __getattr__(self, name: str):
+        return getattr(self.caffe, name)
+
+    def set_mode_cpu(self) -> None:
+        self.calls.append("cpu")
+        self.caffe.set_mode_cpu()
+
+    def set_mode_gpu(self) -> None:
+        self.calls.append("gpu")
+
+    def set_device(self, device: int) -> None:
+        self.calls.append(device)
+
+
+def test_the_gpu_number_reaches_caffes_device_in_the_probe_child_and_the_backend(
+        tmp_path, monkeypatch):
+    from cam_caffe import CAMNet
+    from cam_caffe.backends import caffe as backend
+    log = DeviceLog(require_pycaffe())
+    monkeypatch.setattr(backend, "import_caffe", lambda verbose=False: log)
+    prototxt, weights = write_random_net(tmp_path, TINY, "ok")
+    _probe_main(str(prototxt), str(weights), "3")
+    _probe_main(str(prototxt), str(weights), "")
+    assert log.calls == ["gpu", 3, "cpu"]
+    probed = []
+    monkeypatch.setattr(backend, "probe", lambda *args: probed.append(args))
+    log.calls.clear()
+    CAMNet(prototxt, weights, backend="caffe", gpu=2)
+    CAMNet(prototxt, weights, backend="caffe")
+    assert [args[2] for args in probed] == [2, None]
+    assert log.calls == ["gpu", 2, "cpu"]
