@@ -5,23 +5,28 @@ child's stderr, and the texts of common.cpp and CUDA_CHECK). pycaffe is required
 CI=true."""
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import require_pycaffe
-from nets import TINY, write_random_net
+from nets import NIN_NET, TINY, write_random_net
 
+from cam_caffe import CAMNet
+from cam_caffe.backends import caffe as backend
 from cam_caffe.backends.caffe import (
     _is_gpu_failure,
     _probe_main,
     caffe_failure,
     first_reader,
+    import_caffe,
     probe,
 )
-from cam_caffe.errors import ModelError
+from cam_caffe.errors import BackendError, ModelError
 
 FATAL = ("F20261129 15:44:18.251050 32734 layer_factory.hpp:81] Check failed: "
          "registry.count(type) == 1 (0 vs. 1) Unknown layer type: NoSuchLayer (known "
@@ -135,8 +140,6 @@ class DeviceLog:
 
 def test_the_gpu_number_reaches_caffes_device_in_the_probe_child_and_the_backend(
         tmp_path, monkeypatch):
-    from cam_caffe import CAMNet
-    from cam_caffe.backends import caffe as backend
     log = DeviceLog(require_pycaffe())
     monkeypatch.setattr(backend, "import_caffe", lambda verbose=False: log)
     prototxt, weights = write_random_net(tmp_path, TINY, "ok")
@@ -147,6 +150,107 @@ def test_the_gpu_number_reaches_caffes_device_in_the_probe_child_and_the_backend
     monkeypatch.setattr(backend, "probe", lambda *args: probed.append(args))
     log.calls.clear()
     CAMNet(prototxt, weights, backend="caffe", gpu=2)
-    CAMNet(prototxt, weights, backend="caffe")
-    assert [args[2] for args in probed] == [2, None]
+    CAMNet(prototxt, weights, backend="caffe", verbose=True)
+    assert [args[2:] for args in probed] == [(2, False), (None, True)]   # (gpu, verbose)
     assert log.calls == ["gpu", 2, "cpu"]
+
+
+def test_a_missing_pycaffe_says_how_to_get_one(monkeypatch):
+    monkeypatch.setitem(sys.modules, "caffe", None)          # `import caffe` fails
+    with pytest.raises(BackendError) as error:
+        import_caffe()
+    assert re.fullmatch(r"pycaffe is not installed \(.*caffe.*\); run "
+                        r"scripts/install_pycaffe\.sh or use --backend opencv", str(error.value))
+
+
+def test_caffes_own_log_is_silenced_unless_verbose(monkeypatch):
+    require_pycaffe()
+    monkeypatch.delenv("GLOG_minloglevel", raising=False)
+    import_caffe(verbose=True)
+    assert "GLOG_minloglevel" not in os.environ
+    import_caffe()
+    assert os.environ.get("GLOG_minloglevel") == "2"  # noqa: SIM112 (glog spells it so)
+    monkeypatch.setenv("GLOG_minloglevel", "0")              # the user's own setting stays
+    import_caffe()
+    assert os.environ.get("GLOG_minloglevel") == "0"  # noqa: SIM112
+
+
+def test_the_probe_child_reports_a_gpu_it_cannot_use(tmp_path):
+    """This pycaffe is CPU-only: asked for device 0, its child aborts, and that is the
+    backend's failure (exit 6), not the net's; a net whose error only mentions CUDA is
+    still the net's."""
+    require_pycaffe()
+    prototxt, weights = write_random_net(tmp_path, TINY, "ok")
+    with pytest.raises(BackendError, match=r": pycaffe cannot run this net: Cannot use GPU in "
+                                           r"CPU-only Caffe"):
+        probe(prototxt, weights, 0, verbose=False)
+    probe(prototxt, weights, None, verbose=False)             # the same net on the CPU: fine
+    bad = tmp_path / "cuda.prototxt"
+    bad.write_text(TINY + 'layer { name: "x" type: "CUDAOnlyLayer" bottom: "prob" top: "x" }\n')
+    with pytest.raises(ModelError, match="Unknown layer type: CUDAOnlyLayer"):
+        probe(bad, weights, None, verbose=False)
+
+
+def test_the_probe_child_sees_the_environment_and_is_quiet_unless_verbose(
+        tmp_path, monkeypatch, capsys):
+    """Its environment is this process's (PYTHONPATH, CUDA_VISIBLE_DEVICES, a source
+    build's library path), with Caffe's whole log when verbose, echoed here."""
+    require_pycaffe()
+    prototxt, weights = write_random_net(tmp_path, TINY, "ok")
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os, sys\nprint('child sees', os.environ.get('CAM_CAFFE_TEST_MARK'), "
+        "file=sys.stderr)\n")
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    monkeypatch.setenv("CAM_CAFFE_TEST_MARK", "the parent's variable")
+    monkeypatch.setenv("GLOG_minloglevel", "2")              # as import_caffe leaves it
+    probe(prototxt, weights, None, verbose=False)
+    assert capsys.readouterr().err == ""
+    probe(prototxt, weights, None, verbose=True)
+    err = capsys.readouterr().err
+    assert "child sees the parent's variable\n" in err
+    # (Caffe's INFO lines go to its log file: a warning of its prototxt upgrade shows)
+    assert re.search(r"^W\d{4,8} .*upgrade_proto\.cpp:\d+\] Note that future Caffe releases",
+                     err, re.M)
+
+
+def test_a_probe_past_its_time_limit_is_a_backend_error(tmp_path, monkeypatch):
+    require_pycaffe()
+    prototxt, weights = write_random_net(tmp_path, TINY, "ok")
+    monkeypatch.setattr(backend, "PROBE_TIMEOUT_S", 0.001)
+    with pytest.raises(BackendError, match=r"^.*ok\.caffemodel: pycaffe did not load the net "
+                                           r"in 0\.001 s$"):
+        probe(prototxt, weights, None, verbose=False)
+
+
+def test_threads_set_openblas_which_runs_caffes_gemms(tmp_path):
+    require_pycaffe()
+    openblas = ctypes.CDLL("libopenblas.so.0", mode=os.RTLD_NOLOAD)
+    prototxt, weights = write_random_net(tmp_path, TINY, "ok")
+    for threads in (1, 2, 1):
+        CAMNet(prototxt, weights, backend="caffe", threads=threads)
+        assert openblas.openblas_get_num_threads() == threads
+
+
+def test_gradients_of_logits_that_are_a_pooled_blob_and_no_weight_gradients(tmp_path):
+    """A NIN-style net: its logits are the N×C×1×1 global average of the features, so
+    d logit_c / d F = 1/(H·W) on channel c and 0 elsewhere; Caffe skips the weights'
+    gradients (lr_mult 0): their diffs stay 0."""
+    require_pycaffe()
+    prototxt, weights = write_random_net(tmp_path, NIN_NET, "nin", seed=1)
+    net = CAMNet(prototxt, weights, backend="caffe", method="gradcam")
+    backend = net.backend
+    batch = np.random.default_rng(0).random((2, 3, 16, 16), np.float32)
+    backend.forward(batch)
+    classes = np.array([[4, 0], [1, 3]])
+    grads = backend.gradients(classes)
+    assert grads.dtype == np.float32 and grads.shape == (2, 2, 5, 7, 7)
+    expected = np.zeros(grads.shape, np.float32)
+    for n in range(2):
+        for m in range(2):
+            expected[n, m, classes[n, m]] = 1 / 49
+    np.testing.assert_allclose(grads, expected, rtol=1e-6, atol=0)
+    for params in backend.net.params.values():
+        for blob in params:
+            assert not blob.diff.any()
