@@ -22,7 +22,7 @@ from google.protobuf import text_format
 from .. import proto
 from ..camspec import CamSpec
 from ..errors import BackendError, ModelError
-from ..netdef import CaffeModel, NetDef, param_shapes, tail
+from ..netdef import CaffeModel, NetDef, tail
 from . import Forward, cpu_threads, one_hot, rows, scores_to_probs
 
 PROBE_TIMEOUT_S = 600
@@ -125,17 +125,12 @@ def run(net, input_name: str, batch: np.ndarray) -> None:
 
 
 def backward_ready(netdef: NetDef) -> str:
-    """The net's prototxt with ``force_backward`` (gradients reach every blob) and every
-    learnable blob's ``lr_mult`` 0 (Caffe then skips the weight gradients)."""
+    """The net's prototxt with ``force_backward``: gradients reach every blob. (It also
+    makes Caffe compute every weight gradient on the way, whatever the ``lr_mult``:
+    Net::Init sets each layer's param_propagate_down, which pycaffe cannot unset.)"""
     net = proto.NetParameter()
     net.CopyFrom(netdef.net)
     net.force_backward = True
-    for layer in net.layer:
-        shapes = param_shapes(netdef, layer) or []
-        while len(layer.param) < len(shapes):
-            layer.param.add()
-        for spec in layer.param:
-            spec.lr_mult = spec.decay_mult = 0.0
     return text_format.MessageToString(net)
 
 
