@@ -9,7 +9,7 @@ import pytest
 from nets import write_random_net
 from synthetic import save_caffemodel
 
-from cam_caffe.cam import cam_weights
+from cam_caffe.cam import cam_weights, normalize
 from cam_caffe.camspec import find_cam_layers
 from cam_caffe.netdef import load_netdef, read_caffemodel
 
@@ -57,4 +57,17 @@ def test_cam_weights_without_fc_are_the_identity(tmp_path):
     prototxt, model = write_random_net(tmp_path, cam_net(5, 5, fc=False), "nofc")
     netdef = load_netdef(prototxt)
     result = cam_weights(netdef, read_caffemodel(model), find_cam_layers(netdef))
+    assert result.dtype == np.float32
     np.testing.assert_array_equal(result, np.eye(5, dtype=np.float32))
+
+
+def test_normalize_scales_to_zero_one_in_float32_and_a_flat_map_to_zeros():
+    """What every rendering and metric reads: min 0, max 1, float32 even from float64
+    maps; a constant map (all evidence equal, or a dead class) is zeros, not 0/0."""
+    cam = np.array([[2.0, 4.0], [3.0, 6.0]])
+    result = normalize(cam)
+    assert result.dtype == np.float32
+    np.testing.assert_allclose(result, [[0, 0.5], [0.25, 1]], rtol=0, atol=1e-7)
+    for flat in (np.full((3, 4), 7.5), np.full((3, 4), np.nan)):
+        result = normalize(flat)
+        assert result.dtype == np.float32 and result.shape == (3, 4) and not result.any()
