@@ -1,6 +1,8 @@
 """The API's results, checked against the API's own building blocks run by hand:
 ten-crop against the crops' own maps merged, Prediction's accessors, load and the
 memory limit's batch size."""
+import re
+
 import numpy as np
 import pytest
 from conftest import assert_rel_close
@@ -121,3 +123,24 @@ def test_arguments_rebuild_the_same_net(colour_net, tmp_path, monkeypatch):
     assert a.classes == b.classes
     np.testing.assert_array_equal(a.cams, b.cams)
     np.testing.assert_array_equal(net.preprocess([image]), again.preprocess([image]))
+
+
+def test_top_k_among_equal_probabilities_is_the_lower_class_first(colour_net):
+    """A confident net gives many classes exactly 0 in float32; which of them a top-5
+    maps must not depend on the sort (NumPy's default quicksort put class 984 before 0
+    among 1,000 zeros), so runs, backends and shards agree."""
+    net = load(colour_net)
+    probs = np.zeros((2, 1000), np.float32)
+    probs[0, 500] = 1
+    probs[1, [7, 900]] = 0.5
+    assert net._choose(probs, None, 4).tolist() == [[500, 0, 1, 2], [7, 900, 0, 1]]
+    assert net._choose(probs, None, 0).tolist() == [[500], [7]]      # at least one
+
+
+def test_score_cam_through_the_api_draws_its_progress(colour_net, capsys):
+    """--progress reaches the methods' bar for Score-CAM's forwards (one a channel: 6)."""
+    net = load(colour_net, method="scorecam", progress=True)
+    net.predict(colour_images(1))
+    assert re.search(r"\rmasked forwards: +100%\|[^|]*\| 6/6 \[", capsys.readouterr().err)
+    load(colour_net, method="scorecam").predict(colour_images(1))
+    assert capsys.readouterr().err == ""
