@@ -1,5 +1,8 @@
 """The Python API checks classes the way the command line does: ids in range, label
 names (refused when ambiguous), and a clear error for a map that was not computed."""
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import ROOT, shared
@@ -76,3 +79,48 @@ def test_non_finite_scale_is_refused():
     prototxt, weights, _labels = models.model_path("demo")
     with pytest.raises(CamError, match="scale nan: not a finite number"):
         CAMNet(prototxt, weights, backend="opencv", scale=float("nan"))
+
+
+def test_its_arguments_rebuild_the_same_net_from_another_folder(tmp_path, monkeypatch, star):
+    """What a worker process or a Dask worker receives: paths given relative to this
+    folder (a mean file too) made absolute, every setting kept, the same results."""
+    prototxt, weights, labels = models.model_path("demo")
+    monkeypatch.chdir(tmp_path)
+    np.save(tmp_path / "mean.npy", np.array([10.0, 20.0, 30.0], np.float32))
+    rel = [os.path.relpath(p, tmp_path) for p in (prototxt, weights, labels)]
+    net = CAMNet(rel[0], rel[1], backend="opencv", labels=rel[2], mean="mean.npy",
+                 input_size=(64, 80), batch_size=3)
+    assert net.input_size == (64, 80)
+    assert net.arguments["mean"] == tmp_path / "mean.npy"
+    assert [net.arguments[k] for k in ("prototxt", "weights", "labels")] == [
+        Path(prototxt), Path(weights), Path(labels)]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    rebuilt = CAMNet(**net.arguments)
+    a, b = net.predict([star], top_k=2)[0], rebuilt.predict([star], top_k=2)[0]
+    assert a.classes == b.classes
+    np.testing.assert_array_equal(a.cams, b.cams)
+    assert CAMNet(prototxt, weights, backend="opencv", mean="1,2,3").arguments["mean"] == "1,2,3"
+
+
+def test_defaults_are_the_command_lines_and_quiet(capsys):
+    """The API's defaults are the command's: batches of --batch-size's default, Python
+    layers refused, nothing on stderr (not even which backend auto chose)."""
+    from cam_caffe.commands.options import DEFAULT_BATCH
+    prototxt, weights, _ = models.model_path("demo")
+    net = CAMNet(prototxt, weights)
+    assert net.batch_size == DEFAULT_BATCH
+    assert capsys.readouterr().err == ""
+
+
+def test_python_layers_are_refused_unless_allowed(tmp_path):
+    prototxt, weights, _ = models.model_path("demo")
+    text = Path(prototxt).read_text() + ('layer { name: "py" type: "Python" bottom: "prob" '
+                                         'top: "py" python_param { module: "m" layer: "L" } }\n')
+    (tmp_path / "py.prototxt").write_text(text)
+    with pytest.raises(CamError, match="layer 'py' is a Python layer, which would run code"):
+        CAMNet(tmp_path / "py.prototxt", weights, backend="opencv")
+    with pytest.raises(CamError) as error:           # allowed: OpenCV cannot run it
+        CAMNet(tmp_path / "py.prototxt", weights, backend="opencv", allow_python_layers=True)
+    assert "Python layer, which would run code" not in str(error.value)

@@ -33,6 +33,8 @@ def test_ten_crop_is_the_merge_of_each_crops_own_maps(colour_net, method):
     net = load(colour_net, method=method)
     images = colour_images(3)
     results = net.predict(images, top_k=2, ten_crop=True)
+    assert [r.ten_crop for r in results] == [True] * 3                # what JSON reports
+    assert not net.predict(images[:1])[0].ten_crop
     for image, result in zip(images, results, strict=True):
         crops = net.predict(list(ten_crops(image, 27, 24)), classes=result.classes)
         probs = np.mean([c.probs for c in crops], axis=0)
