@@ -185,6 +185,14 @@ def test_a_write_interrupted_before_the_rename_leaves_no_temporary(tmp_path, mon
         write_bytes(target, b"partial")
     assert target.read_bytes() == b"good" and names(tmp_path) == {"x.npy"}
 
+    def removed_then_interrupted(temporary, path):      # by a Dask client's clean-up
+        os.unlink(temporary)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(output, "publish", removed_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_bytes(target, b"partial")
+    assert target.read_bytes() == b"good" and names(tmp_path) == {"x.npy"}
+
 
 def test_a_failed_write_is_one_error_naming_the_file(open_folder):
     """A read-only output folder: OutputError naming the file and the reason; nothing
@@ -319,6 +327,11 @@ def test_temporary_takes_another_name_when_one_is_taken(tmp_path, monkeypatch):
         temporary_beside(target)
     assert (error.value.errno, error.value.filename) == (errno.EEXIST, str(tmp_path))
     assert calls == [4] * 100
+    before = names(tmp_path)
+    with pytest.raises(OutputError) as written:
+        write_bytes(target, b"x")
+    assert str(written.value) == f"{target}: cannot write: no free temporary file name"
+    assert names(tmp_path) == before
 
 
 # ------------------------------------------------------------- remove_stale and _alive
@@ -551,6 +564,15 @@ def test_ledger_lists_each_path_once_relative_to_its_folder(tmp_path):
     assert listing.name.startswith("written-") and listing.name.endswith(".txt")
     lines = listing.read_bytes().decode().splitlines()
     assert [json.loads(line) for line in lines] == ["a.png", "sub/ü\n.json", "b.png"]
+
+
+def test_ledger_of_a_folder_not_made_yet(tmp_path):
+    """Outputs are recorded before they are written: the ledger makes the output folder
+    (and its parents) for its list."""
+    folder = tmp_path / "new" / "out"
+    OutputLedger(folder).record([folder / "a.png"])
+    (a,) = make_files(folder, "a.png")
+    assert len(lists(folder)) == 1 and OutputLedger(folder).foreign([a]) == []
 
 
 def test_ledger_knows_its_own_records_and_only_existing_files(tmp_path):
