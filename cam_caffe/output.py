@@ -127,7 +127,9 @@ def temporary_beside(path: Path) -> tuple[int, str]:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(path.parent)
     prefix, suffix = f".{_temporary_name(path.name)}.", f".{_HOST}-{os.getpid()}.tmp"
-    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    # O_EXCL: never an existing file, nor a symlink's target (POSIX: O_CREAT|O_EXCL fails
+    # on a symlink); os.open makes the descriptor close-on-exec itself (PEP 446)
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL
     for _ in range(100):
         name = os.path.join(path.parent, prefix + secrets.token_hex(4) + suffix)
         try:
@@ -141,11 +143,9 @@ def temporary_beside(path: Path) -> tuple[int, str]:
 def _temporaries(folder: Path) -> list[tuple[os.DirEntry, re.Match]]:
     """The files in ``folder`` named like temporary_beside's, with their name parts."""
     try:
-        entries = [e for e in os.scandir(folder)
-                   if e.name.startswith(".") and e.name.endswith(".tmp")]
+        return [(e, m) for e in os.scandir(folder) if (m := _TEMPORARY.match(e.name))]
     except OSError:
         return []
-    return [(e, m) for e in entries if (m := _TEMPORARY.match(e.name))]
 
 
 def _remove(entry: os.DirEntry) -> bool:

@@ -311,16 +311,19 @@ def test_temporary_of_the_longest_name_fits(tmp_path):
 
 def test_temporary_takes_another_name_when_one_is_taken(tmp_path, monkeypatch):
     """Names are tried until one is free, a hundred times; then FileExistsError naming
-    the folder. An existing file is never opened."""
+    the folder. An existing file is never opened, a symlink never followed."""
     target = tmp_path / "x.png"
     taken = temporary_name("x.png", os.getpid(), token="aaaaaaaa")
     (tmp_path / taken).write_bytes(b"someone's")
-    tokens = iter(["aaaaaaaa", "bbbbbbbb"])
+    trap = temporary_name("x.png", os.getpid(), token="cccccccc")
+    (tmp_path / trap).symlink_to(tmp_path / "victim")
+    tokens = iter(["aaaaaaaa", "cccccccc", "bbbbbbbb"])
     monkeypatch.setattr(output.secrets, "token_hex", lambda n: next(tokens))
     fd, name = temporary_beside(target)
     os.close(fd)
     assert os.path.basename(name) == temporary_name("x.png", os.getpid(), token="bbbbbbbb")
     assert (tmp_path / taken).read_bytes() == b"someone's"
+    assert not (tmp_path / "victim").exists()
     calls = []
     monkeypatch.setattr(output.secrets, "token_hex", lambda n: calls.append(n) or "aaaaaaaa")
     with pytest.raises(FileExistsError) as error:
