@@ -316,6 +316,7 @@ def test_temporary_takes_another_name_when_one_is_taken(tmp_path, monkeypatch):
     """Names are tried until one is free, a hundred times; then FileExistsError naming
     the folder. An existing file is never opened, a symlink never followed."""
     target = tmp_path / "x.png"
+    remove_stale(tmp_path)          # looked at before these live temporaries appear
     taken = temporary_name("x.png", os.getpid(), token="aaaaaaaa")
     (tmp_path / taken).write_bytes(b"someone's")
     trap = temporary_name("x.png", os.getpid(), token="cccccccc")
@@ -341,51 +342,52 @@ def test_temporary_takes_another_name_when_one_is_taken(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------- remove_stale and _alive
-def test_alive():
-    """This process is alive; a reaped child and a pid past any pid_max are not."""
-    assert output._alive(os.getpid()) is True
-    assert output._alive(dead_pid()) is False
-    assert output._alive(2 ** 80) is False
-
-
-def test_looking_does_not_signal_the_process():
-    """_alive only asks (signal 0): a live process that a signal would end goes on."""
-    child = subprocess.Popen(["sleep", "30"],
+@pytest.fixture
+def live_pid() -> Iterator[int]:
+    """A live process of this host that a stray signal would end (SIGHUP and SIGINT at
+    their defaults): looking at it must leave it running. (This process's own pid would
+    do, but a signal sent to it ends the test run itself, which mutmut does not count
+    as a failed test.)"""
+    child = subprocess.Popen(["sleep", "60"],
                              preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL)
                                                  for s in (signal.SIGHUP, signal.SIGINT)])
-    try:
-        assert output._alive(child.pid) is True
-        time.sleep(0.05)
-        assert child.poll() is None
-    finally:
-        child.kill()
-        child.wait()
+    yield child.pid
+    child.kill()
+    child.wait()
 
 
-def test_a_process_of_another_user_is_alive():
+def test_alive(live_pid):
+    """A live process is alive, and left running (signal 0 only asks); a reaped child
+    and a pid past any pid_max are not alive."""
+    assert output._alive(live_pid) is True
+    assert output._alive(dead_pid()) is False
+    assert output._alive(2 ** 80) is False
+    time.sleep(0.05)
+    assert os.waitpid(live_pid, os.WNOHANG) == (0, 0)                   # still running
+
+
+def test_a_process_of_another_user_is_alive(live_pid):
     """kill(pid, 0) on another user's process is refused (EPERM): it exists."""
-    pid = os.getpid()
-    assert output._alive(pid)
     if os.geteuid() == 0:                                  # root's process, seen by nobody
-        assert unprivileged(lambda: output._alive(pid)) == ("returned", "True")
+        assert unprivileged(lambda: output._alive(live_pid)) == ("returned", "True")
     else:                                                  # init is root's
         assert output._alive(1)
 
 
-def test_remove_stale_removes_abandoned_temporaries_only(tmp_path):
+def test_remove_stale_removes_abandoned_temporaries_only(tmp_path, live_pid):
     """Gone: a dead process's temporary of this host, and any host's older than
     STALE_AGE (a live pid of this host too: pids are reused). Kept: a live process's,
     another host's recent one, files not named like ours, and what is not a file."""
     host, other, dead = output._HOST, other_host(), dead_pid()
     stale = {temporary_name("a.png", dead), temporary_name("b\nnewline.png", dead),
-             temporary_name("c.png", 12345678, other), temporary_name("d.png", os.getpid())}
-    kept = {temporary_name("e.png", os.getpid()), temporary_name("f.png", dead, other),
+             temporary_name("c.png", 12345678, other), temporary_name("d.png", live_pid)}
+    kept = {temporary_name("e.png", live_pid), temporary_name("f.png", dead, other),
             ".notes.tmp", f"g.png.abcd1234.{host}-{dead}.tmp",
             temporary_name("h.png", dead) + ".bak", f".i.png.abcd1234.{host}-{dead}.TMP"}
     for name in stale | kept:
         (tmp_path / name).write_bytes(b"partial")
     old = time.time() - STALE_AGE - 60
-    for name in (temporary_name("c.png", 12345678, other), temporary_name("d.png", os.getpid())):
+    for name in (temporary_name("c.png", 12345678, other), temporary_name("d.png", live_pid)):
         os.utime(tmp_path / name, (old, old))
     (tmp_path / temporary_name("j.png", dead)).mkdir()              # not a file
     (tmp_path / temporary_name("k.png", dead)).symlink_to(tmp_path / "notes")

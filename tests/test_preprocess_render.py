@@ -168,13 +168,15 @@ def test_png_encoder_is_lossless_for_two_independent_decoders(tmp_path, shape):
 
 
 def test_png_encoder_compresses_like_opencv():
-    """A real overlay: no larger than OpenCV's own PNG of it (and far below raw)."""
+    """A real overlay: smaller than OpenCV's own PNG of it (106,747 bytes against
+    112,305 when measured), so a .png output is this encoder's, not OpenCV's; and far
+    below raw."""
     image = cv2.imread(str(shared("googlenet_cam", "img1.jpg")))
     overlay = overlay_paper(image, cv2.resize(np.random.default_rng(0).random((14, 14),
                                                                            np.float32),
                                               image.shape[1::-1]))
     ours = len(encode_image("x.png", overlay))
-    assert ours <= len(cv2.imencode(".png", overlay)[1])
+    assert ours < len(cv2.imencode(".png", overlay)[1])
     assert ours < overlay.nbytes / 1.5
 
 
