@@ -94,7 +94,8 @@ def outcome(call: Callable[[], object]) -> tuple[str, str]:
 def forked(call: Callable[[], object], uid: int | None = None) -> tuple[str, str]:
     """:func:`outcome` of ``call`` in a forked child of this process (the same code,
     mutants included), as user ``uid`` when given: for what would change this process
-    for good (a resource limit, dropped privileges)."""
+    for good (a resource limit, dropped privileges). mutmut learns which tests reach a
+    function in this process only: a test calls the function here too."""
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:                                       # pragma: no cover (the child)
@@ -368,6 +369,7 @@ def test_alive(live_pid):
 
 def test_a_process_of_another_user_is_alive(live_pid):
     """kill(pid, 0) on another user's process is refused (EPERM): it exists."""
+    assert output._alive(live_pid)                         # as its owner sees it
     if os.geteuid() == 0:                                  # root's process, seen by nobody
         assert unprivileged(lambda: output._alive(live_pid)) == ("returned", "True")
     else:                                                  # init is root's
