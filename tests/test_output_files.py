@@ -1,5 +1,6 @@
 """What the written files contain: each one decoded and compared with the in-memory
 result of the same images (same batches, same backend), map by map."""
+import io
 import json
 import resource
 import subprocess
@@ -12,12 +13,13 @@ from conftest import ROOT
 from nets import COLOUR_ARGS, colour_images, write_colour_net
 
 from cam_caffe import CAMNet
-from cam_caffe.boxes import Box, draw_boxes, dt_boxes_from_cam, paper_box
+from cam_caffe.batch import Options, output_paths, run_batch
+from cam_caffe.boxes import Box, BoxRule, draw_boxes, dt_boxes_from_cam, paper_box
 from cam_caffe.cam import upsample
 from cam_caffe.commands import main
-from cam_caffe.compose import montage
+from cam_caffe.compose import Look, montage, render_overlay, thumbnail
 from cam_caffe.inputs import collect
-from cam_caffe.output import write_bytes, write_image
+from cam_caffe.output import encode_image, write_bytes, write_image
 from cam_caffe.render import heatmap, overlay_paper, overlay_seed
 
 BATCH = 2
@@ -33,7 +35,7 @@ def cli_args(colour_net):
     prototxt, weights, labels = colour_net
     return ["--prototxt", str(prototxt), "--weights", str(weights), "--labels", str(labels),
             "--mean", COLOUR_ARGS["mean"], "--scale", str(COLOUR_ARGS["scale"]),
-            "--backend", "opencv", "-q"]
+            "--backend", "opencv", "-q", "--workers", "0"]      # in this process: see README
 
 
 def api_net(colour_net):
@@ -133,6 +135,42 @@ def test_seed_style_boxes_are_scaled_per_axis(colour_net, tmp_path):
     small = cv2.resize(image, (24, 24), interpolation=cv2.INTER_LINEAR)
     figure = overlay_seed(small, cv2.resize(cam_full, (24, 24), interpolation=cv2.INTER_LINEAR))
     np.testing.assert_array_equal(read_png(out), draw_boxes(figure, [scaled]))
+
+
+def test_thumbnails_heatmaps_montage_and_json_follow_the_options(colour_net, tmp_path):
+    """Two methods, two classes each (four maps): thumbnail R (its JPEG bytes) and
+    heatmap R are map R's in the chosen look and colour map, the montage captions each overlay with its
+    method, the .json file is the printed record, indented, ending in a newline."""
+    prototxt, weights, labels = colour_net
+    net = CAMNet(prototxt, weights, backend="opencv", labels=labels, method="cam,eigencam",
+                 **COLOUR_ARGS)
+    images = colour_images(2, seed=2)
+    items = write_inputs(tmp_path / "in", images)
+    options = Options(output_dir=tmp_path / "out", save=("heatmap", "thumb", "json"),
+                      top_k=2, methods=2, style="seed", colormap="hot", alpha=0.3,
+                      boxes="paper", montage=True, jsonl=True, batch_size=BATCH)
+    lines = io.StringIO()
+    assert run_batch(net, items, options, lines).done == 2
+    look = Look("seed", "hot", 0.3, net.input_size)
+    for item, result, line in zip(items, in_memory(net, items, images, top_k=2,
+                                                   boxes=BoxRule("paper")),
+                                  lines.getvalue().splitlines(), strict=True):
+        image, paths = images[int(item.path.stem)], output_paths(item, options, 4)
+        overlays, captions = [], []
+        for rank in range(4):
+            full = result.full_map(rank)
+            np.testing.assert_array_equal(read_png(paths[f"heatmap-{rank + 1}"]),
+                                          heatmap(full, "hot"))
+            thumb = paths[f"thumb-{rank + 1}"]                      # a JPEG: its bytes
+            assert thumb.read_bytes() == encode_image(thumb, thumbnail(image, full, look))
+            overlays.append(render_overlay(image, full, result.boxes[rank], look))
+            class_id = result.classes[rank]
+            captions.append((f"{('cam', 'eigencam')[rank % 2]}: {net.labels[class_id]}",
+                             result.prob(class_id)))
+        np.testing.assert_array_equal(read_png(paths["montage"]),
+                                      montage(image, overlays, captions))
+        record = json.loads(line)
+        assert paths["json"].read_text() == json.dumps(record, indent=2) + "\n"
 
 
 def outputs(folder):

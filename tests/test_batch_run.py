@@ -1,0 +1,384 @@
+"""What a batch run tells its user and how it treats each image, in this process
+(where mutation testing sees it): the lines printed for people, the JSON line of a
+skipped image, the summary and the exit code, the images refused before any work,
+the one-line error of an image a bug hit, the memory an image reserves, and the
+threads that decode and write."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pty
+import re
+import signal
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import ROOT, read_terminal
+from nets import COLOUR_ARGS, colour_images, write_colour_net
+
+from cam_caffe import CAMNet
+from cam_caffe import batch as batch_module
+from cam_caffe.batch import (
+    ChunkResult,
+    Options,
+    Report,
+    failure,
+    image_cost,
+    output_paths,
+    pending_inputs,
+    print_record,
+    process_chunk,
+    run_batch,
+    step_pool,
+)
+from cam_caffe.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_MODEL, CamError, Terminated
+from cam_caffe.inputs import Input, collect
+from cam_caffe.output import write_image
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory) -> CAMNet:
+    prototxt, weights, labels = write_colour_net(tmp_path_factory.mktemp("colour"))
+    return CAMNet(prototxt, weights, backend="opencv", labels=labels, **COLOUR_ARGS)
+
+
+def inputs(folder: Path, count: int = 3) -> list[Input]:
+    """``count`` colour images written as 0.png, 1.png… in ``folder``, collected."""
+    for i, image in enumerate(colour_images(count)):
+        write_image(folder / f"{i}.png", image)
+    return collect([str(folder)])
+
+
+def run(net: CAMNet, items: list[Input], **options) -> tuple[Report, str, list[ChunkResult]]:
+    """run_batch in this process: its report, what it printed, what on_chunk got."""
+    out, chunks = io.StringIO(), []
+    report = run_batch(net, items, Options(**options), out, on_chunk=chunks.append)
+    return report, out.getvalue(), chunks
+
+
+# ---- the lines printed for people --------------------------------------------------
+
+def entry(class_id: int, prob: float, label: str, boxes=()) -> dict:
+    return {"class": class_id, "prob": prob, "label": label, "boxes": [list(b) for b in boxes]}
+
+
+def printed(record: dict) -> list[str]:
+    out = io.StringIO()
+    print_record(record, out)
+    return out.getvalue().splitlines()
+
+
+def test_printed_record_names_the_files_of_each_map_by_its_rank():
+    """Two maps, the second class mapped first: each top-k line points at the overlay
+    and heatmap of its own rank (-2 for the class mapped second), each box is on a
+    line of its own, and the files holding no single map are listed at the end."""
+    record = {"image": "in/a.png",
+              "top_k": [entry(0, 0.9, "blue"), entry(3, 0.0625, "white")],
+              "maps": [entry(3, 0.0625, "white", [(1, 2, 3, 4), (5, 6, 7, 8)]),
+                       entry(0, 0.9, "blue")],
+              "files": {"overlay-1": "o/a.cam-1.png", "heatmap-1": "o/a.heatmap-1.png",
+                        "overlay-2": "o/a.cam-2.png", "heatmap-2": "o/a.heatmap-2.png",
+                        "json": "o/a.json", "npy": "o/a.cam.npy"}}
+    assert printed(record) == [
+        "in/a.png",
+        "      0  0.9000  blue -> o/a.cam-2.png, o/a.heatmap-2.png",
+        "      3  0.0625  white -> o/a.cam-1.png, o/a.heatmap-1.png",
+        "  box 3: x=1 y=2 w=3 h=4",
+        "  box 3: x=5 y=6 w=7 h=8",
+        "  files: o/a.json, o/a.cam.npy"]
+
+
+def test_printed_record_of_one_map_and_of_a_class_outside_the_top_k():
+    """One map: its files have no rank. A class asked for outside the top-k gets its
+    own "map" line; a top-k class that was not mapped gets no arrow; a map with no
+    file of its own says so, unless a .npy or the montage holds every map."""
+    one = {"image": "b.png", "top_k": [entry(2, 0.5, "red")], "maps": [entry(2, 0.5, "red")],
+           "files": {"overlay": "b.cam.png"}}
+    assert printed(one) == ["b.png", "      2  0.5000  red -> b.cam.png"]
+    outside = {"image": "c\nd.png", "top_k": [entry(1, 0.75, "green")],
+               "maps": [entry(4, 0.125, "black\tdark")]}
+    assert printed(outside) == ["c\\nd.png", "      1  0.7500  green",
+                                "  map 4  0.1250  black\\tdark (map not written)"]
+    for kind in ("npy", "montage"):
+        held = {**outside, "files": {kind: f"c.{kind}"}}
+        assert printed(held) == ["c\\nd.png", "      1  0.7500  green",
+                                 "  map 4  0.1250  black\\tdark", f"  files: c.{kind}"]
+    two = {**outside, "maps": [entry(1, 0.75, "green"), entry(4, 0.125, "black")],
+           "files": {"heatmap-2": "c.heatmap-2.png"}}
+    assert printed(two)[1:] == ["      1  0.7500  green (map not written)",
+                                "  map 4  0.1250  black -> c.heatmap-2.png"]
+
+
+# ---- the summary and the exit code -------------------------------------------------
+
+def failed(*codes: int) -> list[tuple[Path, CamError]]:
+    return [(Path(f"{i}.png"), CamError(f"{i}.png: bad", code)) for i, code in enumerate(codes)]
+
+
+def test_summary_counts_every_image_once_with_the_rate():
+    """The last line of every run: done + failed + skipped images, the time, and the
+    rate of images done (0 when no time passed)."""
+    assert Report(done=3, skipped=2, failed=failed(4)).summary(2.0) == \
+        "6 images: 3 done, 1 failed, 2 skipped in 2.0 s (1.5 images/s)"
+    assert Report(done=1).summary(0.5) == "1 image: 1 done, 0 failed, 0 skipped in 0.5 s " \
+                                          "(2.0 images/s)"
+    assert Report(skipped=2).summary(0.0) == "2 images: 0 done, 0 failed, 2 skipped in 0.0 s " \
+                                             "(0.0 images/s)"
+
+
+@pytest.mark.parametrize(("report", "code"), [
+    (Report(done=2), 0),
+    (Report(failed=failed(EXIT_INPUT, EXIT_INPUT)), EXIT_INPUT),   # every image, one cause
+    (Report(failed=failed(EXIT_MODEL)), EXIT_MODEL),
+    (Report(failed=failed(EXIT_INPUT, EXIT_MODEL)), 1),            # two causes
+    (Report(done=1, failed=failed(EXIT_INPUT)), 1),                # some were done
+    (Report(skipped=1, failed=failed(EXIT_INPUT)), 1),             # some were done before
+    (Report(done=5, failed=failed(EXIT_INPUT, EXIT_INTERNAL)), EXIT_INTERNAL),
+])
+def test_exit_code_says_whether_anything_was_done_and_why_not(report, code):
+    """A script tells "all done" (0), "some failed" (1), one shared cause of a run
+    where nothing was done (its own code), and a bug (70, never hidden behind 1)."""
+    assert report.exit_code() == code
+
+
+# ---- one image's error ---------------------------------------------------------------
+
+def test_an_image_that_hits_a_bug_fails_alone_with_one_line(net, tmp_path, monkeypatch):
+    """A bug (not a CamError) while decoding one image: that image fails with one line
+    naming it, the exception and how to see the traceback, code 70; a broken file
+    fails as not an image (4); the others, image bytes from stdin among them, are
+    done. Out of memory is the input's problem (4). With CAM_CAFFE_DEBUG the bug
+    is raised as it is."""
+    items = inputs(tmp_path / "in")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    stdin = Input(Path("-"), Path("stdin"), (tmp_path / "in" / "2.png").read_bytes())
+    items = [*items, *collect([str(tmp_path / "broken.png")]), stdin]
+    real = net.load
+
+    def load(path, *args):
+        if Path(path).name == "1.png":
+            raise ZeroDivisionError("a bug")
+        return real(path, *args)
+    monkeypatch.setattr(net, "load", load)
+    monkeypatch.delenv("CAM_CAFFE_DEBUG", raising=False)
+    report, out, _ = run(net, items, jsonl=True, top_k=2)
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["image"] for r in records] == [str(items[0].path), str(items[2].path), "-"]
+    assert records[2]["maps"] == records[1]["maps"]           # the same bytes as 2.png
+    assert [len(r["top_k"]) for r in records] == [2, 2, 2]
+    assert [(path, str(error), error.exit_code) for path, error in report.failed] == [
+        (items[1].path, f"{items[1].path}: internal error: ZeroDivisionError: a bug "
+                        "(set CAM_CAFFE_DEBUG=1 for the traceback)", EXIT_INTERNAL),
+        (items[3].path, f"{items[3].path}: not an image (unknown or unsupported format)",
+         EXIT_INPUT)]
+    assert report.exit_code() == EXIT_INTERNAL
+
+    memory = failure(items[0], MemoryError())
+    assert (str(memory), memory.exit_code) == (
+        f"{items[0].path}: out of memory (see CAM_CAFFE_MEMORY in README.md)", EXIT_INPUT)
+    own = CamError("x.png: not an image", EXIT_INPUT)
+    assert failure(items[0], own) is own
+    monkeypatch.setenv("CAM_CAFFE_DEBUG", "1")
+    with pytest.raises(ZeroDivisionError, match="a bug"):
+        run(net, items)
+
+
+# ---- skipped images and images refused before any work --------------------------------
+
+def test_skipped_images_print_their_saved_record_once(net, tmp_path):
+    """--skip-existing --jsonl: an image whose files all exist is not run again; its
+    line is its saved JSON record marked "skipped", or, when that record is missing
+    from the outputs, unreadable or another image's, its name and files. on_chunk
+    gets those lines first. Without --jsonl nothing is printed for a skipped image."""
+    items = inputs(tmp_path / "in", 4)
+    out = tmp_path / "out"
+    report, _, _ = run(net, items, output_dir=out, save=("overlay", "json"), quiet=True)
+    assert report.done == 4
+    saved = [json.loads((out / f"{i}.json").read_text()) for i in range(4)]
+    (out / "1.json").write_text("not json")
+    (out / "2.json").write_text("[1, 2]")
+    (out / "3.json").write_text(json.dumps(saved[0]))         # image 0's record
+    report, lines, chunks = run(net, items, output_dir=out, save=("overlay", "json"),
+                                skip_existing=True, jsonl=True)
+    assert (report.done, report.skipped, report.failed) == (0, 4, [])
+    records = [json.loads(line) for line in lines.splitlines()]
+
+    def short(i: int) -> dict:
+        return {"image": str(items[i].path), "skipped": True,
+                "files": {"overlay": str(out / f"{i}.cam.png"), "json": str(out / f"{i}.json")}}
+    assert records == [{**saved[0], "skipped": True}, short(1), short(2), short(3)]
+    assert (chunks[0].size, chunks[0].records, chunks[0].failed) == (0, records, [])
+    assert len(chunks) == 1
+
+    (out / "0.cam.png").unlink()
+    report, lines, _ = run(net, items, output_dir=out, save=("overlay",), skip_existing=True)
+    assert (report.done, report.skipped) == (1, 3)
+    assert lines.splitlines() == printed({**saved[0], "files": {"overlay": str(out / "0.cam.png")}})
+    report, lines, _ = run(net, items[:1], output_dir=out, save=("overlay",),
+                           skip_existing=True, jsonl=True)
+    assert json.loads(lines) == {"image": str(items[0].path), "skipped": True,
+                                 "files": {"overlay": str(out / "0.cam.png")}}
+
+
+def test_images_refused_before_the_run_leave_the_others_alone(net, tmp_path):
+    """An image whose output would overwrite another input, and one whose output name
+    holds a file cam-caffe did not write, fail before any work (the first foreign file
+    named); the images after them are done; --overwrite replaces the foreign file."""
+    folder = tmp_path / "in"
+    images = colour_images(3)
+    for name, image in zip(("a.png", "a.cam.png", "b.png"), images, strict=True):
+        write_image(folder / name, image)
+    items = collect([str(folder / "a.png"), str(folder / "a.cam.png"), str(folder / "b.png")])
+    report, _, chunks = run(net, items, output_dir=folder, quiet=True)
+    assert report.done == 2
+    assert [(p, str(e)) for p, e in report.failed] == [
+        (items[0].path, f"{items[0].path}: an output would overwrite an input image")]
+    assert chunks[0].failed == report.failed
+    assert (folder / "b.cam.png").is_file() and (folder / "a.cam.cam.png").is_file()
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("0.heatmap.png", "0.cam.png"):
+        (out / name).write_bytes(b"the user's own")
+    items = inputs(tmp_path / "more", 2)
+    options = {"output_dir": out, "save": ("overlay", "heatmap"), "quiet": True}
+    report, _, _ = run(net, items, **options)
+    assert report.done == 1 and (out / "1.cam.png").is_file()
+    assert [str(e) for _, e in report.failed] == [
+        f"{out / '0.cam.png'}: exists and was not written by cam-caffe; --overwrite replaces it"]
+    report, _, _ = run(net, items, overwrite=True, **options)
+    assert (report.done, report.failed) == (2, [])
+    assert cv2.imread(str(out / "0.cam.png")) is not None
+
+
+def test_pending_inputs_counts_skipped_images_without_a_listener(tmp_path):
+    """pending_inputs alone (as evaluate and the cluster use it): every image whose
+    outputs exist is counted once as skipped, the others are left to run."""
+    items = [Input(tmp_path / f"{i}.png", Path(str(i))) for i in range(3)]
+    options = Options(output_dir=tmp_path / "out", skip_existing=True)
+    for item in items[:2]:
+        for path in output_paths(item, options, 1).values():
+            path.parent.mkdir(exist_ok=True)
+            path.write_bytes(b"done")
+    report = Report()
+    assert pending_inputs(items, options, report) == items[2:]
+    assert report.skipped == 2
+
+
+# ---- memory and threads -------------------------------------------------------------
+
+def readme_cost_line() -> str:
+    text = (ROOT / "README.md").read_text()
+    return next(line for line in text.splitlines() if line.startswith("| decoding memory"))
+
+
+def test_image_cost_is_what_the_readme_says_each_image_reserves():
+    """README, "Limits and failures": about 21 bytes a pixel, +7 a further map, +4
+    (a map) with npy, +7 (a map) with --boxes dt, and its worked example (9000x9000
+    needs about 1622 MiB); a heatmap's colour image adds 3 bytes a pixel."""
+    line = readme_cost_line()
+    assert "about 21 bytes a pixel (+7 a further map, +4 with `npy`, +7 with `--boxes dt`" \
+        in line
+    example = re.search(r"(\d+)x(\d+) pixels would need about (\d+) MiB", line)
+    assert example is not None
+    width, height, mib = map(int, example.groups())
+    assert round(image_cost(width, height, Options()) / 2 ** 20) == mib
+    pixels = 30 * 20
+    assert image_cost(30, 20, Options()) == 21 * pixels
+    assert image_cost(20, 30, Options(top_k=3)) == (21 + 2 * 7) * pixels
+    assert image_cost(30, 20, Options(classes=[0, 1], methods=2)) == (21 + 3 * 7) * pixels
+    assert image_cost(30, 20, Options(save=("npy",), top_k=2)) == (21 + 7 + 2 * 4) * pixels
+    assert image_cost(30, 20, Options(boxes="dt", top_k=2)) == (21 + 7 + 2 * 7) * pixels
+    assert image_cost(30, 20, Options(boxes="paper")) == 21 * pixels
+    assert image_cost(30, 20, Options(save=("overlay", "heatmap"))) == 24 * pixels
+
+
+@pytest.mark.parametrize(("cores", "threads"), [(1, 2), (None, 2), (2, 2), (4, 3), (9, 8),
+                                                (64, 8)])
+def test_step_threads_leave_a_core_to_the_forward(monkeypatch, cores, threads):
+    """Without worker processes the images are decoded and written by threads: one
+    fewer than the cores (the forward pass takes one), at least 2, at most 8."""
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    pool, budget = step_pool(None, 0, None)
+    with pool:
+        assert pool._max_workers == threads and budget is None
+
+
+def test_no_overlay_is_drawn_when_none_is_written(net, tmp_path, monkeypatch):
+    """Overlays are drawn only for the overlay files or the montage."""
+    drawn = []
+
+    def counted(*args):
+        drawn.append(1)
+        return real(*args)
+    real = batch_module.render_overlay
+    monkeypatch.setattr(batch_module, "render_overlay", counted)
+    items = inputs(tmp_path / "in", 2)
+    report, _, _ = run(net, items, output_dir=tmp_path / "out", save=("npy",), quiet=True)
+    assert report.done == 2 and drawn == []
+    run(net, items, output_dir=tmp_path / "out", save=("npy",), montage=True, quiet=True)
+    assert len(drawn) == 2
+    assert np.load(tmp_path / "out" / "0.cam.npy").shape[0] == 1
+
+
+# ---- a chunk alone, and a run stopped by a signal --------------------------------------
+
+def test_a_chunk_alone_reports_each_image_in_input_order(net, tmp_path):
+    """process_chunk as a Dask worker calls it (no stop event, lock or budget): the
+    records of the good images in input order, the broken ones failed; a chunk of
+    broken images only runs no forward and gives no record."""
+    items = inputs(tmp_path / "in", 2)
+    for name in ("x.png", "y.png"):
+        (tmp_path / name).write_bytes(b"broken")
+    broken = collect([str(tmp_path / "x.png"), str(tmp_path / "y.png")])
+    with ThreadPoolExecutor(2) as pool:
+        mixed = process_chunk(net, [broken[0], *items], Options(), pool)
+        none = process_chunk(net, broken, Options(), pool)
+    assert mixed.size == 3 and [r["image"] for r in mixed.records] == [str(i.path) for i in items]
+    assert [r.item for r in mixed.results] == items
+    assert [p for p, _ in mixed.failed] == [broken[0].path]
+    assert (none.size, none.records, none.results, none.postponed) == (2, [], [], [])
+    assert [p for p, _ in none.failed] == [b.path for b in broken]
+
+
+@pytest.mark.parametrize(("signum", "raised"), [(signal.SIGINT, KeyboardInterrupt),
+                                                (signal.SIGTERM, Terminated)])
+def test_a_signal_stops_the_run_and_every_written_image_has_its_line(net, tmp_path, signum,
+                                                                     raised):
+    """Ctrl-C or SIGTERM after the first image: no new chunk starts, the run raises
+    KeyboardInterrupt or Terminated, and each image whose overlay was written has
+    its JSON line (the chunk in flight is finished or dropped, never lost)."""
+    items = inputs(tmp_path / "in", 6)
+    out, sink = tmp_path / "out", io.StringIO()
+
+    def interrupt(chunk: ChunkResult) -> None:
+        if chunk.size:
+            os.kill(os.getpid(), signum)
+    with pytest.raises(raised):
+        run_batch(net, items, Options(output_dir=out, batch_size=1, jsonl=True), sink,
+                  on_chunk=interrupt)
+    printed_images = sorted(json.loads(line)["image"] for line in sink.getvalue().splitlines())
+    written = sorted(str(tmp_path / "in" / f"{p.name.split('.')[0]}.png")
+                     for p in out.glob("*.cam.png"))
+    assert printed_images == written and 1 <= len(written) <= 2
+
+
+def test_progress_bar_is_drawn_after_each_chunk_on_a_terminal(net, tmp_path):
+    """On a terminal, without -q: a bar of images ("img") drawn once after every chunk
+    (not only every so often), ending at the total; with -q, none."""
+    items = inputs(tmp_path / "in", 3)
+    for quiet in (False, True):
+        main_fd, other_fd = pty.openpty()
+        with open(other_fd, "w", encoding="utf-8") as terminal, \
+                pytest.MonkeyPatch.context() as patch:
+            patch.setattr(sys, "stderr", terminal)
+            run_batch(net, items, Options(batch_size=1, quiet=quiet), io.StringIO())
+        data = read_terminal(main_fd).decode()
+        counts = [data.count(f"| {done}/3 [") for done in range(1, 4)]   # 3/3: again at the end
+        assert (counts[:2], counts[2] > 0) == (([1, 1], True) if not quiet else ([0, 0], False))
+        assert ("img/s]" in data) is not quiet
