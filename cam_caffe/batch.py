@@ -343,12 +343,19 @@ def forward(net: CAMNet, loaded: list[tuple[Input, np.ndarray]], options: Option
     return [kept for one in loaded for kept in forward(net, [one], options, failed)]
 
 
+def not_json(constant: str) -> None:
+    """Refuse what Python's json reads beyond JSON (NaN, Infinity): a record holding
+    one could not be printed again as a JSON line."""
+    raise ValueError(f"{constant} is not JSON")
+
+
 def skipped_record(item: Input, paths: dict[str, Path]) -> dict:
     """The JSON line of an image a resumed run skips: its saved record when there
     is one, else its name and files; both with ``"skipped": true``."""
     if "json" in paths:
         try:
-            record = json.loads(read_limited(paths["json"], "JSON record", TEXT_LIMIT))
+            record = json.loads(read_limited(paths["json"], "JSON record", TEXT_LIMIT),
+                                parse_constant=not_json)
             if isinstance(record, dict) and record.get("image") == str(item.path):
                 return {**record, "skipped": True}
         except (CamError, ValueError):

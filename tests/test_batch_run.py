@@ -193,31 +193,33 @@ def test_an_image_that_hits_a_bug_fails_alone_with_one_line(net, tmp_path, monke
 def test_skipped_images_print_their_saved_record_once(net, tmp_path):
     """--skip-existing --jsonl: an image whose files all exist is not run again; its
     line is its saved JSON record marked "skipped", or, when that record is missing
-    from the outputs, unreadable or another image's, its name and files. on_chunk
+    from the outputs, unreadable (not strict JSON: a NaN) or another image's, its name
+    and files. on_chunk
     gets those lines first. Without --jsonl nothing is printed for a skipped image."""
-    items = inputs(tmp_path / "in", 4)
+    items = inputs(tmp_path / "in", 5)
     out = tmp_path / "out"
     report, _, _ = run(net, items, output_dir=out, save=("overlay", "json"), quiet=True)
-    assert report.done == 4
-    saved = [json.loads((out / f"{i}.json").read_text()) for i in range(4)]
+    assert report.done == 5
+    saved = [json.loads((out / f"{i}.json").read_text()) for i in range(5)]
     (out / "1.json").write_text("not json")
     (out / "2.json").write_text("[1, 2]")
     (out / "3.json").write_text(json.dumps(saved[0]))         # image 0's record
+    (out / "4.json").write_text(json.dumps({**saved[4], "maps": float("nan")}))
     report, lines, chunks = run(net, items, output_dir=out, save=("overlay", "json"),
                                 skip_existing=True, jsonl=True)
-    assert (report.done, report.skipped, report.failed) == (0, 4, [])
+    assert (report.done, report.skipped, report.failed) == (0, 5, [])
     records = [json.loads(line) for line in lines.splitlines()]
 
     def short(i: int) -> dict:
         return {"image": str(items[i].path), "skipped": True,
                 "files": {"overlay": str(out / f"{i}.cam.png"), "json": str(out / f"{i}.json")}}
-    assert records == [{**saved[0], "skipped": True}, short(1), short(2), short(3)]
+    assert records == [{**saved[0], "skipped": True}, short(1), short(2), short(3), short(4)]
     assert (chunks[0].size, chunks[0].records, chunks[0].failed) == (0, records, [])
     assert len(chunks) == 1
 
     (out / "0.cam.png").unlink()
     report, lines, _ = run(net, items, output_dir=out, save=("overlay",), skip_existing=True)
-    assert (report.done, report.skipped) == (1, 3)
+    assert (report.done, report.skipped) == (1, 4)
     assert lines.splitlines() == printed({**saved[0], "files": {"overlay": str(out / "0.cam.png")}})
     report, lines, _ = run(net, items[:1], output_dir=out, save=("overlay",),
                            skip_existing=True, jsonl=True)
