@@ -6,11 +6,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ROOT, shared
+from nets import TINY, VGG_LIKE, write_random_net
 
-from cam_caffe import CAMNet, models
+from cam_caffe import CAMNet, models, proto
 from cam_caffe.cam import upsample
-from cam_caffe.errors import CamError
+from cam_caffe.errors import CamError, ModelError
 from cam_caffe.labels import read_labels, resolve_class
+from cam_caffe.limits import forward_bytes
+from cam_caffe.netdef import load_netdef
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +127,72 @@ def test_python_layers_are_refused_unless_allowed(tmp_path):
     with pytest.raises(CamError) as error:           # allowed: OpenCV cannot run it
         CAMNet(tmp_path / "py.prototxt", weights, backend="opencv", allow_python_layers=True)
     assert "Python layer, which would run code" not in str(error.value)
+
+
+NO_CAM_HEAD = """
+input: "data"
+input_shape { dim: 1 dim: CHANNELS dim: 8 dim: 8 }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "fc" type: "InnerProduct" bottom: "conv" top: "fc" inner_product_param { num_output: 3 } }
+layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
+"""
+
+
+def test_a_data_layers_mean_and_scale_are_the_defaults(tmp_path):
+    """A train/test file's TEST data layer says how its images were prepared (VGG_LIKE:
+    mean 10,20,30 and scale 0.5, or a mean file); the caller's values come first; a net
+    that says nothing gets ImageNet's mean, scale 1, per channel of its input."""
+    prototxt, weights = write_random_net(tmp_path, VGG_LIKE, "vgg")
+    net = CAMNet(prototxt, weights, backend="opencv")
+    assert net.preprocess.mean.ravel().tolist() == [10, 20, 30] and net.preprocess.scale == 0.5
+    net = CAMNet(prototxt, weights, backend="opencv", mean="1,2,3", scale=2)
+    assert net.preprocess.mean.ravel().tolist() == [1, 2, 3] and net.preprocess.scale == 2
+    blob = proto.BlobProto()
+    blob.shape.dim.extend([1, 3, 2, 2])
+    blob.data.extend(float(v) for v in range(12))
+    (tmp_path / "mean.binaryproto").write_bytes(blob.SerializeToString())
+    text = VGG_LIKE.replace("scale: 0.5 mean_value: 10 mean_value: 20 mean_value: 30",
+                            f'mean_file: "{tmp_path / "mean.binaryproto"}"')
+    prototxt, weights = write_random_net(tmp_path, text, "meanfile")
+    net = CAMNet(prototxt, weights, backend="opencv")
+    assert net.preprocess.mean.ravel().tolist() == [1.5, 5.5, 9.5]     # per channel (2x2 file)
+    assert net.preprocess.scale == 1
+    for channels, mean in ((3, [104, 117, 123]), (1, [117])):
+        prototxt, weights = write_random_net(
+            tmp_path, NO_CAM_HEAD.replace("CHANNELS", str(channels)), f"plain{channels}")
+        net = CAMNet(prototxt, weights, backend="opencv", method="scorecam")
+        assert net.preprocess.mean.ravel().tolist() == mean and net.preprocess.scale == 1
+
+
+def test_the_default_method_follows_the_head_and_cam_needs_one(tmp_path):
+    tiny = write_random_net(tmp_path, TINY, "tiny")
+    plain = write_random_net(tmp_path, NO_CAM_HEAD.replace("CHANNELS", "3"), "plain")
+    assert CAMNet(*tiny, backend="opencv").methods == ("cam",)
+    assert CAMNet(*plain, backend="onnxruntime").methods == ("gradcam",)
+    both = CAMNet(*plain, backend="onnxruntime", method="gradcam,scorecam")
+    assert (both.methods, both.method) == (("gradcam", "scorecam"), "gradcam,scorecam")
+    with pytest.raises(ModelError, match=r"plain\.prototxt: --method cam needs a global "
+                                         r"average pooling → InnerProduct head after blob "
+                                         r"'conv'; the other methods \(gradcam, scorecam, …\) "
+                                         r"work on any net$"):
+        CAMNet(*plain, backend="onnxruntime", method="cam")
+
+
+def test_what_the_net_is_built_from_is_checked_first(tmp_path):
+    """Missing weights, labels of another net, an --fc-layer that is no FC, and a
+    net one input of which does not fit in --max-memory: each one error, at once."""
+    prototxt, weights = write_random_net(tmp_path, TINY, "tiny")
+    with pytest.raises(ModelError, match=r"none\.caffemodel: weights file not found$"):
+        CAMNet(prototxt, tmp_path / "none.caffemodel", backend="opencv")
+    (tmp_path / "labels.txt").write_text("a\nb\n")
+    with pytest.raises(ModelError, match=r"labels\.txt: has 2 labels, the net has 3 classes$"):
+        CAMNet(prototxt, weights, backend="opencv", labels=tmp_path / "labels.txt")
+    with pytest.raises(ModelError, match="prob"):
+        CAMNet(prototxt, weights, backend="opencv", fc_layer="prob")
+    netdef = load_netdef(prototxt)
+    one, two = forward_bytes(netdef, 1), forward_bytes(netdef, 2)
+    CAMNet(prototxt, weights, backend="opencv", max_memory=(one + two) // 2)   # one fits
+    with pytest.raises(ModelError, match="one input of 9x7 needs about"):
+        CAMNet(prototxt, weights, backend="opencv", max_memory=one - 1)
