@@ -164,6 +164,8 @@ def test_a_data_layers_mean_and_scale_are_the_defaults(tmp_path):
             tmp_path, NO_CAM_HEAD.replace("CHANNELS", str(channels)), f"plain{channels}")
         net = CAMNet(prototxt, weights, backend="opencv", method="scorecam")
         assert net.preprocess.mean.ravel().tolist() == mean and net.preprocess.scale == 1
+        image = np.random.default_rng(0).integers(0, 256, (8, 8, 3), np.uint8)
+        assert net.predict([image])[0].probs.shape == (3,)    # a grey net gets grey input
 
 
 def test_the_default_method_follows_the_head_and_cam_needs_one(tmp_path):
@@ -171,6 +173,7 @@ def test_the_default_method_follows_the_head_and_cam_needs_one(tmp_path):
     plain = write_random_net(tmp_path, NO_CAM_HEAD.replace("CHANNELS", "3"), "plain")
     assert CAMNet(*tiny, backend="opencv").methods == ("cam",)
     assert CAMNet(*plain, backend="onnxruntime").methods == ("gradcam",)
+    assert CAMNet(*tiny, backend="onnxruntime", method="gradcam").cam_weights is None  # unread
     both = CAMNet(*plain, backend="onnxruntime", method="gradcam,scorecam")
     assert (both.methods, both.method) == (("gradcam", "scorecam"), "gradcam,scorecam")
     with pytest.raises(ModelError, match=r"plain\.prototxt: --method cam needs a global "
@@ -184,6 +187,9 @@ def test_what_the_net_is_built_from_is_checked_first(tmp_path):
     """Missing weights, labels of another net, an --fc-layer that is no FC, and a
     net one input of which does not fit in --max-memory: each one error, at once."""
     prototxt, weights = write_random_net(tmp_path, TINY, "tiny")
+    _, other = write_random_net(tmp_path, NO_CAM_HEAD.replace("CHANNELS", "3"), "other")
+    with pytest.raises(ModelError, match=r"^.*other\.caffemodel: "):      # another net's weights
+        CAMNet(prototxt, other, backend="opencv")
     with pytest.raises(ModelError, match=r"none\.caffemodel: weights file not found$"):
         CAMNet(prototxt, tmp_path / "none.caffemodel", backend="opencv")
     (tmp_path / "labels.txt").write_text("a\nb\n")
