@@ -216,3 +216,16 @@ def test_weights_of_another_net_get_no_input_size_hint(fixed, tmp_path):
         with pytest.raises(ModelError, match=expected_message(
                 model, netdef, f"layer 'fc' blob 0 has shape [3, 5], the prototxt needs {needed}")):
             check_weights(netdef, weights, model)
+
+
+def test_blobs_of_a_layer_without_shape_rule_do_not_end_the_check(tiny, tmp_path):
+    """Weights stored for a layer whose parameter shapes cam-caffe does not know (here
+    the ReLU) are left to Caffe, and the layers after it are still checked."""
+    values = arrays()
+    path = tmp_path / "relu.caffemodel"
+    weights = caffemodel(path, {"conv": [proto.blob(a) for a in values["conv"]],
+                                "relu": [proto.blob(np.ones(2))],
+                                "fc": [proto.blob(values["fc"][0])]})
+    with pytest.raises(ModelError, match=expected_message(
+            path, tiny, "layer 'fc' has 1 weight blobs, the prototxt needs 2")):
+        check_weights(tiny, weights, path)
