@@ -36,15 +36,17 @@ def caffes_v2_type(v1_name: str, registry: list[str]) -> str:
 
 def test_every_v1_layer_type_becomes_the_caffe_layer_it_names():
     """A V1 type mapped to the wrong V2 type would run another layer on every
-    backend; each must be a layer type pycaffe's own registry holds."""
+    backend; each must be a layer type pycaffe's own registry holds, and V1's
+    backend, NONE none (Caffe's upgrade gives it no type, and refuses the layer)."""
     registry = require_pycaffe().layer_type_list()
     net = proto.NetParameter()
-    names = [v.name for v in V1_ENUM.values if v.name != "NONE"]   # Caffe refuses NONE
+    names = [v.name for v in V1_ENUM.values]
     for name in names:
         net.layers.add(name=name.lower(), type=V1_ENUM.values_by_name[name].number)
     upgrade_v1(net)
-    assert not net.layers
-    assert [layer.type for layer in net.layer] == [caffes_v2_type(n, registry) for n in names]
+    assert not net.layers and names[0] == "NONE"
+    assert [layer.type for layer in net.layer] == [""] + [
+        caffes_v2_type(n, registry) for n in names[1:]]
     assert set(V1_TYPES) == set(names)
 
 

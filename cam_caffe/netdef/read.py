@@ -15,9 +15,10 @@ from .. import proto
 from ..errors import ModelError
 from ..files import TEXT_LIMIT, read_limited
 
-# Caffe's V1LayerParameter.LayerType enum names -> V2 type strings (upgrade_proto.cpp).
+# Caffe's V1LayerParameter.LayerType enum names -> V2 type strings (upgrade_proto.cpp's
+# UpgradeV1LayerType: every value of the enum; NONE has no type).
 V1_TYPES = {
-    "ABSVAL": "AbsVal", "ACCURACY": "Accuracy", "ARGMAX": "ArgMax", "BNLL": "BNLL",
+    "NONE": "", "ABSVAL": "AbsVal", "ACCURACY": "Accuracy", "ARGMAX": "ArgMax", "BNLL": "BNLL",
     "CONCAT": "Concat", "CONTRASTIVE_LOSS": "ContrastiveLoss", "CONVOLUTION": "Convolution",
     "DECONVOLUTION": "Deconvolution", "DATA": "Data", "DROPOUT": "Dropout",
     "DUMMY_DATA": "DummyData", "EUCLIDEAN_LOSS": "EuclideanLoss", "ELTWISE": "Eltwise",
@@ -129,7 +130,7 @@ def upgrade_v1(net: proto.NetParameter) -> None:
     for old in net.layers:
         new = net.layer.add()
         type_name = v1_enum.values_by_number[old.type].name
-        new.type = V1_TYPES.get(type_name, type_name.title().replace("_", ""))
+        new.type = V1_TYPES[type_name]
         for fd, value in old.ListFields():
             target = v2_fields.get(fd.name)
             if fd.name == "type" or target is None or target.type != fd.type or (
