@@ -133,7 +133,7 @@ def upgrade_v1(net: proto.NetParameter) -> None:
         new.type = V1_TYPES[type_name]
         for fd, value in old.ListFields():
             target = v2_fields.get(fd.name)
-            if fd.name == "type" or target is None or target.type != fd.type or (
+            if target is None or target.type != fd.type or (
                     fd.message_type is not None
                     and target.message_type.full_name != fd.message_type.full_name):
                 continue
