@@ -2,17 +2,19 @@
 file a user can get wrong refused in one line naming the file (never a traceback,
 never a Caffe abort)."""
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from conftest import require_pycaffe
 from google.protobuf import text_format
+from google.protobuf.descriptor import FieldDescriptor
 from nets import V1_NET
 
 from cam_caffe import proto
 from cam_caffe.errors import ModelError
 from cam_caffe.netdef import layer_blobs, load_netdef, read_caffemodel, read_prototxt, stored_layers
-from cam_caffe.netdef.read import V1_TYPES, upgrade_v1
+from cam_caffe.netdef.read import V1_TYPES, _is_repeated, upgrade_v1
 
 V1_ENUM = proto.V1LayerParameter.DESCRIPTOR.enum_types_by_name["LayerType"]
 # Caffe's upgrade_proto.cpp names SOFTMAX_LOSS "SoftmaxWithLoss"; these two data layers
@@ -71,6 +73,16 @@ def test_v1_fields_are_copied_and_v1_only_fields_dropped():
     assert new.convolution_param == old.convolution_param
 
 
+def test_repeated_fields_are_told_by_the_label_on_older_protobuf():
+    """protobuf < 5.29 (pyproject allows 4.22) has no ``is_repeated``: the upgrade then
+    reads the field's label. A stand-in descriptor with the label each field of
+    LayerParameter has there must give what this protobuf's ``is_repeated`` says."""
+    for fd in proto.LayerParameter.DESCRIPTOR.fields:
+        label = FieldDescriptor.LABEL_REPEATED if fd.is_repeated else FieldDescriptor.LABEL_OPTIONAL
+        old = SimpleNamespace(label=label, LABEL_REPEATED=FieldDescriptor.LABEL_REPEATED)
+        assert _is_repeated(old) is fd.is_repeated is _is_repeated(fd), fd.name
+
+
 def test_a_v1_caffemodel_loads_as_pycaffe_loads_it(tmp_path):
     """A V1 binary caffemodel (``layers``, legacy 4-D blobs): its V2 reading gives the
     arrays pycaffe loads from the same files."""
@@ -118,6 +130,8 @@ PROTOTXTS = {
               "mixes V1 'layers' and V2 'layer' definitions"),
     "empty": ("", "prototxt file is empty"),
     "binary": (b"\xff\xfe layer", "not a text prototxt file"),
+    "missing": (None, "prototxt file not found"),
+    "directory": ("dir", "is a directory, not a regular file"),
 }
 
 
@@ -126,7 +140,10 @@ def test_a_bad_prototxt_is_one_line_naming_the_file(tmp_path, case):
     """What is wrong with a prototxt, where Caffe would abort on a parse CHECK."""
     content, message = PROTOTXTS[case]
     path = tmp_path / "net.prototxt"
-    (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
     with pytest.raises(ModelError) as error:
         read_prototxt(path)
     assert re.fullmatch(message, one_line(error, path))
