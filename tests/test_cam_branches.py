@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from nets import write_random_net
+from nets import NIN_NET, TINY, write_random_net
 
 from cam_caffe.backends.opencv import OpenCVBackend
 from cam_caffe.cam import cam_weights, softmax
-from cam_caffe.camspec import AmbiguousCamHead, find_cam_layers, find_target
+from cam_caffe.camspec import AmbiguousCamHead, CamSpec, find_cam_layers, find_target
 from cam_caffe.errors import ModelError
 from cam_caffe.netdef import CaffeModel, load_netdef, read_caffemodel
 
@@ -161,3 +161,53 @@ def test_the_last_layer_of_the_file_decides(tmp_path):
     spec = find_cam_layers(load_netdef(path))
     assert (spec.feature_blob, spec.fc_layer, spec.softmax) == ("feat_b", "fc_b", False)
     assert (spec.logit_blob, spec.logit_layer) == ("fc_b", "fc_b")     # no Softmax: the scores
+
+
+def test_a_head_without_fc_is_the_pooled_maps_themselves(tmp_path):
+    """NIN-style: global average pooling straight into Softmax. Every field a backend
+    reads: the features as the in-place ReLU leaves them, K = C = 5 channels of 7x7
+    (16x16 input, kernel 3, stride 2), the pooled blob as the logits."""
+    path = tmp_path / "nin.prototxt"
+    path.write_text(NIN_NET)
+    assert find_cam_layers(load_netdef(path)) == CamSpec(
+        "conv", "relu", None, "loss", "loss", True, 5, 5, (7, 7), "pool", "pool", True)
+
+
+def test_no_cam_head_and_an_fc_of_the_wrong_width_say_what_was_expected(tmp_path):
+    path = tmp_path / "plain.prototxt"
+    path.write_text(NIN_NET.replace("pool: AVE global_pooling: true", "pool: MAX kernel_size: 2"))
+    netdef = load_netdef(path)
+    expected = (r"plain\.prototxt: no CAM structure found: expected {} → global average "
+                r"pooling \(AVE over the whole map, or global_pooling\) → InnerProduct "
+                r"\(→ Softmax\); name the layers with --feature-blob and --fc-layer$")
+    with pytest.raises(ModelError, match=expected.format("a feature blob")):
+        find_cam_layers(netdef)
+    with pytest.raises(ModelError, match=expected.format("blob 'conv'")):
+        find_cam_layers(netdef, "conv")
+    wide = tmp_path / "wide.prototxt"
+    wide.write_text(TINY.replace('bottom: "gap" top: "fc"', 'bottom: "conv" top: "fc"'))
+    with pytest.raises(ModelError, match=r"wide\.prototxt: FC layer 'fc' reads 252 values "
+                                         r"per image, but feature blob 'conv' has 4 channels "
+                                         r"\(CAM needs the FC to read the feature blob's "
+                                         r"global average\)$"):
+        find_cam_layers(load_netdef(wide), "conv", "fc")
+
+
+def test_a_wrong_feature_blob_lists_the_last_twelve_candidates(tmp_path):
+    """A deep net: the refusal names the 12 candidates nearest the output and how many
+    earlier ones it left out (a list of 50 blob names helps nobody)."""
+    layers = "".join(
+        f'layer {{ name: "c{i}" type: "Convolution" bottom: "{"data" if i == 0 else f"c{i - 1}"}" '
+        f'top: "c{i}" convolution_param {{ num_output: 2 kernel_size: 3 pad: 1 }} }}\n'
+        for i in range(14))
+    text = ('input: "data"\ninput_shape { dim: 1 dim: 3 dim: 6 dim: 6 }\n' + layers +
+            'layer { name: "fc" type: "InnerProduct" bottom: "c13" top: "fc" '
+            'inner_product_param { num_output: 3 } }\n'
+            'layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }\n')
+    path = tmp_path / "deep.prototxt"
+    path.write_text(text)
+    listed = ", ".join(f"c{i}" for i in range(2, 14))
+    with pytest.raises(ModelError, match=rf"--feature-blob 'nope': no blob of that name; "
+                                         rf"candidates \(input to output\): {listed} and 2 "
+                                         rf"earlier$"):
+        find_target(load_netdef(path), "nope")
