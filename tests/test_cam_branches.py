@@ -165,12 +165,19 @@ def test_the_last_layer_of_the_file_decides(tmp_path):
 
 def test_a_head_without_fc_is_the_pooled_maps_themselves(tmp_path):
     """NIN-style: global average pooling straight into Softmax. Every field a backend
-    reads: the features as the in-place ReLU leaves them, K = C = 5 channels of 7x7
-    (16x16 input, kernel 3, stride 2), the pooled blob as the logits."""
+    reads: the features as the in-place ReLU leaves them, K = C = 5 channels of 7x9
+    (16x20 input, kernel 3, stride 2), the pooled blob as the logits; behind a layer
+    whose shapes nobody knows (pycaffe's own), 0 channels of 0x0 until pycaffe says."""
     path = tmp_path / "nin.prototxt"
-    path.write_text(NIN_NET)
+    path.write_text(NIN_NET.replace("dim: 16 dim: 16", "dim: 16 dim: 20"))
     assert find_cam_layers(load_netdef(path)) == CamSpec(
-        "conv", "relu", None, "loss", "loss", True, 5, 5, (7, 7), "pool", "pool", True)
+        "conv", "relu", None, "loss", "loss", True, 5, 5, (7, 9), "pool", "pool", True)
+    path.write_text(NIN_NET.replace(
+        'layer { name: "pool" type: "Pooling" bottom: "conv"',
+        'layer { name: "odd" type: "MyOwnLayer" bottom: "conv" top: "odd" }\n'
+        'layer { name: "pool" type: "Pooling" bottom: "odd"'))
+    assert find_cam_layers(load_netdef(path)) == CamSpec(
+        "odd", "odd", None, "loss", "loss", True, 0, 0, (0, 0), "pool", "pool", True)
 
 
 def test_no_cam_head_and_an_fc_of_the_wrong_width_say_what_was_expected(tmp_path):
@@ -191,6 +198,13 @@ def test_no_cam_head_and_an_fc_of_the_wrong_width_say_what_was_expected(tmp_path
                                          r"\(CAM needs the FC to read the feature blob's "
                                          r"global average\)$"):
         find_cam_layers(load_netdef(wide), "conv", "fc")
+    # an FC behind a layer whose shapes nobody knows is taken at its word (named by hand)
+    wide.write_text(TINY.replace(
+        'layer { name: "fc" type: "InnerProduct" bottom: "gap"',
+        'layer { name: "odd" type: "MyOwnLayer" bottom: "gap" top: "odd" }\n'
+        'layer { name: "fc" type: "InnerProduct" bottom: "odd"'))
+    spec = find_cam_layers(load_netdef(wide), "conv", "fc")
+    assert (spec.fc_layer, spec.channels, spec.num_classes) == ("fc", 4, 3)
 
 
 def test_a_wrong_feature_blob_lists_the_last_twelve_candidates(tmp_path):
