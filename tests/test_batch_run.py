@@ -36,6 +36,7 @@ from cam_caffe.batch import (
     run_batch,
     step_pool,
 )
+from cam_caffe.budget import MemoryBudget
 from cam_caffe.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_MODEL, CamError, Terminated
 from cam_caffe.inputs import Input, collect
 from cam_caffe.output import write_image
@@ -331,16 +332,18 @@ def test_no_overlay_is_drawn_when_none_is_written(net, tmp_path, monkeypatch):
 # ---- a chunk alone, and a run stopped by a signal --------------------------------------
 
 def test_a_chunk_alone_reports_each_image_in_input_order(net, tmp_path):
-    """process_chunk as a Dask worker calls it (no stop event, lock or budget): the
-    records of the good images in input order, the broken ones failed; a chunk of
-    broken images only runs no forward and gives no record."""
+    """process_chunk as a Dask worker calls it (no stop event or lock): the records of
+    the good images in input order, the broken ones failed, the memory budget whole
+    again after it; a chunk of broken images only runs no forward and gives no record."""
     items = inputs(tmp_path / "in", 2)
     for name in ("x.png", "y.png"):
         (tmp_path / name).write_bytes(b"broken")
     broken = collect([str(tmp_path / "x.png"), str(tmp_path / "y.png")])
+    budget = MemoryBudget(10 ** 9)
     with ThreadPoolExecutor(2) as pool:
-        mixed = process_chunk(net, [broken[0], *items], Options(), pool)
+        mixed = process_chunk(net, [broken[0], *items], Options(), pool, budget=budget)
         none = process_chunk(net, broken, Options(), pool)
+    assert budget.used == 0                       # every image's memory given back
     assert mixed.size == 3 and [r["image"] for r in mixed.records] == [str(i.path) for i in items]
     assert [r.item for r in mixed.results] == items
     assert [p for p, _ in mixed.failed] == [broken[0].path]
