@@ -251,3 +251,17 @@ def test_evaluate_example_gives_the_tables_numbers(tmp_path):
                          re.M)
     assert row and measured, output
     assert [float(v) for v in row.groups()] == [float(v) for v in measured.groups()]
+
+
+def test_memory_per_image_is_what_image_cost_reserves():
+    """The README's bytes per pixel of an image's memory budget, and its worked example,
+    are image_cost's (test_batch_run checks each term of it)."""
+    from cam_caffe.batch import Options, image_cost
+    line = next(line for line in README.splitlines() if line.startswith("| decoding memory"))
+    assert "about 21 bytes a pixel (+7 a further map, +4 with `npy`, +7 with `--boxes dt`" \
+        in line
+    example = re.search(r"(\d+)x(\d+) pixels would need about (\d+) MiB", line)
+    assert example is not None
+    width, height, mib = map(int, example.groups())
+    assert round(image_cost(width, height, Options()) / 2 ** 20) == mib
+    assert image_cost(1, 1, Options()) == 21
