@@ -9,6 +9,7 @@ import io
 import json
 import os
 import pty
+import resource
 import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,7 @@ from nets import COLOUR_ARGS, colour_images, write_colour_net
 
 from cam_caffe import CAMNet
 from cam_caffe import batch as batch_module
+from cam_caffe import signals as signals_module
 from cam_caffe.batch import (
     ChunkResult,
     Options,
@@ -342,20 +344,27 @@ def test_a_chunk_alone_reports_each_image_in_input_order(net, tmp_path):
 
 @pytest.mark.parametrize(("signum", "raised"), [(signal.SIGINT, KeyboardInterrupt),
                                                 (signal.SIGTERM, Terminated)])
-def test_a_signal_stops_the_run_and_every_written_image_has_its_line(net, tmp_path, signum,
-                                                                     raised):
+def test_a_signal_stops_the_run_and_every_written_image_has_its_line(net, tmp_path, monkeypatch,
+                                                                     signum, raised):
     """Ctrl-C or SIGTERM after the first image: no new chunk starts, the run raises
     KeyboardInterrupt or Terminated, and each image whose overlay was written has
     its JSON line (the chunk in flight is finished or dropped, never lost)."""
     items = inputs(tmp_path / "in", 6)
     out, sink = tmp_path / "out", io.StringIO()
+    # as started from a terminal: a signal ignored when cam_caffe.signals was imported
+    # (mutmut's runner ignores SIGINT) stays ignored, so both are made ones it handles
+    monkeypatch.setattr(signals_module, "SIGNALS", (signal.SIGINT, signal.SIGTERM))
+    previous = signal.signal(signum, signal.SIG_DFL)
 
     def interrupt(chunk: ChunkResult) -> None:
-        if chunk.size:
-            os.kill(os.getpid(), signum)
-    with pytest.raises(raised):
-        run_batch(net, items, Options(output_dir=out, batch_size=1, jsonl=True), sink,
-                  on_chunk=interrupt)
+        if chunk.size:           # what the OS runs on the signal: the handler run_batch set
+            signal.getsignal(signum)(signum, None)
+    try:
+        with pytest.raises(raised):
+            run_batch(net, items, Options(output_dir=out, batch_size=1, jsonl=True), sink,
+                      on_chunk=interrupt)
+    finally:
+        signal.signal(signum, previous)
     printed_images = sorted(json.loads(line)["image"] for line in sink.getvalue().splitlines())
     written = sorted(str(tmp_path / "in" / f"{p.name.split('.')[0]}.png")
                      for p in out.glob("*.cam.png"))
@@ -376,3 +385,25 @@ def test_progress_bar_is_drawn_after_each_chunk_on_a_terminal(net, tmp_path):
         counts = [data.count(f"| {done}/3 [") for done in range(1, 4)]   # 3/3: again at the end
         assert (counts[:2], counts[2] > 0) == (([1, 1], True) if not quiet else ([0, 0], False))
         assert ("img/s]" in data) is not quiet
+
+
+def test_workers_that_cannot_start_leave_the_run_to_threads(net, tmp_path, capsys):
+    """--workers 1 where processes cannot start (files limited to 200 bytes: no shared
+    memory for the workers' budget): one line says so and threads give the same
+    lines. A run of one chunk has nothing to overlap and tries no worker."""
+    items = inputs(tmp_path / "in", 2)
+    expected = run(net, items, jsonl=True)[1]
+    capsys.readouterr()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200, hard))
+    try:
+        two_chunks = run(net, items, jsonl=True, batch_size=1, workers=1)[1]
+        two_chunks_err = capsys.readouterr().err
+        one_chunk = run(net, items, jsonl=True, batch_size=2, workers=1)[1]
+        one_chunk_err = capsys.readouterr().err
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert two_chunks == one_chunk == expected
+    assert two_chunks_err == ("cam-caffe: cannot start worker processes (OSError: [Errno 27] "
+                              "File too large); using threads instead\n")
+    assert one_chunk_err == ""
