@@ -9,7 +9,6 @@ import io
 import json
 import os
 import pty
-import resource
 import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -386,24 +385,3 @@ def test_progress_bar_is_drawn_after_each_chunk_on_a_terminal(net, tmp_path):
         assert (counts[:2], counts[2] > 0) == (([1, 1], True) if not quiet else ([0, 0], False))
         assert ("img/s]" in data) is not quiet
 
-
-def test_workers_that_cannot_start_leave_the_run_to_threads(net, tmp_path, capsys):
-    """--workers 1 where processes cannot start (files limited to 200 bytes: no shared
-    memory for the workers' budget): one line says so and threads give the same
-    lines. A run of one chunk has nothing to overlap and tries no worker."""
-    items = inputs(tmp_path / "in", 2)
-    expected = run(net, items, jsonl=True)[1]
-    capsys.readouterr()
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (200, hard))
-    try:
-        two_chunks = run(net, items, jsonl=True, batch_size=1, workers=1)[1]
-        two_chunks_err = capsys.readouterr().err
-        one_chunk = run(net, items, jsonl=True, batch_size=2, workers=1)[1]
-        one_chunk_err = capsys.readouterr().err
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    assert two_chunks == one_chunk == expected
-    assert two_chunks_err == ("cam-caffe: cannot start worker processes (OSError: [Errno 27] "
-                              "File too large); using threads instead\n")
-    assert one_chunk_err == ""
