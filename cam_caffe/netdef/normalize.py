@@ -131,8 +131,7 @@ def _take_input(net: proto.NetParameter, path: Path) -> tuple[str, Shape, Transf
         if not size and layer.type == "ImageData":
             height, width = layer.image_data_param.new_height, layer.image_data_param.new_width
         shape = (1, 3, height, width)
-        transform = Transform(tp.scale if tp.HasField("scale") else 1.0,
-                              list(tp.mean_value), tp.mean_file)
+        transform = Transform(tp.scale, list(tp.mean_value), tp.mean_file)   # scale: 1 unless set
     # Remove every data layer and the blobs they feed that nothing else produces (labels).
     _replace_layers(net, [layer for layer in net.layer if layer.type not in DATA_TYPES])
     return name, shape, transform
