@@ -172,7 +172,7 @@ def _pool_shape(p: Any, shape: Shape) -> Shape:
     padded = bool(ph or pw)
     oh = pool_output_size(h, kh, sh, ph, p.ceil_mode, padded)
     ow = pool_output_size(w, kw, sw, pw, p.ceil_mode, padded)
-    if oh <= 0 or ow <= 0 or kh > h + 2 * ph or kw > w + 2 * pw:
+    if kh > h + 2 * ph or kw > w + 2 * pw:     # else pool_output_size gives at least 1
         raise ValueError(f"pooling kernel {kh}x{kw} is larger than its input {h}x{w}")
     return (n, c, oh, ow)
 
