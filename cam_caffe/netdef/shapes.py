@@ -133,10 +133,8 @@ def _known_shapes(layer: Layer, ins: list[Shape]) -> list[Shape | None]:
 
 
 def concat_axis(p: Any) -> int:
-    """A ConcatParameter's axis: ``axis``, else the legacy ``concat_dim``, else 1."""
-    if p.HasField("axis"):
-        return int(p.axis)
-    return int(p.concat_dim) if p.HasField("concat_dim") else 1
+    """A ConcatParameter's axis: ``axis``, else the legacy ``concat_dim`` (default 1)."""
+    return int(p.axis) if p.HasField("axis") else int(p.concat_dim)
 
 
 def _conv_shape(layer: Layer, shape: Shape) -> Shape:
@@ -178,7 +176,7 @@ def _pool_shape(p: Any, shape: Shape) -> Shape:
 
 
 def _reshape(shape: Shape, p: Any) -> Shape:
-    axis = p.axis % (len(shape) + 1) if p.axis < 0 else p.axis
+    axis = p.axis % (len(shape) + 1)
     end = len(shape) if p.num_axes == -1 else axis + p.num_axes
     dims = list(p.shape.dim)
     out = [shape[axis + i] if d == 0 else d for i, d in enumerate(dims)]
