@@ -5,7 +5,7 @@ from conftest import require_pycaffe
 from nets import input_block
 
 from cam_caffe.errors import ModelError
-from cam_caffe.netdef import load_netdef, param_shapes
+from cam_caffe.netdef import conv_output_size, forward_bytes, load_netdef, param_shapes
 
 
 def layer(name: str, kind: str, bottoms: str, tops: str, params: str = "") -> str:
@@ -57,8 +57,9 @@ NETS = {
     + layer("r3", "Reshape", "data", "r3", "reshape_param { shape { dim: -1 } axis: -2 }")
     + layer("r4", "Reshape", "data", "r4",
             "reshape_param { shape { dim: 1 dim: 1 } axis: 2 num_axes: 0 }")
+    + layer("r5", "Reshape", "data", "r5", "reshape_param { shape { dim: 0 dim: 0 dim: -1 } }")
     + layer("sm", "Softmax", "data", "sm"),
-    "branches": input_block(6, 6, 4)
+    "branches": input_block(8, 6, 4)
     + layer("split", "Split", "data", "s1 s2")
     + layer("sl", "Slice", "s1", "a b c", "slice_param { slice_point: 1 slice_point: 4 }")
     + layer("sl2", "Slice", "s2", "d e", "slice_param { axis: 3 }")
@@ -72,7 +73,11 @@ NETS = {
     + layer("sc2", "Scale", "data", "sc2", "scale_param { axis: 2 num_axes: -1 }")
     + layer("bias", "Bias", "data", "bias", "bias_param { axis: 1 num_axes: 2 }")
     + layer("pr", "PReLU", "data", "pr")
-    + layer("pr2", "PReLU", "data", "pr2", "prelu_param { channel_shared: true }"),
+    + layer("pr2", "PReLU", "data", "pr2", "prelu_param { channel_shared: true }")
+    + pool("gp", "data", "pool: AVE global_pooling: true") + layer("fgp", "Flatten", "gp", "fgp")
+    + layer("sc3", "Scale", "data fgp", "sc3", "scale_param { axis: 0 bias_term: true }")
+    + layer("sc4", "Scale", "data fgp", "sc4", "scale_param { axis: 0 }")
+    + layer("bias2", "Bias", "data fgp", "bias2", "bias_param { axis: 0 }"),
 }
 
 
@@ -86,12 +91,16 @@ def test_shapes_are_pycaffes(tmp_path, name):
     netdef = load_netdef(path)
     net = caffe.Net(str(path), caffe.TEST)
     assert netdef.shapes == {b: tuple(net.blobs[b].data.shape) for b in netdef.shapes}
+    # Python ints (a float dim could not go into a prototxt's int64 field)
+    assert all(type(d) is int for shape in netdef.shapes.values() for d in shape)
     for lay in netdef.net.layer[1:]:
         ours = param_shapes(netdef, lay)
         if ours is None:                   # a type without parameters
             assert lay.name not in net.params, lay.name
         else:
-            assert ours == [tuple(p.data.shape) for p in net.params[lay.name]], lay.name
+            caffes = net.params.get(lay.name, [])
+            assert ours == [tuple(p.data.shape) for p in caffes], lay.name
+            assert all(type(d) is int for shape in ours for d in shape)
 
 
 @pytest.mark.parametrize(("body", "message"), [
@@ -100,6 +109,10 @@ def test_shapes_are_pycaffes(tmp_path, name):
      "4 input channels or 4 outputs not divisible by group 3"),
     (conv("c", "data", "num_output: 3 kernel_size: 1 group: 2"),
      "4 input channels or 3 outputs not divisible by group 2"),
+    (conv("c", "data", "num_output: 3 kernel_h: 0 kernel_w: 3"), "kernel size not set"),
+    (conv("c", "data", "num_output: 3 kernel_h: 3 kernel_w: 0"), "kernel size not set"),
+    (conv("c", "data", "num_output: 3 kernel_h: 1 kernel_w: 6"),
+     "input 6x5 is too small for this kernel"),
     (conv("c", "data", "num_output: 3 kernel_h: 7 kernel_w: 1"),
      "input 6x5 is too small for this kernel"),
     (conv("c", "data", "num_output: 3 kernel_h: 1 kernel_w: 3 dilation: 3"),
@@ -111,6 +124,10 @@ def test_shapes_are_pycaffes(tmp_path, name):
     (pool("p", "data", "pool: MAX kernel_h: 1 kernel_w: 6"),
      r"pooling kernel 1x6 is larger than its input 6x5"),
     (pool("p", "data", "pool: MAX kernel_h: 9 kernel_w: 1 pad_h: 1 pad_w: 0"),
+     r"pooling kernel 9x1 is larger than its input 6x5"),
+    (pool("p", "data", "pool: MAX kernel_h: 1 kernel_w: 8 pad_h: 0 pad_w: 1 stride: 2"),
+     r"pooling kernel 1x8 is larger than its input 6x5"),
+    (pool("p", "data", "pool: MAX kernel_h: 9 kernel_w: 1 pad_h: 1 pad_w: 0 stride: 2"),
      r"pooling kernel 9x1 is larger than its input 6x5"),
     (pool("a", "data", "pool: MAX kernel_size: 2") + layer("c", "Concat", "data a", "c"),
      r"cannot concatenate shapes \[1, 4, 6, 5\] and \[1, 4, 5, 4\]"),
@@ -151,3 +168,25 @@ def test_unknown_layers_give_unknown_shapes_downstream(tmp_path):
     assert netdef.shapes["data"] == (1, 4, 6, 5)
     assert param_shapes(netdef, netdef.layer("ip")) is None
     assert param_shapes(netdef, netdef.layer("m")) is None
+
+
+def test_tops_beyond_a_rule_are_unknown(tmp_path):
+    """A convolution over two bottoms (Caffe allows pairs): its rule gives the first
+    top; the second is unknown rather than an error or a guess."""
+    path = tmp_path / "net.prototxt"
+    path.write_text(input_block(4, 6, 5) + layer("s", "Split", "data", "d2")
+                    + conv("c", "data d2", "num_output: 2 kernel_size: 1").replace(
+                        'top: "c"', 'top: "c" top: "c2"'))
+    netdef = load_netdef(path)
+    assert (netdef.shapes["c"], netdef.shapes["c2"]) == ((1, 2, 6, 5), None)
+
+
+def test_the_defaults_of_the_exported_size_functions(tmp_path):
+    """``conv_output_size`` without dilation is an undilated convolution, and
+    ``forward_bytes`` without a batch is one image (both are public): blobs 2·3·3 and
+    1·3·3, weights 2 and a bias, 4 bytes each."""
+    assert conv_output_size(7, 3, 0, 1) == 5 == conv_output_size(7, 3, 0, 1, 1)
+    path = tmp_path / "net.prototxt"
+    path.write_text(input_block(2, 3, 3) + conv("c", "data", "num_output: 1 kernel_size: 1"))
+    netdef = load_netdef(path)
+    assert forward_bytes(netdef) == forward_bytes(netdef, 1) == 4 * (18 + 9 + 2 + 1)
