@@ -191,7 +191,7 @@ layer { name: "max" type: "Pooling" bottom: "pool" top: "max"
         load_netdef(write(tmp_path, text.replace("kernel_size: 1 stride", "kernel_size: 20 stride")))
 
 
-TAIL_NET = input_block(3, 8, 8) + """
+TAIL_NET = 'name: "TailNet"\n' + input_block(3, 8, 8) + """
 layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
         convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }
 layer { name: "conv1/input" type: "ReLU" bottom: "conv1" top: "conv1" }
@@ -223,6 +223,7 @@ def test_the_tail_after_a_blob_computes_what_the_whole_net_does(tmp_path):
     assert part.input_shape == (1, 4, 8, 8) == part.shapes["conv1"]
     assert part.shapes == {b: netdef.shapes[b] for b in part.shapes}
     assert part.producers["fc"] == "fc" and part.path == netdef.path
+    assert tail(netdef, "sum", ["fc"]).net.layer[0].name == "sum/input"
     whole = caffe.Net(str(prototxt), caffe.TEST, weights=str(weights))
     whole.blobs["data"].data[...] = np.random.default_rng(0).normal(0, 1, (1, 3, 8, 8))
     whole.forward()
@@ -232,6 +233,19 @@ def test_the_tail_after_a_blob_computes_what_the_whole_net_does(tmp_path):
     second.blobs["conv1"].data[...] = whole.blobs["conv1"].data
     second.forward()
     np.testing.assert_allclose(second.blobs["fc"].data, whole.blobs["fc"].data, rtol=1e-5)
+
+
+def test_the_tail_input_layer_takes_a_free_name_when_every_other_is_taken(tmp_path):
+    """Every layer named like a tail input (the Input layer itself too): the next free
+    name is still found, and weights, copied by layer name, never land on it."""
+    text = ('input: "c/input1" input_shape { dim: 1 dim: 2 dim: 3 dim: 3 }\n'
+            'layer { name: "c/input" type: "Convolution" bottom: "c/input1" top: "c" '
+            'convolution_param { num_output: 2 kernel_size: 1 } }\n'
+            'layer { name: "c/input2" type: "InnerProduct" bottom: "c" top: "fc" '
+            'inner_product_param { num_output: 2 } }\n')
+    netdef = load_netdef(write(tmp_path, text))
+    assert [layer.name for layer in tail(netdef, "c", ["fc"]).net.layer] == ["c/input3",
+                                                                             "c/input2"]
 
 
 def test_a_blob_that_does_not_cut_the_net_has_no_tail(tmp_path):
