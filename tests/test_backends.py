@@ -89,3 +89,45 @@ def test_probabilities_are_the_softmax_unless_the_net_ends_in_one(tiny):
     no_softmax = dataclasses.replace(spec, softmax=False)
     np.testing.assert_allclose(scores_to_probs(scores, no_softmax),
                                softmax(scores.reshape(2, 3)), rtol=1e-6)
+
+
+def test_auto_says_which_backend_it_chose_and_why(tiny, capfd):
+    create_backend("auto", *tiny, verbose=True)
+    assert capfd.readouterr().err == ("cam-caffe: backend auto: chose onnxruntime (the first "
+                                      "of onnxruntime, opencv, caffe)\n")
+    create_backend("auto", *tiny, verbose=True, gradients=True)
+    assert capfd.readouterr().err == ("cam-caffe: backend auto: chose onnxruntime (the first "
+                                      "of onnxruntime, opencv, caffe; not installed or without "
+                                      "gradients: opencv)\n")
+
+
+def test_auto_on_a_gpu_tries_pycaffe_then_onnx_runtime(tiny, capfd):
+    """--gpu: pycaffe's CUDA build first, then ONNX Runtime's; both CPU-only here, so
+    each says why it cannot, in that order, and the error is one of theirs."""
+    with pytest.raises(BackendError, match=r"--gpu 0|GPU"):
+        create_backend("auto", *tiny, gpu=0, verbose=True)
+    lines = capfd.readouterr().err.splitlines()
+    assert [line.split(" cannot run")[0] for line in lines
+            if line.startswith("cam-caffe: backend auto:")] == [
+        "cam-caffe: backend auto: caffe", "cam-caffe: backend auto: onnxruntime"]
+
+
+def test_auto_with_backends_missing(tiny, monkeypatch, capfd):
+    """What a pip-only install without ONNX Runtime, or with nothing, hears (which
+    libraries are importable is what `installed` reports; here it is told)."""
+    import cam_caffe.backends as backends
+    monkeypatch.setattr(backends, "installed", lambda name: name == "opencv")
+    assert create_backend("auto", *tiny, verbose=True).name == "opencv"
+    assert capfd.readouterr().err == ("cam-caffe: backend auto: chose opencv (the first of "
+                                      "onnxruntime, opencv, caffe; not installed: "
+                                      "onnxruntime, caffe)\n")
+    with pytest.raises(BackendError, match=r"^gradient methods need ONNX Runtime or pycaffe, "
+                                           r"and neither is installed: pip install "
+                                           r"'cam-caffe\[onnx\]', or run "
+                                           r"scripts/install_pycaffe\.sh$"):
+        create_backend("auto", *tiny, gradients=True)
+    monkeypatch.setattr(backends, "installed", lambda name: False)
+    with pytest.raises(BackendError, match=r"^no backend installed: pip install "
+                                           r"opencv-python-headless, or run "
+                                           r"scripts/install_pycaffe\.sh$"):
+        create_backend("auto", *tiny)
