@@ -137,6 +137,10 @@ def test_shapes_are_pycaffes(tmp_path, name):
      r"inputs of different shapes \[1, 4, 6, 5\] and \[1, 4, 5, 4\]"),
     (layer("r", "ReLU", "nothing", "r"), "reads blob 'nothing', which no earlier "
      "layer produces"),
+    (layer("r", "Reshape", "data", "r", "reshape_param { shape { dim: -1 } axis: 5 }"),
+     "reshape axis 5 is out of range for 4 axes"),
+    (layer("r", "Reshape", "data", "r", "reshape_param { shape { dim: -1 } axis: -6 }"),
+     "reshape axis -6 is out of range for 4 axes"),
 ])
 def test_shapes_caffe_refuses_are_one_line_errors(tmp_path, body, message):
     """Where Caffe's Reshape would abort on a CHECK: a one-line error naming the file

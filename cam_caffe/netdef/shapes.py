@@ -176,7 +176,9 @@ def _pool_shape(p: Any, shape: Shape) -> Shape:
 
 
 def _reshape(shape: Shape, p: Any) -> Shape:
-    axis = p.axis % (len(shape) + 1)
+    axis = p.axis if p.axis >= 0 else len(shape) + p.axis + 1     # as Caffe counts it
+    if not 0 <= axis <= len(shape):
+        raise ValueError(f"reshape axis {p.axis} is out of range for {len(shape)} axes")
     end = len(shape) if p.num_axes == -1 else axis + p.num_axes
     dims = list(p.shape.dim)
     out = [shape[axis + i] if d == 0 else d for i, d in enumerate(dims)]
