@@ -106,6 +106,13 @@ def test_auto_says_which_backend_it_chose_and_why(tiny, capfd):
         "not installed or without gradients: opencv)"]
 
 
+def test_auto_passes_threads_and_verbose_to_the_backend_it_chose(tiny):
+    for threads, verbose, severity in ((1, False, 4), (2, True, 2)):
+        backend = create_backend("auto", *tiny, threads=threads, verbose=verbose)
+        options = backend.session.get_session_options()
+        assert (options.intra_op_num_threads, options.log_severity_level) == (threads, severity)
+
+
 def test_auto_on_a_gpu_tries_pycaffe_then_onnx_runtime(tiny, capfd):
     """--gpu: pycaffe's CUDA build first, then ONNX Runtime's; both CPU-only here, so
     each says why it cannot, in that order, and the error is one of theirs."""
