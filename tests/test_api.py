@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ROOT, shared
-from nets import TINY, VGG_LIKE, write_random_net
+from nets import TINY, VGG_LIKE, input_block, write_random_net
 
 from cam_caffe import CAMNet, models, proto
 from cam_caffe.cam import upsample
@@ -129,9 +129,9 @@ def test_python_layers_are_refused_unless_allowed(tmp_path):
     assert "Python layer, which would run code" not in str(error.value)
 
 
-NO_CAM_HEAD = """
-input: "data"
-input_shape { dim: 1 dim: CHANNELS dim: 8 dim: 8 }
+def no_cam_head(channels: int = 3) -> str:
+    """conv → ReLU → FC over the whole map → Softmax: no global pooling, no CAM head."""
+    return input_block(channels, 8, 8) + """
 layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
         convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }
 layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
@@ -161,7 +161,7 @@ def test_a_data_layers_mean_and_scale_are_the_defaults(tmp_path):
     assert net.preprocess.scale == 1
     for channels, mean in ((3, [104, 117, 123]), (1, [117])):
         prototxt, weights = write_random_net(
-            tmp_path, NO_CAM_HEAD.replace("CHANNELS", str(channels)), f"plain{channels}")
+            tmp_path, no_cam_head(channels), f"plain{channels}")
         net = CAMNet(prototxt, weights, backend="opencv", method="scorecam")
         assert net.preprocess.mean.ravel().tolist() == mean and net.preprocess.scale == 1
         image = np.random.default_rng(0).integers(0, 256, (8, 8, 3), np.uint8)
@@ -170,7 +170,7 @@ def test_a_data_layers_mean_and_scale_are_the_defaults(tmp_path):
 
 def test_the_default_method_follows_the_head_and_cam_needs_one(tmp_path):
     tiny = write_random_net(tmp_path, TINY, "tiny")
-    plain = write_random_net(tmp_path, NO_CAM_HEAD.replace("CHANNELS", "3"), "plain")
+    plain = write_random_net(tmp_path, no_cam_head(), "plain")
     assert CAMNet(*tiny, backend="opencv").methods == ("cam",)
     assert CAMNet(*plain, backend="onnxruntime").methods == ("gradcam",)
     assert CAMNet(*tiny, backend="onnxruntime", method="gradcam").cam_weights is None  # unread
@@ -187,7 +187,7 @@ def test_what_the_net_is_built_from_is_checked_first(tmp_path):
     """Missing weights, labels of another net, an --fc-layer that is no FC, and a
     net one input of which does not fit in --max-memory: each one error, at once."""
     prototxt, weights = write_random_net(tmp_path, TINY, "tiny")
-    _, other = write_random_net(tmp_path, NO_CAM_HEAD.replace("CHANNELS", "3"), "other")
+    _, other = write_random_net(tmp_path, no_cam_head(), "other")
     with pytest.raises(ModelError, match=r"^.*other\.caffemodel: "):      # another net's weights
         CAMNet(prototxt, other, backend="opencv")
     with pytest.raises(ModelError, match=r"none\.caffemodel: weights file not found$"):

@@ -17,7 +17,7 @@ from conftest import require_pycaffe
 from nets import NIN_NET, TINY, write_random_net
 
 from cam_caffe import CAMNet
-from cam_caffe.backends import caffe as backend
+from cam_caffe.backends import caffe as caffe_module
 from cam_caffe.backends.caffe import (
     _is_gpu_failure,
     _probe_main,
@@ -141,13 +141,13 @@ class DeviceLog:
 def test_the_gpu_number_reaches_caffes_device_in_the_probe_child_and_the_backend(
         tmp_path, monkeypatch):
     log = DeviceLog(require_pycaffe())
-    monkeypatch.setattr(backend, "import_caffe", lambda verbose=False: log)
+    monkeypatch.setattr(caffe_module, "import_caffe", lambda verbose=False: log)
     prototxt, weights = write_random_net(tmp_path, TINY, "ok")
     _probe_main(str(prototxt), str(weights), "3")
     _probe_main(str(prototxt), str(weights), "")
     assert log.calls == ["gpu", 3, "cpu"]
     probed = []
-    monkeypatch.setattr(backend, "probe", lambda *args: probed.append(args))
+    monkeypatch.setattr(caffe_module, "probe", lambda *args: probed.append(args))
     log.calls.clear()
     CAMNet(prototxt, weights, backend="caffe", gpu=2)
     CAMNet(prototxt, weights, backend="caffe", verbose=True)
@@ -218,7 +218,7 @@ def test_the_probe_child_sees_the_environment_and_is_quiet_unless_verbose(
 def test_a_probe_past_its_time_limit_is_a_backend_error(tmp_path, monkeypatch):
     require_pycaffe()
     prototxt, weights = write_random_net(tmp_path, TINY, "ok")
-    monkeypatch.setattr(backend, "PROBE_TIMEOUT_S", 0.001)
+    monkeypatch.setattr(caffe_module, "PROBE_TIMEOUT_S", 0.001)
     with pytest.raises(BackendError, match=r"^.*ok\.caffemodel: pycaffe did not load the net "
                                            r"in 0\.001 s$"):
         probe(prototxt, weights, None, verbose=False)
