@@ -52,11 +52,7 @@ def pool_windows(p: Any, shape: Shape) -> PoolWindows:
 def _ave_ratio(size: int, kernel: int, stride: int, pad: int, out: int) -> np.ndarray:
     """kernel / Caffe's AVE divisor for each output position along one axis."""
     starts = np.arange(out) * stride - pad
-    ends = np.minimum(starts + kernel, size + pad)
-    # A window wholly past the image (only with stride > kernel) is empty: Caffe
-    # divides 0 by 0 or by a negative size there; it stays 0 here.
-    sizes = np.where(ends - starts > 0, ends - starts, kernel)
-    return (kernel / sizes).astype(np.float64)
+    return kernel / (np.minimum(starts + kernel, size + pad) - starts)
 
 
 def _ave_ratios(windows: PoolWindows, shape: Shape) -> np.ndarray:
@@ -91,6 +87,12 @@ def pooling(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
         cv.node(op, ins[:1], tops[:1], layer.name)
         return
     windows = pool_windows(p, shapes[0])
+    for axis, end, kernel, stride in zip("HW", windows.end, windows.kernel, windows.stride,
+                                         strict=True):
+        if end >= kernel:
+            raise Unsupported(f"its last window along {axis} lies wholly outside the input "
+                              f"(stride {stride} > kernel {kernel}), where Caffe's MAX gives "
+                              "-FLT_MAX and its AVE 0 or NaN")
     ratio = None
     if p.pool == p.AVE:
         ratio = _ave_ratios(windows, shapes[0])
