@@ -135,6 +135,7 @@ def test_shapes_are_pycaffes(tmp_path, name):
      r"cannot concatenate shapes \[1, 4, 6, 5\] and \[1, 120\]"),
     (pool("a", "data", "pool: MAX kernel_size: 2") + layer("e", "Eltwise", "data a", "e"),
      r"inputs of different shapes \[1, 4, 6, 5\] and \[1, 4, 5, 4\]"),
+    (layer("e", "Eltwise", "data", "e"), "1 input; Eltwise takes at least 2"),
     (layer("r", "ReLU", "nothing", "r"), "reads blob 'nothing', which no earlier "
      "layer produces"),
     (layer("r", "Reshape", "data", "r", "reshape_param { shape { dim: -1 } axis: 5 }"),

@@ -110,6 +110,8 @@ def _known_shapes(layer: Layer, ins: list[Shape]) -> list[Shape | None]:
                 raise ValueError(f"cannot concatenate shapes {list(ins[0])} and {list(s)}")
         return [(*ins[0][:axis], sum(s[axis] for s in ins), *ins[0][axis + 1:])]
     if t == "Eltwise":
+        if len(ins) < 2:
+            raise ValueError(f"{len(ins)} input; Eltwise takes at least 2")
         for s in ins[1:]:
             if s != ins[0]:
                 raise ValueError(f"inputs of different shapes {list(ins[0])} and {list(s)}")

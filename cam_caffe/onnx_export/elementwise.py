@@ -6,21 +6,16 @@ from typing import Any
 import numpy as np
 
 from ..netdef import Layer, Shape
-from .converter import Converter, ConvertFn, Unsupported, converter, vjp
+from .converter import Converter, Unsupported, converter, vjp
 
 # Caffe types that are one ONNX operator on the same inputs (BNLL: log(1 + e^x)).
 SAME_AS = {"Sigmoid": "Sigmoid", "TanH": "Tanh", "AbsVal": "Abs", "BNLL": "Softplus"}
 
 
-def _same_as(op: str) -> ConvertFn:
-    def convert(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
-                shapes: list[Shape]) -> None:
-        cv.node(op, ins, tops, layer.name)
-    return convert
-
-
-for _type, _op in SAME_AS.items():
-    converter(_type)(_same_as(_op))
+@converter(*SAME_AS)
+def same_as(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
+            shapes: list[Shape]) -> None:
+    cv.node(SAME_AS[layer.type], ins, tops, layer.name)
 
 
 @converter("ReLU")
@@ -127,10 +122,7 @@ def eltwise(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
 
 
 def _chain(cv: Converter, op: str, inputs: list[str], tops: list[str], name: str) -> None:
-    """``inputs`` combined pairwise by ``op``, left to right, into ``tops``."""
-    if len(inputs) == 1:
-        cv.node("Identity", inputs, tops, name)
-        return
+    """``inputs`` (at least two) combined pairwise by ``op``, left to right, into ``tops``."""
     x = inputs[0]
     for i, y in enumerate(inputs[1:]):
         x = cv.node(op, [x, y], tops if i == len(inputs) - 2 else None, name)
@@ -176,7 +168,7 @@ def _affine(cv: Converter, layer: Layer, ins: list[str], tops: list[str], shapes
             op: str, p: Any, bias_term: bool) -> None:
     """Scale (Mul) or Bias (Add) along ``p.axis``, from a second bottom or weights."""
     ndim = len(shapes[0])
-    axis = p.axis % ndim if ndim else 0
+    axis = p.axis % ndim
     if len(ins) > 1:
         other_dims = len(shapes[1])
         extra = ndim - axis - other_dims
