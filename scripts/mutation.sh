@@ -49,13 +49,13 @@ declare -A TARGETS=(
   [netdef/normalize]="test_netdef test_upgrade_parity test_netdef_normalize test_netdef_shapes"
   [netdef/shapes]="test_netdef test_model_limits test_netdef_shapes"
   [netdef/weights]="test_netdef test_model_limits test_bad_inputs test_upgrade_parity test_weights_check test_netdef_read"
-  [onnx_export/__init__]="test_onnx"
-  [onnx_export/converter]="test_onnx test_methods"
-  [onnx_export/linear]="test_onnx test_methods"
-  [onnx_export/pool]="test_onnx test_methods"
-  [onnx_export/elementwise]="test_onnx test_methods"
-  [onnx_export/norm]="test_onnx test_methods"
-  [onnx_export/shape]="test_onnx test_methods"
+  [onnx_export/__init__]="test_onnx test_onnx_layers test_methods"
+  [onnx_export/converter]="test_onnx test_onnx_layers test_methods"
+  [onnx_export/linear]="test_onnx test_onnx_layers test_methods"
+  [onnx_export/pool]="test_onnx test_onnx_layers test_methods"
+  [onnx_export/elementwise]="test_onnx test_onnx_layers test_methods"
+  [onnx_export/norm]="test_onnx test_onnx_layers test_methods"
+  [onnx_export/shape]="test_onnx test_onnx_layers test_methods"
 )
 ORDER=(cam tencrop boxes preprocess render api methods camspec backends/__init__
        backends/caffe batch output inputs netdef/read netdef/normalize netdef/shapes
