@@ -467,8 +467,10 @@ POWER_TAIL = TINY.replace(
 
 def test_a_layer_without_vjp_is_a_clear_error(tmp_path):
     prototxt, weights = write_net(tmp_path, POWER_TAIL, "power")
-    with pytest.raises(ModelError, match=r"layer 'pow' of type 'Power' has no gradient in the "
-                                         r"ONNX export.*use --backend caffe"):
+    from cam_caffe.onnx_export import VJP
+    with pytest.raises(ModelError, match=rf"^{prototxt}: layer 'pow' of type 'Power' has no "
+                                         r"gradient in the ONNX export \(VJPs: "
+                                         rf"{re.escape(', '.join(VJP))}\); use --backend caffe$"):
         CAMNet(prototxt, weights, backend="onnxruntime", method="gradcam",
                feature_blob="conv")
     require_pycaffe()                                     # auto falls through to pycaffe

@@ -394,8 +394,25 @@ layer { name: "e" type: "Exp" bottom: "data" top: "e" }
         convert(model.netdef, weights, outputs=["e"]).SerializeToString())
     x = model.batch(2)
     np.testing.assert_allclose(session.run(None, {"data": x})[0], np.exp(x), rtol=1e-6)
-    with pytest.raises(ValueError, match="two ONNX converters for Caffe layer type Exp"):
+    with pytest.raises(ValueError, match="Caffe layer type Exp is registered twice"):
         registry.converter("Exp")(exp)
+
+    # … and has a gradient in the export once a VJP is registered for it.
+    monkeypatch.setattr(registry, "VJPS", dict(registry.VJPS))
+    with pytest.raises(ModelError, match="layer 'e' of type 'Exp' has no gradient"):
+        convert(model.netdef, weights, outputs=["e"], gradient="data")
+
+    @registry.vjp("Exp")
+    def exp_vjp(cv, layer, ins, tops, shapes, g):
+        return [cv.grad_node(layer, "Mul", [g, tops[0]])]
+
+    seed = model.batch(2, seed=5)
+    gradient = ort.InferenceSession(convert(model.netdef, weights, outputs=["e"],
+                                            gradient="data").SerializeToString())
+    np.testing.assert_allclose(gradient.run(["data:grad"], {"data": x, "e:seed": seed})[0],
+                               seed * np.exp(x), rtol=1e-6)
+    with pytest.raises(ValueError, match="Caffe layer type Exp is registered twice"):
+        registry.vjp("Exp")(exp_vjp)
 
 
 def test_lrn_matches_caffe_formula(tmp_path):
@@ -513,8 +530,11 @@ def test_unsupported_layer_names_layer_and_type(tmp_path):
 layer { name: "norm_it" type: "MVN" bottom: "data" top: "mvn" }
 layer { name: "conv" type: "Convolution" bottom: "mvn" top: "conv" convolution_param { num_output: 4 kernel_size: 1 } }
 """ + cam_head("conv"))
-    with pytest.raises(ModelError, match=r"layer 'norm_it' of type 'MVN' cannot be converted"):
+    with pytest.raises(ModelError, match=r"layer 'norm_it' of type 'MVN' cannot be converted "
+                                         rf"to ONNX \(supported: {re.escape(', '.join(SUPPORTED))}"
+                                         r"\)$"):
         convert(model.netdef, read_caffemodel(model.weights), model.spec)
+    assert SUPPORTED[:4] == ("AbsVal", "BatchNorm", "Bias", "BNLL")   # case-insensitive order
     with pytest.raises(ModelError, match="norm_it"):
         model.onnxruntime()
 

@@ -69,13 +69,25 @@ def pycaffe_net(prototxt: Path, weights: Path, x: np.ndarray):
     return net
 
 
-def assert_named_after_layers(model: onnx.ModelProto, netdef: NetDef) -> None:
-    """Each node is named after the Caffe layer it computes (``layer``, ``layer_2``,
-    ``layer/what``): ONNX Runtime's errors and graph viewers then name the layer."""
+def assert_named_after_layers(model: onnx.ModelProto, netdef: NetDef,
+                              gradient: str | None = None) -> None:
+    """Each node is named after the Caffe layer it computes (``layer``, ``layer_1``,
+    ``layer/what``; in a VJP ``layer/grad/Op``), and each converted layer has a node
+    of exactly its name: ONNX Runtime's errors and graph viewers then name the layer.
+    A gradient model also has ``grad/sum`` nodes and ends in ``<blob>/grad``."""
     names = [layer.name for layer in netdef.net.layer]
+    allowed = "|".join(re.escape(n) for n in names)
+    extra = rf"|grad/sum(_\d+)?|{re.escape(gradient)}/grad" if gradient else ""
+    nodes = [node.name for node in model.graph.node]
+    assert len(set(nodes)) == len(nodes)
     for node in model.graph.node:
-        assert any(re.fullmatch(rf"{re.escape(n)}(_\d+|/.+)?", node.name) for n in names), \
+        assert re.fullmatch(rf"({allowed})(_\d+|/.+)?{extra}", node.name), \
             f"{node.op_type} node '{node.name}' is not named after a layer"
+    converted = {n for n in names if any(re.fullmatch(rf"{re.escape(n)}(_\d+|/.+)?", m)
+                                         for m in nodes)}
+    assert converted <= set(nodes)
+    if gradient:
+        assert f"{gradient}/grad" in nodes
 
 
 def compare_blobs(tmp_path: Path, text: str, n: int = 3,
@@ -283,10 +295,18 @@ def test_convolution_with_more_than_two_spatial_values_is_refused(tmp_path):
 
 # --------------------------------------------------------------- gradients (VJPs)
 def compare_gradient(tmp_path: Path, text: str, output: str, blob: str, n: int = 2) -> None:
-    """∂(Σ seed · output)/∂blob through the exported VJPs against pycaffe's backward."""
+    """∂(Σ seed · output)/∂blob through the exported VJPs against pycaffe's backward;
+    the model's inputs and outputs declare their shapes with the batch as N."""
     prototxt, weights, netdef = write(tmp_path, "force_backward: true\n" + text)
     model = convert(netdef, read_caffemodel(weights), outputs=[output], gradient=blob)
+    assert_named_after_layers(model, netdef, gradient=blob)
     seed_name, grad_name = gradient_names(output, blob)
+    declared = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+                for v in [*model.graph.input, *model.graph.output]}
+    assert declared == {"data": ["N", *netdef.input_shape[1:]],
+                        seed_name: ["N", *netdef.shapes[output][1:]],
+                        output: ["N", *netdef.shapes[output][1:]],
+                        grad_name: ["N", *netdef.shapes[blob][1:]]}
     rng = np.random.default_rng(4)
     x = rng.normal(0, 1, (n, *netdef.input_shape[1:])).astype(np.float32)
     net = pycaffe_net(prototxt, weights, x)
@@ -310,6 +330,26 @@ TWO_BRANCHES = input_block(3, 5, 4) + "".join([
 def test_gradient_of_a_product_of_three(tmp_path):
     compare_gradient(tmp_path, TWO_BRANCHES + layer("prod", "Eltwise", "t u v", "out",
                                                     "eltwise_param { operation: PROD }"),
+                     "out", "t")
+
+
+@pytest.mark.parametrize("tail", [
+    # rows past the last window: conv k3 s2 on 8 rows reads rows 0-6 (7 columns: all)
+    layer("c", "Convolution", "t", "out", "convolution_param { num_output: 2 kernel_size: 3 "
+          "stride: 2 }"),
+    # AVE with floor rounding: windows over rows 0-5 of 7, columns 0-5 of 7
+    layer("p", "Pooling", "t", "out", "pooling_param { pool: AVE kernel_size: 2 stride: 2 "
+          "ceil_mode: false }"),
+    # a window along W only: rows all read, columns 0-4 of 7
+    layer("p", "Pooling", "t", "out", "pooling_param { pool: AVE kernel_h: 1 kernel_w: 5 "
+          "stride_h: 1 stride_w: 5 ceil_mode: false }"),
+], ids=["conv", "ave_floor", "ave_w"])
+def test_gradient_is_zero_where_no_window_reads(tmp_path, tail):
+    """The last rows or columns that no window reads get a zero gradient (the VJP
+    pads its result back to the input's size)."""
+    compare_gradient(tmp_path, input_block(3, 8 if "Convolution" in tail else 7, 7)
+                     + layer("t", "Convolution", "data", "t",
+                             "convolution_param { num_output: 3 kernel_size: 1 }") + tail,
                      "out", "t")
 
 
@@ -377,3 +417,43 @@ def test_an_invalid_conversion_is_caught_by_the_checker(tmp_path, monkeypatch):
     assert "NoSuchOperator" in message and "\n" not in message
     unchecked = convert(netdef, read_caffemodel(weights), check=False)
     assert "NoSuchOperator" in {node.op_type for node in unchecked.graph.node}
+
+
+def test_gradient_at_a_blob_the_output_does_not_depend_on_is_refused(tmp_path):
+    _, weights, netdef = write(tmp_path, TWO_BRANCHES)
+    with pytest.raises(ModelError, match=r"^.*net.prototxt: 'u' does not depend on blob "
+                                         r"'side'$"):
+        convert(netdef, read_caffemodel(weights), outputs=["u"], gradient="side")
+
+
+@pytest.mark.parametrize(("outputs", "message"), [
+    (["conv", "nothing"], "no blob named 'nothing' to output"),
+    (["data"], "cannot output the input blob 'data'"),
+])
+def test_outputs_must_be_computed_blobs(tmp_path, outputs, message):
+    prototxt, weights, netdef = write(tmp_path, CAM_NET)
+    with pytest.raises(ModelError, match=f"^{re.escape(str(prototxt))}: {message}$"):
+        convert(netdef, read_caffemodel(weights), outputs=outputs)
+
+
+def test_model_declares_its_producer_opset_and_name(tmp_path):
+    from cam_caffe.onnx_export import IR_VERSION, OPSET
+    _, weights, netdef = write(tmp_path, CAM_NET)
+    model = convert(netdef, read_caffemodel(weights), outputs=["prob"])
+    assert (model.producer_name, model.producer_version) == ("cam-caffe", CONVERTER_VERSION)
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", OPSET)]
+    assert (OPSET, model.ir_version, IR_VERSION) == (17, 8, 8)
+    assert model.graph.name == "caffe"                     # the net has no name
+    _, weights, netdef = write(tmp_path, 'name: "Tiny"\n' + CAM_NET)
+    assert convert(netdef, read_caffemodel(weights), outputs=["prob"]).graph.name == "Tiny"
+
+
+def test_without_the_onnx_package_the_error_says_what_to_install(monkeypatch):
+    import sys
+
+    from cam_caffe.errors import BackendError
+    from cam_caffe.onnx_export.converter import load_onnx
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(BackendError, match=r"^the onnx package is not installed \(.*\); "
+                                           r"run: pip install 'cam-caffe\[onnx\]'$"):
+        load_onnx()

@@ -50,7 +50,7 @@ def _register(registry: dict[str, Any], types: tuple[str, ...]) -> Callable[[Any
     def register(function: Any) -> Any:
         for name in types:
             if name in registry:
-                raise ValueError(f"two ONNX converters for Caffe layer type {name}")
+                raise ValueError(f"Caffe layer type {name} is registered twice")
             registry[name] = function
         return function
     return register
@@ -100,7 +100,6 @@ class Converter:
         for layer in netdef.net.layer:
             self.taken.update(layer.top)
             self.taken.update(layer.bottom)
-        self.taken.add(netdef.input_name)
 
     # ----------------------------------------------------------------- naming
     def fresh(self, base: str, taken: set[str] | None = None) -> str:
@@ -200,11 +199,7 @@ class Converter:
                                  f"'{layer.type}' cannot be converted to ONNX (supported: "
                                  f"{', '.join(registered(CONVERTERS))})")
             in_shapes = [self.shapes[t] for t in ins]
-            try:
-                out_shapes = layer_shapes(layer, in_shapes)
-            except (ValueError, ZeroDivisionError, IndexError) as e:
-                raise ModelError(f"{self.netdef.path}: layer '{layer.name}' ({layer.type}): "
-                                 f"{e}") from None
+            out_shapes = layer_shapes(layer, in_shapes)    # the NetDef's shapes: no error
             try:
                 handler(self, layer, ins, tops, in_shapes)
             except Unsupported as e:
@@ -254,15 +249,14 @@ class Converter:
                     f"{self.netdef.path}: layer '{layer.name}' of type '{layer.type}' has no "
                     f"gradient in the ONNX export (VJPs: {', '.join(registered(VJPS))}); "
                     "use --backend caffe")
-            g = upstream[0] if len(upstream) == 1 else self.sum(upstream)
             try:
-                results = handler(self, layer, ins, tops, shapes, g)
+                results = handler(self, layer, ins, tops, shapes, self.sum(upstream))
             except Unsupported as e:
                 raise ModelError(f"{self.netdef.path}: layer '{layer.name}' of type "
                                  f"'{layer.type}': no gradient in the ONNX export for {e}; "
                                  "use --backend caffe") from None
             for x, gx in zip(ins, results, strict=False):
-                if gx is not None and x in depends:
+                if gx is not None:         # (unused unless x depends on the target)
                     grads.setdefault(x, []).append(gx)
         if not grads.get(target):
             raise ModelError(f"{self.netdef.path}: '{output}' does not depend on blob '{blob}'")
