@@ -397,6 +397,13 @@ def test_convert_defaults_to_the_cam_blobs_and_records_them(tmp_path):
                                             no_softmax).metadata_props}
     assert meta["cam_caffe.score_blob"] == "fc" and meta["cam_caffe.softmax"] == "false"
     assert not convert(netdef, read_caffemodel(weights), outputs=["fc"]).metadata_props
+    _, weights, netdef = write(tmp_path, input_block(3, 6, 6) + "".join([   # NIN-like: no FC
+        layer("conv", "Convolution", "data", "conv",
+              "convolution_param { num_output: 4 kernel_size: 3 }"),
+        layer("gap", "Pooling", "conv", "gap", "pooling_param { pool: AVE global_pooling: true }"),
+        layer("prob", "Softmax", "gap", "prob")]))
+    meta = {p.key: p.value for p in convert(netdef, read_caffemodel(weights)).metadata_props}
+    assert meta["cam_caffe.fc_layer"] == "" and meta["cam_caffe.score_blob"] == "prob"
 
 
 def test_an_invalid_conversion_is_caught_by_the_checker(tmp_path, monkeypatch):

@@ -49,7 +49,7 @@ def flatten(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
         cv.node("Flatten", ins, tops, layer.name, axis=1)
         return
     out = [*list(shape[:axis]), math.prod(shape[axis:end + 1]), *list(shape[end + 1:])]
-    _reshape_to(cv, layer, ins, tops, out, batch_kept=axis > 0)
+    _reshape_to(cv, layer, ins, tops, out)
 
 
 @converter("Reshape")
@@ -65,14 +65,14 @@ def reshape(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
     axis = p.axis % (len(shapes[0]) + 1) if p.axis < 0 else p.axis
     if axis == 0 and dims and dims[0] != 0:
         raise Unsupported("reshaping the batch axis with num_axes set")
-    _reshape_to(cv, layer, ins, tops, list(out), batch_kept=True)
+    _reshape_to(cv, layer, ins, tops, list(out))
 
 
-def _reshape_to(cv: Converter, layer: Layer, ins: list[str], tops: list[str], out: list[int],
-                batch_kept: bool) -> None:
-    """Reshape to ``out`` (batch-1 shape) keeping the dynamic batch dimension."""
-    target = [0 if batch_kept else -1, *out[1:]]    # -1: lumped into the first dim
-    cv.node("Reshape", [ins[0], cv.const("shape", target, np.int64)], tops, layer.name)
+def _reshape_to(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
+                out: list[int]) -> None:
+    """Reshape to ``out`` (the shape at batch 1) at any batch N: the first axis is
+    inferred (-1), so it is N when the batch is kept, N · its size when merged into it."""
+    cv.node("Reshape", [ins[0], cv.const("shape", [-1, *out[1:]], np.int64)], tops, layer.name)
 
 
 @vjp("Flatten", "Reshape")
