@@ -257,7 +257,7 @@ def test_global_max_pooling_is_no_cam_head(tmp_path):
 
 @pytest.mark.parametrize(("pooling", "top"), [
     ("kernel_h: 2 kernel_w: 7", (1, 4, 8, 1)), ("kernel_h: 9 kernel_w: 2", (1, 4, 1, 6)),
-    ("kernel_h: 9 kernel_w: 7 pad_h: 1", (1, 4, 3, 1)),
+    ("kernel_h: 9 kernel_w: 7 pad_h: 1 pad_w: 0", (1, 4, 3, 1)),
     ("kernel_h: 9 kernel_w: 7 pad: 1", (1, 4, 3, 3)), ("kernel_h: 9 kernel_w: 7", None)])
 def test_an_average_pooling_is_global_only_over_the_whole_unpadded_map(tmp_path, pooling, top):
     """The 9×7 map of TINY's conv, pooled by AVE with a kernel of one axis only, or the whole

@@ -1,5 +1,10 @@
 """Blob and parameter shapes by Caffe's layer rules, against pycaffe's own blobs for the
 same net: the CAM layers, the weight check and the memory limit all rest on them."""
+import os
+import signal
+import subprocess
+import sys
+
 import pytest
 from conftest import require_pycaffe
 from nets import input_block
@@ -41,7 +46,10 @@ NETS = {
            "pad_w: 0")
     + pool("p4", "data", "pool: AVE kernel_size: 2 stride: 3 pad_h: 0 pad_w: 1")
     + pool("p5", "data", "pool: MAX global_pooling: true")
-    + pool("p6", "data", "pool: MAX kernel_size: 4 stride: 3 pad: 2"),
+    + pool("p6", "data", "pool: MAX kernel_size: 4 stride: 3 pad: 2")
+    # kernels past the padded input by less than a stride: one window (with ceil)
+    + pool("p7", "data", "pool: AVE kernel_h: 16 kernel_w: 3 pad_h: 1 pad_w: 1 stride: 2")
+    + pool("p8", "data", "pool: MAX kernel_h: 2 kernel_w: 12 stride: 3"),
     "vectors": input_block(6, 4, 3)
     + layer("ip", "InnerProduct", "data", "ip", "inner_product_param { num_output: 5 }")
     + layer("ip2", "InnerProduct", "data", "ip2",
@@ -103,6 +111,49 @@ def test_shapes_are_pycaffes(tmp_path, name):
             assert all(type(d) is int for shape in ours for d in shape)
 
 
+# How kernel, stride and pad may be given: pycaffe dies on each of these (below).
+FIELD_RULES = [
+    (conv("c", "data", "num_output: 3 kernel_size: 3 kernel_size: 3 kernel_size: 3"),
+     "kernel_size has 3 values for 2 spatial axes"),
+    (conv("c", "data", "num_output: 3 kernel_size: 1 pad: 0 pad: 0 pad: 0"),
+     "pad has 3 values for 2 spatial axes"),
+    (conv("c", "data", "num_output: 3 kernel_size: 1 dilation: 1 dilation: 1 dilation: 1"),
+     "dilation has 3 values for 2 spatial axes"),
+    (conv("c", "data", "num_output: 3 kernel_size: 1 kernel_h: 1 kernel_w: 1"),
+     "kernel_size and kernel_h/kernel_w are both given"),
+    (conv("c", "data", "num_output: 3 kernel_size: 1 stride: 1 stride_w: 2"),
+     "stride and stride_h/stride_w are both given"),
+    (conv("c", "data", "num_output: 3 kernel_size: 1 stride: 0"),
+     "stride 0x0: it must be positive"),
+    (pool("p", "data", "pool: MAX kernel_size: 2 pad_h: 1"), "pad_h and pad_w must be given together"),
+    (pool("p", "data", "pool: MAX kernel_size: 2 stride_w: 1"),
+     "stride_h and stride_w must be given together"),
+    (pool("p", "data", "pool: MAX kernel_h: 2"), "kernel_h and kernel_w must be given together"),
+    (pool("p", "data", "pool: MAX kernel_size: 2 kernel_h: 2 kernel_w: 2"),
+     "kernel_size and kernel_h/kernel_w are both given"),
+    (pool("p", "data", "pool: MAX pad: 1 pad_h: 1 pad_w: 1 kernel_size: 2"),
+     "pad and pad_h/pad_w are both given"),
+    (pool("p", "data", "pool: MAX"), "kernel size not set"),
+    (pool("p", "data", "pool: MAX kernel_size: 0"), "kernel size not set"),
+    (pool("p", "data", "pool: MAX kernel_h: 2 kernel_w: 0"), "kernel size not set"),
+    (pool("p", "data", "pool: MAX kernel_size: 2 stride: 0"), "stride 0x0: it must be positive"),
+    (pool("p", "data", "pool: MAX kernel_size: 2 stride_h: 1 stride_w: 0"),
+     "stride 1x0: it must be positive"),
+    (pool("p", "data", "pool: MAX kernel_size: 2 pad: 2"),
+     "pad 2x2 must be smaller than the kernel 2x2"),
+    (pool("p", "data", "pool: MAX kernel_h: 3 kernel_w: 2 pad_h: 1 pad_w: 2"),
+     "pad 1x2 must be smaller than the kernel 3x2"),
+    (pool("p", "data", "pool: AVE global_pooling: true kernel_size: 2"),
+     "a global pooling takes no kernel size"),
+    (pool("p", "data", "pool: AVE global_pooling: true kernel_h: 2 kernel_w: 2"),
+     "a global pooling takes no kernel size"),
+    (pool("p", "data", "pool: AVE global_pooling: true pad: 1"),
+     "a global pooling takes only pad 0 and stride 1"),
+    (pool("p", "data", "pool: AVE global_pooling: true stride_h: 1 stride_w: 2"),
+     "a global pooling takes only pad 0 and stride 1"),
+]
+
+
 @pytest.mark.parametrize(("body", "message"), [
     (conv("c", "data", "num_output: 4"), "kernel size not set"),
     (conv("c", "data", "num_output: 4 kernel_size: 1 group: 3"),
@@ -125,10 +176,10 @@ def test_shapes_are_pycaffes(tmp_path, name):
      r"pooling kernel 1x6 is larger than its input 6x5"),
     (pool("p", "data", "pool: MAX kernel_h: 9 kernel_w: 1 pad_h: 1 pad_w: 0"),
      r"pooling kernel 9x1 is larger than its input 6x5"),
-    (pool("p", "data", "pool: MAX kernel_h: 1 kernel_w: 8 pad_h: 0 pad_w: 1 stride: 2"),
-     r"pooling kernel 1x8 is larger than its input 6x5"),
-    (pool("p", "data", "pool: MAX kernel_h: 9 kernel_w: 1 pad_h: 1 pad_w: 0 stride: 2"),
-     r"pooling kernel 9x1 is larger than its input 6x5"),
+    (pool("p", "data", "pool: MAX kernel_h: 10 kernel_w: 1 pad_h: 1 pad_w: 0 stride: 2"),
+     r"pooling kernel 10x1 is larger than its input 6x5"),
+    (pool("p", "data", "pool: MAX kernel_h: 1 kernel_w: 6 stride: 2 ceil_mode: false"),
+     r"pooling kernel 1x6 is larger than its input 6x5"),
     (pool("a", "data", "pool: MAX kernel_size: 2") + layer("c", "Concat", "data a", "c"),
      r"cannot concatenate shapes \[1, 4, 6, 5\] and \[1, 4, 5, 4\]"),
     (layer("f", "Flatten", "data", "f") + layer("c", "Concat", "data f", "c"),
@@ -142,6 +193,7 @@ def test_shapes_are_pycaffes(tmp_path, name):
      "reshape axis 5 is out of range for 4 axes"),
     (layer("r", "Reshape", "data", "r", "reshape_param { shape { dim: -1 } axis: -6 }"),
      "reshape axis -6 is out of range for 4 axes"),
+    *FIELD_RULES,
 ])
 def test_shapes_caffe_refuses_are_one_line_errors(tmp_path, body, message):
     """Where Caffe's Reshape would abort on a CHECK: a one-line error naming the file
@@ -153,8 +205,31 @@ def test_shapes_caffe_refuses_are_one_line_errors(tmp_path, body, message):
         load_netdef(path)
 
 
+@pytest.mark.parametrize(("body", "message"), [
+    *FIELD_RULES,
+    (pool("p", "data", "pool: MAX kernel_h: 3 kernel_w: 2 pad_h: 2 pad_w: 0 stride_h: 1 "
+          "stride_w: 2"), None),
+    (conv("c", "data", "num_output: 3 kernel_size: 1 pad: 1 pad: 0 stride_h: 2"), None),
+])
+def test_pycaffe_dies_on_what_the_field_rules_refuse(tmp_path, body, message):
+    """pycaffe, loading the net in a child process, dies (a CHECK's abort, or a division
+    by zero for a pooling stride of 0) on each refused net, and loads the valid ones."""
+    require_pycaffe()
+    path = tmp_path / "net.prototxt"
+    path.write_text(input_block(4, 6, 5) + body)
+    child = subprocess.run([sys.executable, "-c", "import sys, caffe; "
+                            "caffe.Net(sys.argv[1], caffe.TEST)", str(path)],
+                           capture_output=True, text=True, env={**os.environ,
+                                                                "GLOG_minloglevel": "2"})
+    if message is None:
+        assert child.returncode == 0, child.stderr
+        load_netdef(path)
+    else:
+        assert child.returncode in (-signal.SIGABRT, -signal.SIGFPE), child.stderr
+
+
 def test_a_padded_kernel_as_large_as_the_padded_input_fits(tmp_path):
-    """The largest window Caffe accepts: kernel = input + 2·pad (one output)."""
+    """The largest window Caffe accepts at stride 1: kernel = input + 2·pad (one output)."""
     path = tmp_path / "net.prototxt"
     path.write_text(input_block(4, 6, 5) + pool("p", "data", "pool: MAX kernel_h: 8 kernel_w: 5 "
                                                 "pad_h: 1 pad_w: 0"))

@@ -355,16 +355,16 @@ def test_onnx_floor_pooling_gives_caffes_size():
     """The converter pools with floor rounding and explicit end padding: by ONNX's output
     size rule, floor((size + pad + end − kernel) / stride) + 1, that is Caffe's size (shape
     inference) along both axes, so the output never needs cropping. Every size up to 30
-    with kernel, stride up to 6 and pad below 6; the W axis (8 wide, kernel 2, stride 2)
+    with kernel, stride up to 6 and pad below 6 and below the kernel; the W axis (8 wide, kernel 2, stride 2)
     pads or not: Caffe's rule looks at either axis's padding; and global pooling."""
     cases = [(n, k, s, q, w, c, False) for n in range(1, 31) for k in range(1, 7)
              for s in range(1, 7) for q in range(6) for w in (0, 1) for c in (True, False)
-             if k <= n + 2 * q]
+             if k <= n + 2 * q and q < k]          # Caffe refuses a pad as large as the kernel
     cases += [(n, 1, 1, 0, 0, True, True) for n in (1, 7)]
     for n, k, s, q, w, c, g in cases:
         layer = proto.LayerParameter(type="Pooling", top=["p"], pooling_param={
             "kernel_h": k, "kernel_w": 2, "stride_h": s, "stride_w": 2, "pad_h": q, "pad_w": w,
-            "ceil_mode": c, "global_pooling": g})
+            "ceil_mode": c} if not g else {"global_pooling": True})
         shape = (1, 3, n, 8)
         caffe = layer_shapes(layer, [shape])[0][2:]
         windows = pool_windows(layer.pooling_param, shape)

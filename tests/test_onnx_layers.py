@@ -282,15 +282,15 @@ def test_pooling_without_stride_or_pad_uses_caffes_defaults(tmp_path):
     ]))
 
 
-def test_convolution_with_more_than_two_spatial_values_is_refused(tmp_path):
-    """Caffe aborts on three kernel sizes for a 2-D convolution; the export says so."""
-    _, weights, netdef = write(tmp_path, input_block(2, 7, 6) + layer(
-        "c3d", "Convolution", "data", "c3d",
-        "convolution_param { num_output: 2 kernel_size: 3 kernel_size: 3 kernel_size: 3 }"))
-    with pytest.raises(ModelError, match=r"layer 'c3d' of type 'Convolution' cannot be "
-                                         r"converted to ONNX: kernel_size with 3 values "
-                                         r"\(only 2-D\)$"):
-        convert(netdef, read_caffemodel(weights), outputs=["c3d"])
+def test_pooling_kernel_past_the_padded_input(tmp_path):
+    """A kernel past the padded input by less than the stride: Caffe's one window, its
+    AVE divisor the window clipped to the padded input."""
+    compare_blobs(tmp_path, input_block(2, 7, 6) + "".join([
+        layer("ave", "Pooling", "data", "ave", "pooling_param { pool: AVE kernel_h: 10 "
+              "kernel_w: 3 pad_h: 1 pad_w: 1 stride: 3 }"),
+        layer("max", "Pooling", "data", "max", "pooling_param { pool: MAX kernel_h: 2 "
+              "kernel_w: 7 stride: 2 }"),
+    ]))
 
 
 # --------------------------------------------------------------- gradients (VJPs)

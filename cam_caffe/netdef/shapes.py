@@ -139,13 +139,34 @@ def concat_axis(p: Any) -> int:
     return int(p.axis) if p.HasField("axis") else int(p.concat_dim)
 
 
+def _check_hw_fields(p: Any, pooling: bool) -> None:
+    """Caffe's rules (CHECKs that abort it) for kernel, stride and pad given as one
+    value or as ``_h``/``_w``: not both ways; Pooling needs ``_h`` and ``_w``
+    together; a Convolution takes one value or one per spatial axis (two)."""
+    for name in ("kernel", "stride", "pad"):
+        field = "kernel_size" if name == "kernel" else name
+        has_h, has_w = p.HasField(f"{name}_h"), p.HasField(f"{name}_w")
+        one = p.HasField(field) if pooling else len(getattr(p, field)) > 0
+        if one and (has_h or has_w):
+            raise ValueError(f"{field} and {name}_h/{name}_w are both given")
+        if pooling and has_h != has_w:
+            raise ValueError(f"{name}_h and {name}_w must be given together")
+        if not pooling and len(getattr(p, field)) > 2:
+            raise ValueError(f"{field} has {len(getattr(p, field))} values for 2 spatial axes")
+    if not pooling and len(p.dilation) > 2:
+        raise ValueError(f"dilation has {len(p.dilation)} values for 2 spatial axes")
+
+
 def _conv_shape(layer: Layer, shape: Shape) -> Shape:
     p = layer.convolution_param
     n, c, h, w = shape
+    _check_hw_fields(p, pooling=False)
     kh, kw = hw_param(p, "kernel", 0)
     if kh <= 0 or kw <= 0:
         raise ValueError("kernel size not set")
     sh, sw = hw_param(p, "stride", 1)
+    if sh <= 0 or sw <= 0:
+        raise ValueError(f"stride {sh}x{sw}: it must be positive")
     ph, pw = hw_param(p, "pad", 0)
     dil = list(p.dilation) or [1]
     dh, dw = dil[0], dil[-1]
@@ -164,15 +185,26 @@ def _conv_shape(layer: Layer, shape: Shape) -> Shape:
 
 def _pool_shape(p: Any, shape: Shape) -> Shape:
     n, c, h, w = shape
-    if p.global_pooling:
-        return (n, c, 1, 1)
+    _check_hw_fields(p, pooling=True)
     kh, kw = hw_param(p, "kernel", 0)
     sh, sw = hw_param(p, "stride", 1)
     ph, pw = hw_param(p, "pad", 0)
+    if p.global_pooling:
+        if p.HasField("kernel_size") or p.HasField("kernel_h"):
+            raise ValueError("a global pooling takes no kernel size")
+        if (ph, pw, sh, sw) != (0, 0, 1, 1):
+            raise ValueError("a global pooling takes only pad 0 and stride 1")
+        return (n, c, 1, 1)
+    if not (p.HasField("kernel_size") or p.HasField("kernel_h")) or kh <= 0 or kw <= 0:
+        raise ValueError("kernel size not set")
+    if sh <= 0 or sw <= 0:
+        raise ValueError(f"stride {sh}x{sw}: it must be positive")
+    if ph >= kh or pw >= kw:
+        raise ValueError(f"pad {ph}x{pw} must be smaller than the kernel {kh}x{kw}")
     padded = bool(ph or pw)
     oh = pool_output_size(h, kh, sh, ph, p.ceil_mode, padded)
     ow = pool_output_size(w, kw, sw, pw, p.ceil_mode, padded)
-    if kh > h + 2 * ph or kw > w + 2 * pw:     # else pool_output_size gives at least 1
+    if oh <= 0 or ow <= 0:      # a kernel past the padded input by a stride or more
         raise ValueError(f"pooling kernel {kh}x{kw} is larger than its input {h}x{w}")
     return (n, c, oh, ow)
 

@@ -1,26 +1,16 @@
 """Layers with learned weights applied linearly: Convolution, Deconvolution, InnerProduct."""
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from ..netdef import Layer, Shape, conv_output_size, hw_param
 from .converter import Converter, Unsupported, converter, vjp
 
 
-def _check_2d(p: Any) -> None:
-    """Refuse N-D convolution parameters (shape inference already requires a 4-D input)."""
-    for name in ("kernel_size", "stride", "pad", "dilation"):
-        if len(getattr(p, name)) > 2:
-            raise Unsupported(f"{name} with {len(getattr(p, name))} values (only 2-D)")
-
-
 @converter("Convolution", "Deconvolution")
 def convolution(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
                 shapes: list[Shape]) -> None:
     p = layer.convolution_param
-    _check_2d(p)
     if p.axis != 1:
         raise Unsupported(f"axis {p.axis} (only 1)")
     if p.width_group != 1 or p.height_group != 1:
