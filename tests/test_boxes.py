@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import shared
 
-from cam_caffe.boxes import Box, draw_boxes, dt_boxes, dt_boxes_from_cam, paper_box
+from cam_caffe.boxes import Box, BoxRule, draw_boxes, dt_boxes, dt_boxes_from_cam, paper_box
 
 OFFICIAL_HEATMAP_6 = [(41, 145, 362, 202), (102, 188, 242, 126)]  # dt_box heatmap_6.jpg 20 100 110
 
@@ -74,6 +74,21 @@ def test_paper_box_picks_the_larger_component_not_the_higher_peak():
     box = paper_box(cam)
     # the broad blob's region: 15·sqrt(2·ln 4) ≈ 25 px around (130, 90)
     assert box.iou(Box(105, 65, 51, 51)) > 0.85
+
+
+def test_box_rule_passes_its_threshold_and_levels():
+    """A BoxRule finds the boxes of its kind with its own threshold or levels (two blobs
+    that one region joins at 0.2 and two separate regions at 0.6); none for a constant
+    map or without a kind."""
+    cam = gaussian((90, 120), 40, 45, 9) + gaussian((90, 120), 75, 45, 9)
+    for threshold in (0.2, 0.6):
+        assert BoxRule("paper", threshold=threshold).find(cam) == [paper_box(cam, threshold)]
+    assert BoxRule("paper").find(cam) != BoxRule("paper", threshold=0.6).find(cam)
+    assert BoxRule("paper").find(np.full((9, 9), 0.5)) == []
+    for levels in ((20, 100, 110), (200,)):
+        assert BoxRule("dt", levels=levels).find(cam) == dt_boxes_from_cam(cam, levels)
+    assert BoxRule("dt").find(cam) != BoxRule("dt", levels=(200,)).find(cam)
+    assert BoxRule().find(cam) == []
 
 
 def test_paper_box_is_offset_invariant_and_none_for_constant_maps():

@@ -282,6 +282,18 @@ def test_pooling_without_stride_or_pad_uses_caffes_defaults(tmp_path):
     ]))
 
 
+def test_max_pooling_with_a_mask_top(tmp_path):
+    """A MAX pooling's second top (the argmax mask, for unpooling) is not exported; its
+    first top is, and converts as without the mask."""
+    text = input_block(2, 7, 6) + layer("p", "Pooling", "data", "p mask",
+                                        "pooling_param { pool: MAX kernel_size: 3 stride: 2 }")
+    prototxt, weights, netdef = write(tmp_path, text)
+    model = convert(netdef, read_caffemodel(weights), outputs=["p"])
+    x = np.random.default_rng(3).normal(0, 1, (3, 2, 7, 6)).astype(np.float32)
+    ours, = session(model).run(["p"], {"data": x})
+    np.testing.assert_array_equal(ours, pycaffe_net(prototxt, weights, x).blobs["p"].data)
+
+
 def test_pooling_kernel_past_the_padded_input(tmp_path):
     """A kernel past the padded input by less than the stride: Caffe's one window, its
     AVE divisor the window clipped to the padded input."""

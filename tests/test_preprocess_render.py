@@ -293,3 +293,7 @@ def test_preprocessor_refuses_non_finite_scale_and_mean():
         Preprocessor((4, 4), parse_mean(None), scale=float("nan"))
     with pytest.raises(ModelError, match=r"^the mean holds NaN or infinity$"):
         Preprocessor((4, 4), np.array([1.0, np.inf, 3.0]))
+    for text in ("104,nan,123", "1e999"):
+        with pytest.raises(ModelError, match=rf"^--mean '{text}': every value must be a "
+                                             r"finite number$"):
+            parse_mean(text)
