@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 
 from .errors import ModelError
-from .netdef import NetDef
+from .netdef import NetDef, hw_param
 
 # Layers that may sit between the pooling and the FC without changing the vector.
 PASS_THROUGH = {"Dropout", "Flatten", "Reshape", "Split"}
@@ -46,12 +46,12 @@ def _is_global_average(netdef: NetDef, layer) -> bool:
         return False
     if p.global_pooling:
         return True
+    # An unpadded window covering the map (one output: a larger kernel is clipped to the
+    # map, and so is Caffe's divisor) averages the whole map.
     shape = netdef.shapes.get(layer.bottom[0])
-    top = netdef.shapes.get(layer.top[0])
-    return (shape is not None and top is not None and top[2:] == (1, 1)
-            and not p.pad and not p.pad_h and not p.pad_w
-            and (p.kernel_size or p.kernel_h) == shape[2]
-            and (p.kernel_size or p.kernel_w) == shape[3])
+    kernel = hw_param(p, "kernel", 0)
+    return (shape is not None and not (p.pad or p.pad_h or p.pad_w)
+            and kernel[0] >= shape[2] and kernel[1] >= shape[3])
 
 
 def _follow(netdef: NetDef, blob: str):

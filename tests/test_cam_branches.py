@@ -207,21 +207,22 @@ def test_no_cam_head_and_an_fc_of_the_wrong_width_say_what_was_expected(tmp_path
     assert (spec.fc_layer, spec.channels, spec.num_classes) == ("fc", 4, 3)
 
 
-def test_a_wrong_feature_blob_lists_the_last_twelve_candidates(tmp_path):
+@pytest.mark.parametrize("depth", [12, 13, 14])
+def test_a_wrong_feature_blob_lists_the_last_twelve_candidates(tmp_path, depth):
     """A deep net: the refusal names the 12 candidates nearest the output and how many
     earlier ones it left out (a list of 50 blob names helps nobody)."""
     layers = "".join(
         f'layer {{ name: "c{i}" type: "Convolution" bottom: "{"data" if i == 0 else f"c{i - 1}"}" '
         f'top: "c{i}" convolution_param {{ num_output: 2 kernel_size: 3 pad: 1 }} }}\n'
-        for i in range(14))
+        for i in range(depth))
     text = ('input: "data"\ninput_shape { dim: 1 dim: 3 dim: 6 dim: 6 }\n' + layers +
-            'layer { name: "fc" type: "InnerProduct" bottom: "c13" top: "fc" '
+            f'layer {{ name: "fc" type: "InnerProduct" bottom: "c{depth - 1}" top: "fc" '
             'inner_product_param { num_output: 3 } }\n'
             'layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }\n')
     path = tmp_path / "deep.prototxt"
     path.write_text(text)
-    listed = ", ".join(f"c{i}" for i in range(2, 14))
+    listed = ", ".join(f"c{i}" for i in range(depth - 12, depth))
+    more = f" and {depth - 12} earlier" if depth > 12 else ""
     with pytest.raises(ModelError, match=rf"--feature-blob 'nope': no blob of that name; "
-                                         rf"candidates \(input to output\): {listed} and 2 "
-                                         rf"earlier$"):
+                                         rf"candidates \(input to output\): {listed}{more}$"):
         find_target(load_netdef(path), "nope")

@@ -258,10 +258,15 @@ def test_global_max_pooling_is_no_cam_head(tmp_path):
 @pytest.mark.parametrize(("pooling", "top"), [
     ("kernel_h: 2 kernel_w: 7", (1, 4, 8, 1)), ("kernel_h: 9 kernel_w: 2", (1, 4, 1, 6)),
     ("kernel_h: 9 kernel_w: 7 pad_h: 1 pad_w: 0", (1, 4, 3, 1)),
-    ("kernel_h: 9 kernel_w: 7 pad: 1", (1, 4, 3, 3)), ("kernel_h: 9 kernel_w: 7", None)])
+    ("kernel_h: 9 kernel_w: 7 pad: 1", (1, 4, 3, 3)),
+    ("kernel_h: 11 kernel_w: 9 pad: 1", (1, 4, 1, 1)),
+    ("kernel_h: 8 kernel_w: 7 stride: 2 ceil_mode: false", (1, 4, 1, 1)),
+    ("kernel_h: 9 kernel_w: 7", None), ("kernel_h: 10 kernel_w: 8 stride: 2", None)])
 def test_an_average_pooling_is_global_only_over_the_whole_unpadded_map(tmp_path, pooling, top):
-    """The 9×7 map of TINY's conv, pooled by AVE with a kernel of one axis only, or the whole
-    map with padding: no CAM head; the whole map without padding: the CAM head."""
+    """The 9×7 map of TINY's conv, pooled by AVE with a kernel of one axis only, over the
+    whole map with padding (one output, zeros in its average), or one window missing the
+    last row (floor rounding): no CAM head; the whole map without padding, or a larger
+    kernel that Caffe clips to it: the CAM head."""
     text = TINY.replace("pool: AVE global_pooling: true", f"pool: AVE {pooling}")
     netdef = load_netdef(write(tmp_path, text))
     if top is None:

@@ -296,13 +296,18 @@ def test_max_pooling_with_a_mask_top(tmp_path):
 
 def test_pooling_kernel_past_the_padded_input(tmp_path):
     """A kernel past the padded input by less than the stride: Caffe's one window, its
-    AVE divisor the window clipped to the padded input."""
-    compare_blobs(tmp_path, input_block(2, 7, 6) + "".join([
+    AVE divisor the window clipped to the padded input (without padding: the mean of the
+    whole map, which makes it a CAM head's global pooling)."""
+    ours = compare_blobs(tmp_path, input_block(2, 7, 6) + "".join([
         layer("ave", "Pooling", "data", "ave", "pooling_param { pool: AVE kernel_h: 10 "
               "kernel_w: 3 pad_h: 1 pad_w: 1 stride: 3 }"),
         layer("max", "Pooling", "data", "max", "pooling_param { pool: MAX kernel_h: 2 "
               "kernel_w: 7 stride: 2 }"),
+        layer("all", "Pooling", "data", "all", "pooling_param { pool: AVE kernel_h: 8 "
+              "kernel_w: 7 stride: 2 }"),
     ]))
+    x = np.random.default_rng(1).normal(0, 1, (3, 2, 7, 6))       # compare_blobs' input
+    np.testing.assert_allclose(ours["all"][:, :, 0, 0], x.mean(axis=(2, 3)), rtol=1e-5)
 
 
 # --------------------------------------------------------------- gradients (VJPs)
