@@ -49,6 +49,8 @@ declare -A TARGETS=(
   [netdef/normalize]="test_netdef test_upgrade_parity test_netdef_normalize test_netdef_shapes"
   [netdef/shapes]="test_netdef test_model_limits test_netdef_shapes"
   [netdef/weights]="test_netdef test_model_limits test_bad_inputs test_upgrade_parity test_weights_check test_netdef_read"
+  [backends/onnxruntime]="test_onnx test_onnx_cache test_backends test_methods test_golden test_model_failures test_batch_equivalence test_upgrade_parity test_limits"
+  [backends/opencv]="test_onnx test_parity test_backends test_methods test_golden test_model_failures test_batch_equivalence test_upgrade_parity"
   [onnx_export/__init__]="test_onnx test_onnx_layers test_methods"
   [onnx_export/converter]="test_onnx test_onnx_layers test_methods"
   [onnx_export/linear]="test_onnx test_onnx_layers test_methods"
@@ -58,8 +60,8 @@ declare -A TARGETS=(
   [onnx_export/shape]="test_onnx test_onnx_layers test_methods"
 )
 ORDER=(cam tencrop boxes preprocess render api methods camspec backends/__init__
-       backends/caffe batch output inputs netdef/read netdef/normalize netdef/shapes
-       netdef/weights onnx_export/__init__ onnx_export/converter onnx_export/linear
+       backends/caffe backends/onnxruntime backends/opencv batch output inputs netdef/read
+       netdef/normalize netdef/shapes netdef/weights onnx_export/__init__ onnx_export/converter onnx_export/linear
        onnx_export/pool onnx_export/elementwise onnx_export/norm onnx_export/shape)
 
 if ! "$PYTHON" -c "import mutmut" 2>/dev/null \
