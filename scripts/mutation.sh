@@ -11,10 +11,14 @@
 # function). Hypothesis tests run with fewer examples there
 # (HYPOTHESIS_PROFILE=mutation, see tests/conftest.py). The tests that run the
 # command in a child process (test_end_to_end) fail under mutmut even without a
-# mutant: they are left out. A mutant whose tests use more CPU seconds than
-# 6 × (what they took unmutated + 1) is stopped and counted as killed by a timeout
-# (timeout_multiplier 3; mutmut's default 15 let an endless loop hold a shared core
-# for ten minutes).
+# mutant: they are left out. mutmut stops a mutant whose tests run longer than
+# 3 × (what they took unmutated + 1) seconds of wall-clock time, or use twice that in
+# CPU seconds (timeout_multiplier 3; mutmut's default 15 let an endless loop hold a
+# shared core for ten minutes), and counts it as killed by a timeout. Under load, or in
+# a forked child that blocks where a fresh process would not, that is not always the
+# mutant's doing: each timed-out mutant is run again in a fresh pytest process
+# (scripts/mutation_timeouts.py), and counts as killed only if a test fails there or
+# it runs over the limit there too.
 #
 # Prints one line per module — mutants, killed, survived, equivalent (survivors
 # listed with a reason in scripts/mutation-equivalent.txt) and the score,
@@ -107,6 +111,10 @@ CFG
      --max-children "$JOBS" > "$work/mutmut.log" 2>&1) || true
   (cd "$work" && "$PYTHON" -m mutmut export-cicd-stats > /dev/null 2>&1 \
      && "$PYTHON" -m mutmut results > "$work/survivors.txt" 2>&1) || true
+  # a timeout in mutmut's forked child is not always the mutant's doing: each is run
+  # again in a fresh process (scripts/mutation_timeouts.py)
+  [ -f "$work/mutants/mutmut-stats.json" ] \
+    && "$PYTHON" "$ROOT/scripts/mutation_timeouts.py" "$work" "$JOBS" > "$work/timeouts.txt" 2>&1
   "$PYTHON" - "$module" "$work" "$EQUIVALENT" $((SECONDS - start)) <<'PY'
 import json, re, sys
 from pathlib import Path
@@ -123,14 +131,20 @@ equivalent = {line.split()[0] for line in equivalent_file.read_text().splitlines
               if line.strip() and not line.startswith("#")} if equivalent_file.exists() else set()
 survivors = [m.group(1) for m in re.finditer(r"^\s*(\S+): (survived|no tests|suspicious)",
                                              (work / "survivors.txt").read_text(), re.M)]
-killed = stats["killed"] + stats["timeout"] + stats["segfault"]
+timeouts_file = work / "timeouts.json"
+verdicts = json.loads(timeouts_file.read_text()) if timeouts_file.exists() else {}
+false_timeouts = [k for k, v in verdicts.items() if v not in ("killed", "hang")]
+survivors += false_timeouts
+killed = stats["killed"] + stats["timeout"] - len(false_timeouts) + stats["segfault"]
 equiv = [s for s in survivors if s in equivalent]
 others = [s for s in survivors if s not in equivalent]
 scored = stats["total"] - len(equiv)
 score = 100.0 * killed / scored if scored else 100.0
 print(f"{module:18} {stats['total']:5d} mutants {killed:5d} killed {len(survivors):4d} survived "
-      f"{len(equiv):4d} equivalent  score {score:5.1f}%  ({stats['timeout']} killed by a "
-      f"timeout; {seconds} s)")
+      f"{len(equiv):4d} equivalent  score {score:5.1f}%  ({stats['timeout']} timeouts, run "
+      f"again in a fresh process: {sum(v == 'killed' for v in verdicts.values())} failed a "
+      f"test, {sum(v == 'hang' for v in verdicts.values())} hung again, "
+      f"{len(false_timeouts)} survived; {seconds} s)")
 for name in others:
     print(f"    survived: {name}")
 PY

@@ -347,7 +347,8 @@ def test_forward_methods_progress_counts_every_forward(method, what, capsys):
     evidence, _ = synthetic_evidence(batch_size=2, progress=True)
     compute(method, evidence)
     err = capsys.readouterr().err
-    drawn = [int(n) for n in re.findall(rf"\r{what}: +\d+%\|[^|]*\| (\d+)/10 \[", err)]
+    drawn = [int(n) for n in re.findall(rf"\r{what}: +\d+%\|[^|]*\| (\d+)/10 \[[^]]*fwd/s\]",
+                                        err)]
     assert drawn[0] == 0 and drawn[-1] == 10 and drawn == sorted(drawn)   # each one counted
     assert set(drawn) <= {0, 2, 4, 5, 7, 9, 10}            # after whole runs of 2 (or 1)
     assert err.endswith("\n") and err.count("\n") == 1
@@ -603,6 +604,19 @@ def test_several_methods_on_the_command_line(tmp_path):
     assert '"methods": ["cam", "gradcam"]' in (out / "_report" / "run.js").read_text()
     cards = (out / "_report" / "data-0000.js").read_text()
     assert cards.count('"method":"cam"') == 2 and cards.count('"method":"gradcam"') == 2
+
+
+def test_parse_methods_names_the_unknown_method_and_the_choices():
+    """The API's check (the command line has its own, in argparse's words)."""
+    from cam_caffe.errors import CamError
+    from cam_caffe.methods import parse_methods
+    assert parse_methods("gradcam, cam") == ("gradcam", "cam")
+    with pytest.raises(CamError, match=rf"^--method 'nope': choose one of "
+                                       rf"{re.escape(', '.join(METHODS))} \(or a comma list "
+                                       r"of them\)$"):
+        parse_methods("gradcam,nope")
+    with pytest.raises(CamError, match=r"^--method 'cam,cam': a method named twice$"):
+        parse_methods("cam,cam")
 
 
 @pytest.mark.parametrize(("command", "message"), [
