@@ -11,8 +11,10 @@ import os
 import pty
 import signal
 import sys
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -339,6 +341,89 @@ def test_a_chunk_alone_reports_each_image_in_input_order(net, tmp_path):
     assert [p for p, _ in mixed.failed] == [broken[0].path]
     assert (none.size, none.records, none.results, none.postponed) == (2, [], [], [])
     assert [p for p, _ in none.failed] == [b.path for b in broken]
+
+
+class FirstNowRestQueued(Executor):
+    """An executor that runs the first task at once and queues the others until
+    ``drain()``: a chunk stopped while its first image decoded, deterministically."""
+
+    def __init__(self) -> None:
+        self.queued: list[tuple[Future, Any, tuple]] = []
+        self.started = False
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+        if self.started:
+            self.queued.append((future, fn, args))
+            return future
+        self.started = True
+        future.set_running_or_notify_cancel()
+        future.set_result(fn(*args))
+        return future
+
+    def drain(self) -> None:
+        for future, fn, args in self.queued:
+            if future.set_running_or_notify_cancel():
+                future.set_result(fn(*args))
+
+
+def test_a_stopped_chunk_runs_no_forward_and_leaves_no_work_queued(net, tmp_path, monkeypatch):
+    """With ``stop`` set, the image already decoded is given back its memory, every
+    queued one is cancelled (none decodes later, holding memory), and no forward runs."""
+    forwards = []
+    monkeypatch.setattr(batch_module, "forward", lambda *a: forwards.append(1))
+    items = inputs(tmp_path / "in", 4)
+    budget, stop, pool = MemoryBudget(10 ** 9), threading.Event(), FirstNowRestQueued()
+    stop.set()
+    result = process_chunk(net, items, Options(), pool, stop=stop, budget=budget)
+    pool.drain()
+    assert budget.used == 0 and forwards == []
+    assert (result.records, result.results, result.failed) == ([], [], [])
+
+
+@pytest.mark.parametrize(("count", "batch_size", "workers", "started"), [
+    (4, 4, 2, 0),          # one chunk: nothing to overlap, no processes
+    (4, 2, 2, 2), (4, 2, 3, 3), (2, 1, 3, 2)])      # never more than the images
+def test_worker_processes_only_when_chunks_overlap(net, tmp_path, monkeypatch, count,
+                                                    batch_size, workers, started):
+    asked = []
+
+    def spy(net, workers, budget):
+        asked.append(workers)
+        return real(net, 0, budget)
+    real = batch_module.step_pool
+    monkeypatch.setattr(batch_module, "step_pool", spy)
+    report, _, _ = run(net, inputs(tmp_path / "in", count), batch_size=batch_size,
+                       workers=workers, quiet=True)
+    assert report.done == count and asked == [started]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_worker_processes_share_the_memory_budget(net, workers):
+    """Worker processes (any number) get a shared budget of the same total."""
+    from cam_caffe.pipeline import ProcessPool
+    for total in (12345, None):
+        pool, shared = step_pool(net, workers, MemoryBudget(total) if total else None)
+        with pool:
+            assert isinstance(pool, ProcessPool) and shared is not None
+            assert shared.total == total
+
+
+def test_worker_processes_that_cannot_start_fall_back_to_threads(net, monkeypatch, capsys):
+    """Processes that cannot start here (no shared memory, process limits): one line,
+    then threads and the same budget."""
+    import cam_caffe.pipeline as pipeline
+
+    def refuse(*args):
+        raise OSError(38, "Function not implemented")
+    monkeypatch.setattr(pipeline, "ProcessPool", refuse)
+    budget = MemoryBudget(99)
+    pool, same = step_pool(net, 2, budget)
+    with pool:
+        assert isinstance(pool, ThreadPoolExecutor) and same is budget
+    assert capsys.readouterr().err == ("cam-caffe: cannot start worker processes (OSError: "
+                                       "[Errno 38] Function not implemented); using threads "
+                                       "instead\n")
 
 
 @pytest.mark.parametrize(("signum", "raised"), [(signal.SIGINT, KeyboardInterrupt),
