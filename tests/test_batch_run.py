@@ -19,7 +19,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-from conftest import read_terminal
+from conftest import IN_CI, read_terminal
 from nets import COLOUR_ARGS, colour_images, write_colour_net
 
 from cam_caffe import CAMNet
@@ -379,6 +379,26 @@ def test_a_stopped_chunk_runs_no_forward_and_leaves_no_work_queued(net, tmp_path
     pool.drain()
     assert budget.used == 0 and forwards == []
     assert (result.records, result.results, result.failed) == ([], [], [])
+
+
+def test_a_run_on_a_dask_client_gives_the_local_runs_records(net, tmp_path):
+    """run_batch with a ``distributed.Client`` (here an in-process cluster of threads;
+    test_dask.py runs real schedulers and workers): every chunk goes to the cluster and
+    the records are the local run's, whichever chunk ends first."""
+    if IN_CI:                 # the dask extra, which scripts/setup.sh installs
+        import distributed
+    else:
+        distributed = pytest.importorskip("distributed", reason="the dask extra is not installed")
+    items = inputs(tmp_path / "in", 5)
+    local, local_out, local_chunks = run(net, items, batch_size=2, quiet=True, jsonl=True)
+    out, chunks = io.StringIO(), []
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2,
+                            dashboard_address=None) as client:
+        report = run_batch(net, items, Options(batch_size=2, quiet=True, jsonl=True), out,
+                           client=client, on_chunk=chunks.append)
+    assert report.done == local.done == 5
+    assert sorted(c.size for c in chunks) == sorted(c.size for c in local_chunks) == [0, 1, 2, 2]
+    assert sorted(out.getvalue().splitlines()) == sorted(local_out.splitlines())
 
 
 @pytest.mark.parametrize(("count", "batch_size", "workers", "started"), [
