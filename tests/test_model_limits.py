@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 from conftest import GOOGLENET, require_pycaffe, shared
 from hypothesis import HealthCheck, assume, given, settings
@@ -22,6 +23,7 @@ from nets import CONV, ELTWISE, SQUARE_PROTOTXT, square_case, square_image
 
 from cam_caffe import budget
 from cam_caffe.api import CAMNet
+from cam_caffe.camspec import find_cam_layers
 from cam_caffe.commands import main, options
 from cam_caffe.commands import run as run_command
 from cam_caffe.errors import ModelError
@@ -97,10 +99,15 @@ def test_any_input_size_option_runs_or_is_refused_in_one_line(square, height, wi
     folder, image, args = square
     code, err = run(image, *args, "--input-size", f"{height}x{width}", "--max-memory", "64M")
     try:
-        need = forward_bytes(load_netdef(folder / "square.prototxt",
-                                         input_size=(height, width)), 1)
+        netdef = load_netdef(folder / "square.prototxt", input_size=(height, width))
     except ModelError as e:
         assert code == 3 and err == [f"cam-caffe: error: {e}"], err  # noqa: PT017 (either way)
+        return
+    need = forward_bytes(netdef, 1)
+    if min(height, width) < 2 and need <= 64 << 20:       # 'feat' pools 2x2, stride 2:
+        assert code == 3 and len(err) == 1, err          # one window in Caffe, none in OpenCV
+        assert "OpenCV gives no output for a pooling kernel 2x2 larger than its padded " \
+               f"input {height}x{width}" in err[0], err
         return
     if need <= 64 << 20:
         assert code == 0 and err == [], err
@@ -196,12 +203,38 @@ def test_wrong_input_size_for_fixed_layers_says_the_size(tmp_path):
     save_caffemodel(netdef, random_weights(netdef, 1), weights)
     image = tmp_path / "i.png"
     cv2.imwrite(str(image), square_image(10, 10))
-    for size in ("300", "160x224", "12000"):
+    for size in ("300", "240x224", "12000"):
         code, err = run(image, "--prototxt", prototxt, "--weights", weights, "--input-size",
                         size, "--backend", "opencv")
         assert code == 3 and len(err) == 1, err
         assert "this net's fixed layers only take 224x224 inputs" in err[0], err
         assert "'CAM_pool'" in err[0] and "--input-size 224x224" in err[0]
+
+
+def test_a_fixed_pooling_larger_than_a_smaller_map_averages_all_of_it(tmp_path):
+    """Below 224x224 GoogLeNet-CAM's CAM_pool (kernel 14, stride 14) is past its 10x14
+    map by less than its stride: Caffe gives one window, clipped to the map, so its
+    average, and the CAM head is found. OpenCV gives no output there: refused."""
+    netdef = load_netdef(GOOGLENET, input_size=(160, 224))
+    assert netdef.shapes["CAM_pool"] == (1, 1024, 1, 1)
+    assert find_cam_layers(netdef).feature_blob == "CAM_conv"
+    caffe = require_pycaffe()
+    net = caffe.Net(str(GOOGLENET), caffe.TEST)
+    net.blobs["data"].reshape(1, 3, 160, 224)
+    net.reshape()
+    net.forward(data=np.random.default_rng(0).normal(0, 50, (1, 3, 160, 224)))
+    assert net.blobs["CAM_conv"].data.shape[2:] == (10, 14)
+    np.testing.assert_allclose(net.blobs["CAM_pool"].data[:, :, 0, 0],
+                               net.blobs["CAM_conv"].data.mean(axis=(2, 3)), rtol=1e-5, atol=1e-7)
+    weights, image = tmp_path / "g.caffemodel", tmp_path / "i.png"
+    from synthetic import random_weights, save_caffemodel
+    save_caffemodel(netdef, random_weights(netdef, 1), weights)
+    cv2.imwrite(str(image), square_image(10, 10))
+    code, err = run(image, "--prototxt", GOOGLENET, "--weights", weights, "--input-size",
+                    "160x224", "--backend", "opencv")
+    assert code == 3 and err == [f"cam-caffe: error: {GOOGLENET}: layer 'CAM_pool': OpenCV "
+                                 "gives no output for a pooling kernel 14x14 larger than its "
+                                 "padded input 10x14; use --backend caffe or onnxruntime"], err
 
 
 def test_math_of_the_estimate_is_exact_for_absurd_shapes(tmp_path):

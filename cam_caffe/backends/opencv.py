@@ -16,7 +16,7 @@ from google.protobuf import text_format
 from .. import proto
 from ..camspec import CamSpec
 from ..errors import BackendError, ModelError
-from ..netdef import CaffeModel, NetDef, blob_shape, tail
+from ..netdef import CaffeModel, NetDef, blob_shape, hw_param, tail
 from . import Forward, cpu_threads, no_gradients, rows, scores_to_probs
 
 
@@ -99,7 +99,8 @@ def _for_opencv(netdef: NetDef, weights: CaffeModel) -> tuple[str, bytes]:
 
     OpenCV ignores InnerProduct's ``transpose``: such weights are stored
     transposed back, with ``transpose: false``. It also ignores LRN's ``k``
-    across channels (uses 1): refused rather than computed wrongly.
+    across channels (uses 1), and gives no output for a pooling kernel larger than
+    its padded input: both refused rather than computed wrongly.
     """
     data = weights.data
     for layer in netdef.net.layer:
@@ -107,6 +108,8 @@ def _for_opencv(netdef: NetDef, weights: CaffeModel) -> tuple[str, bytes]:
                 and layer.lrn_param.norm_region == layer.lrn_param.ACROSS_CHANNELS:
             raise ModelError(f"{netdef.path}: layer '{layer.name}': OpenCV's LRN ignores "
                              f"k={layer.lrn_param.k:g}; use --backend caffe or onnxruntime")
+        if layer.type == "Pooling" and not layer.pooling_param.global_pooling:
+            _pooling_fits(netdef, layer)
     transposed = {layer.name for layer in netdef.net.layer
                   if layer.type == "InnerProduct" and layer.inner_product_param.transpose}
     if not transposed:
@@ -125,6 +128,21 @@ def _for_opencv(netdef: NetDef, weights: CaffeModel) -> tuple[str, bytes]:
             matrix = np.array(blob.data, np.float32).reshape(fan_in, outputs).T
             blob.CopyFrom(proto.blob(matrix))
     return text_format.MessageToString(net), stored.SerializeToString()
+
+
+def _pooling_fits(netdef: NetDef, layer: proto.LayerParameter) -> None:
+    """Refuse a pooling kernel larger than its padded input: Caffe gives one window
+    there (when the kernel is past it by less than the stride), OpenCV no output."""
+    shape = netdef.shapes.get(layer.bottom[0])
+    if shape is None:
+        return
+    (kh, kw), (ph, pw) = hw_param(layer.pooling_param, "kernel", 0), \
+        hw_param(layer.pooling_param, "pad", 0)
+    height, width = shape[2] + 2 * ph, shape[3] + 2 * pw
+    if kh > height or kw > width:
+        raise ModelError(f"{netdef.path}: layer '{layer.name}': OpenCV gives no output for a "
+                         f"pooling kernel {kh}x{kw} larger than its padded input "
+                         f"{height}x{width}; use --backend caffe or onnxruntime")
 
 
 @contextmanager
