@@ -19,7 +19,7 @@ Caffe's own arithmetic, not to what ONNX's nearest operator does; see
 ``pool.pooling`` for Caffe's ceil-mode output size and its average-pooling divisor.
 
 :mod:`.converter` holds the conversion and the registry; each layer type has a
-function registered with ``@converter("Type")`` (and ``@vjp("Type")`` for its
+function registered with ``converter("Type")`` (and ``vjp("Type")`` for its
 gradient) in a module by kind: :mod:`.linear` (Convolution, InnerProduct),
 :mod:`.pool`, :mod:`.elementwise` (activations, Eltwise, Scale, Bias),
 :mod:`.norm` (LRN, BatchNorm, Softmax), :mod:`.shape` (Split, Concat, Flatten,

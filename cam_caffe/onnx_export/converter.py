@@ -1,9 +1,11 @@
 """One conversion: Caffe layers → ONNX nodes, and the registry of layer converters.
 
 A layer converter is a function registered for one or more Caffe types with
-``@converter("Type")``; it emits the layer's nodes through the :class:`Converter`
-it gets. A VJP, registered with ``@vjp("Type")``, emits the nodes of the layer's
-vector–Jacobian product for ``convert(…, gradient=blob)``.
+``converter("Type")(function)`` (or as a decorator); it emits the layer's nodes
+through the :class:`Converter` it gets. A VJP, registered with ``vjp("Type")``,
+emits the nodes of the layer's vector–Jacobian product for ``convert(…,
+gradient=blob)``. The modules here register theirs by calls at their end: mutmut
+does not mutate decorated functions.
 """
 from __future__ import annotations
 

@@ -12,13 +12,11 @@ from .converter import Converter, Unsupported, converter, vjp
 SAME_AS = {"Sigmoid": "Sigmoid", "TanH": "Tanh", "AbsVal": "Abs", "BNLL": "Softplus"}
 
 
-@converter(*SAME_AS)
 def same_as(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
             shapes: list[Shape]) -> None:
     cv.node(SAME_AS[layer.type], ins, tops, layer.name)
 
 
-@converter("ReLU")
 def relu(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
          shapes: list[Shape]) -> None:
     slope = layer.relu_param.negative_slope
@@ -28,7 +26,6 @@ def relu(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
         cv.node("Relu", ins, tops, layer.name)
 
 
-@vjp("ReLU")
 def relu_vjp(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
              shapes: list[Shape], g: str) -> list[str | None]:
     """Caffe's: g · (x > 0) + slope · g · (x ≤ 0)."""
@@ -39,7 +36,6 @@ def relu_vjp(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
     return [cv.grad_node(layer, "Where", [positive, g, other])]
 
 
-@converter("PReLU")
 def prelu(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
           shapes: list[Shape]) -> None:
     slope = cv.params(layer)[0]
@@ -51,13 +47,11 @@ def prelu(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
     cv.node("PRelu", [ins[0], cv.const(f"{layer.name}/slope", slope)], tops, layer.name)
 
 
-@converter("ELU")
 def elu(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
         shapes: list[Shape]) -> None:
     cv.node("Elu", ins, tops, layer.name, alpha=layer.elu_param.alpha)
 
 
-@vjp("Sigmoid")
 def sigmoid_vjp(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
                 shapes: list[Shape], g: str) -> list[str | None]:
     y = tops[0]
@@ -65,7 +59,6 @@ def sigmoid_vjp(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
     return [cv.grad_node(layer, "Mul", [g, cv.grad_node(layer, "Mul", [y, one_minus])])]
 
 
-@vjp("TanH")
 def tanh_vjp(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
              shapes: list[Shape], g: str) -> list[str | None]:
     y = tops[0]
@@ -74,7 +67,6 @@ def tanh_vjp(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
     return [cv.grad_node(layer, "Mul", [g, one_minus])]
 
 
-@converter("Power")
 def power(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
           shapes: list[Shape]) -> None:
     """y = (shift + scale · x) ^ power, skipping the identity steps."""
@@ -90,20 +82,17 @@ def power(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
                     tops if last else None, layer.name)
 
 
-@converter("Dropout")
 def dropout(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
             shapes: list[Shape]) -> None:
     # Caffe's Dropout is the identity at test time (it scales while training).
     cv.node("Identity", ins[:1], tops[:1], layer.name)
 
 
-@vjp("Dropout")
 def dropout_vjp(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
                 shapes: list[Shape], g: str) -> list[str | None]:
     return [g]
 
 
-@converter("Eltwise")
 def eltwise(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
             shapes: list[Shape]) -> None:
     p = layer.eltwise_param
@@ -128,7 +117,6 @@ def _chain(cv: Converter, op: str, inputs: list[str], tops: list[str], name: str
         x = cv.node(op, [x, y], tops if i == len(inputs) - 2 else None, name)
 
 
-@vjp("Eltwise")
 def eltwise_vjp(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
                 shapes: list[Shape], g: str) -> list[str | None]:
     """SUM: coefficient · g. PROD: g · the product of the others. MAX: g where the
@@ -195,14 +183,12 @@ def _affine(cv: Converter, layer: Layer, ins: list[str], tops: list[str], shapes
                 layer.name + "/bias")
 
 
-@converter("Scale")
 def scale(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
           shapes: list[Shape]) -> None:
     _affine(cv, layer, ins, tops, shapes, "Mul", layer.scale_param,
             layer.scale_param.bias_term)
 
 
-@converter("Bias")
 def bias(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
          shapes: list[Shape]) -> None:
     _affine(cv, layer, ins, tops, shapes, "Add", layer.bias_param, False)
@@ -213,15 +199,33 @@ def _second_bottom_fixed(cv: Converter, ins: list[str]) -> None:
         raise Unsupported("a second bottom that depends on the target blob")
 
 
-@vjp("Scale")
 def scale_vjp(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
               shapes: list[Shape], g: str) -> list[str | None]:
     _second_bottom_fixed(cv, ins)
     return [cv.grad_node(layer, "Mul", [g, cv.saved[layer.name, "factor"]]), None]
 
 
-@vjp("Bias")
 def bias_vjp(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
              shapes: list[Shape], g: str) -> list[str | None]:
     _second_bottom_fixed(cv, ins)
     return [g, None]
+
+
+# Registered by calls, not decorators: mutmut (scripts/mutation.sh) does not mutate
+# decorated functions.
+converter(*SAME_AS)(same_as)
+converter("ReLU")(relu)
+vjp("ReLU")(relu_vjp)
+converter("PReLU")(prelu)
+converter("ELU")(elu)
+vjp("Sigmoid")(sigmoid_vjp)
+vjp("TanH")(tanh_vjp)
+converter("Power")(power)
+converter("Dropout")(dropout)
+vjp("Dropout")(dropout_vjp)
+converter("Eltwise")(eltwise)
+vjp("Eltwise")(eltwise_vjp)
+converter("Scale")(scale)
+converter("Bias")(bias)
+vjp("Scale")(scale_vjp)
+vjp("Bias")(bias_vjp)

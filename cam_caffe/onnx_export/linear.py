@@ -7,7 +7,6 @@ from ..netdef import Layer, Shape, conv_output_size, hw_param
 from .converter import Converter, Unsupported, converter, vjp
 
 
-@converter("Convolution", "Deconvolution")
 def convolution(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
                 shapes: list[Shape]) -> None:
     p = layer.convolution_param
@@ -29,7 +28,6 @@ def convolution(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
             pads=[ph, pw, ph, pw], dilations=[dil[0], dil[-1]], group=p.group)
 
 
-@vjp("Convolution")
 def convolution_vjp(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
                     shapes: list[Shape], g: str) -> list[str | None]:
     """The transposed convolution with the same weights, padded back to H × W."""
@@ -48,7 +46,6 @@ def convolution_vjp(cv: Converter, layer: Layer, ins: list[str], tops: list[str]
                        wid - (sw * (ow - 1) + dw * (kw - 1) + 1 - 2 * pw))]
 
 
-@converter("InnerProduct")
 def inner_product(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
                   shapes: list[Shape]) -> None:
     p = layer.inner_product_param
@@ -77,7 +74,6 @@ def inner_product(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
         cv.node("Add", [out, cv.const(f"{layer.name}/bias", bias)], tops, layer.name)
 
 
-@vjp("InnerProduct")
 def inner_product_vjp(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
                       shapes: list[Shape], g: str) -> list[str | None]:
     p = layer.inner_product_param
@@ -86,3 +82,11 @@ def inner_product_vjp(cv: Converter, layer: Layer, ins: list[str], tops: list[st
     flat = cv.grad_node(layer, "Gemm", [g, cv.saved[layer.name, "weight"]],
                         transB=1 if p.transpose else 0)
     return [cv.reshape_like(layer, flat, ins[0]) if len(shapes[0]) != 2 else flat]
+
+
+# Registered by calls, not decorators: mutmut (scripts/mutation.sh) does not mutate
+# decorated functions.
+converter("Convolution", "Deconvolution")(convolution)
+vjp("Convolution")(convolution_vjp)
+converter("InnerProduct")(inner_product)
+vjp("InnerProduct")(inner_product_vjp)

@@ -7,7 +7,6 @@ from ..netdef import Layer, Shape
 from .converter import Converter, Unsupported, converter, vjp
 
 
-@converter("LRN")
 def lrn(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
         shapes: list[Shape]) -> None:
     p = layer.lrn_param
@@ -54,7 +53,6 @@ def lrn(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
     cv.saved[layer.name, "shifted"] = shifted
 
 
-@vjp("LRN")
 def lrn_vjp(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
             shapes: list[Shape], g: str) -> list[str | None]:
     """Caffe's: g · s^-β − (2αβ/n) · x · Σ_window(g · y / s),
@@ -92,7 +90,6 @@ def _batchnorm_stats(cv: Converter, layer: Layer) -> tuple[np.ndarray, np.ndarra
     return blobs[0].ravel() * factor, blobs[1].ravel() * factor
 
 
-@converter("BatchNorm")
 def batchnorm(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
               shapes: list[Shape]) -> None:
     p = layer.batch_norm_param
@@ -107,7 +104,6 @@ def batchnorm(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
             tops, layer.name, epsilon=p.eps)
 
 
-@vjp("BatchNorm")
 def batchnorm_vjp(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
                   shapes: list[Shape], g: str) -> list[str | None]:
     _, var = _batchnorm_stats(cv, layer)
@@ -116,13 +112,11 @@ def batchnorm_vjp(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
     return [cv.grad_node(layer, "Mul", [g, cv.const(f"{layer.name}/grad/scale", scale)])]
 
 
-@converter("Softmax")
 def softmax(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
             shapes: list[Shape]) -> None:
     cv.node("Softmax", ins, tops, layer.name, axis=layer.softmax_param.axis % len(shapes[0]))
 
 
-@vjp("Softmax")
 def softmax_vjp(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
                 shapes: list[Shape], g: str) -> list[str | None]:
     """y · (g − Σ_axis g·y)."""
@@ -131,3 +125,13 @@ def softmax_vjp(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
     total = cv.grad_node(layer, "ReduceSum", [cv.grad_node(layer, "Mul", [g, y]),
                                               cv.const("axes", [axis], np.int64)], keepdims=1)
     return [cv.grad_node(layer, "Mul", [y, cv.grad_node(layer, "Sub", [g, total])])]
+
+
+# Registered by calls, not decorators: mutmut (scripts/mutation.sh) does not mutate
+# decorated functions.
+converter("LRN")(lrn)
+vjp("LRN")(lrn_vjp)
+converter("BatchNorm")(batchnorm)
+vjp("BatchNorm")(batchnorm_vjp)
+converter("Softmax")(softmax)
+vjp("Softmax")(softmax_vjp)

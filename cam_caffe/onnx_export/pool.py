@@ -61,7 +61,6 @@ def _ave_ratios(windows: PoolWindows, shape: Shape) -> np.ndarray:
         shape[2:], windows.kernel, windows.stride, windows.pad, windows.out, strict=True)))
 
 
-@converter("Pooling")
 def pooling(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
             shapes: list[Shape]) -> None:
     """Caffe's pooling, exactly.
@@ -110,7 +109,6 @@ def pooling(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
                 tops[:1], layer.name + "/divisor")
 
 
-@vjp("Pooling")
 def pooling_vjp(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
                 shapes: list[Shape], g: str) -> list[str | None]:
     """MAX: the gradient added at each window's first maximum (ONNX MaxPool's
@@ -140,3 +138,9 @@ def pooling_vjp(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
         f"{layer.name}/grad/window", np.ones((c, 1, kh, kw)))], group=c, **windows.attrs())
     return [cv.pad_end(layer, back, hgt - (sh * (oh - 1) + kh - ph - end_h),
                        wid - (sw * (ow - 1) + kw - pw - end_w))]
+
+
+# Registered by calls, not decorators: mutmut (scripts/mutation.sh) does not mutate
+# decorated functions.
+converter("Pooling")(pooling)
+vjp("Pooling")(pooling_vjp)
