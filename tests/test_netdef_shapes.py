@@ -66,6 +66,8 @@ NETS = {
     + layer("r4", "Reshape", "data", "r4",
             "reshape_param { shape { dim: 1 dim: 1 } axis: 2 num_axes: 0 }")
     + layer("r5", "Reshape", "data", "r5", "reshape_param { shape { dim: 0 dim: 0 dim: -1 } }")
+    + layer("r6", "Reshape", "data", "r6",
+            "reshape_param { shape { dim: 1 } axis: -1 num_axes: 0 }")     # appended at the end
     + layer("sm", "Softmax", "data", "sm"),
     "branches": input_block(8, 6, 4)
     + layer("split", "Split", "data", "s1 s2")
@@ -125,6 +127,10 @@ FIELD_RULES = [
      "stride and stride_h/stride_w are both given"),
     (conv("c", "data", "num_output: 3 kernel_size: 1 stride: 0"),
      "stride 0x0: it must be positive"),
+    (conv("c", "data", "num_output: 3 kernel_size: 1 stride_h: 0 stride_w: 1"),
+     "stride 0x1: it must be positive"),
+    (conv("c", "data", "num_output: 3 kernel_size: 1 stride_h: 1 stride_w: 0"),
+     "stride 1x0: it must be positive"),
     (pool("p", "data", "pool: MAX kernel_size: 2 pad_h: 1"), "pad_h and pad_w must be given together"),
     (pool("p", "data", "pool: MAX kernel_size: 2 stride_w: 1"),
      "stride_h and stride_w must be given together"),
@@ -136,6 +142,11 @@ FIELD_RULES = [
     (pool("p", "data", "pool: MAX"), "kernel size not set"),
     (pool("p", "data", "pool: MAX kernel_size: 0"), "kernel size not set"),
     (pool("p", "data", "pool: MAX kernel_h: 2 kernel_w: 0"), "kernel size not set"),
+    (pool("p", "data", "pool: MAX kernel_h: 0 kernel_w: 2"), "kernel size not set"),
+    (pool("p", "data", "pool: MAX kernel_size: 2 stride_h: 0 stride_w: 1"),
+     "stride 0x1: it must be positive"),
+    (pool("p", "data", "pool: MAX kernel_h: 2 kernel_w: 3 pad_h: 2 pad_w: 0"),
+     "pad 2x0 must be smaller than the kernel 2x3"),
     (pool("p", "data", "pool: MAX kernel_size: 2 stride: 0"), "stride 0x0: it must be positive"),
     (pool("p", "data", "pool: MAX kernel_size: 2 stride_h: 1 stride_w: 0"),
      "stride 1x0: it must be positive"),
