@@ -220,6 +220,42 @@ def test_flatten_reshape_concat_split_every_axis(tmp_path):
     assert ours["f_batch"].shape == (9, 4, 5) and ours["f_all"].shape == (180,)
 
 
+def test_inner_product_every_axis(tmp_path):
+    """Axis 1 on 2-, 3- and 4-D inputs (flattened), later axes with and without a bias
+    or transposed weights (a MatMul over the lumped trailing axes)."""
+    compare_blobs(tmp_path, input_block(3, 4, 5) + "".join([
+        layer("flat", "Flatten", "data", "flat"),
+        layer("ip_2d", "InnerProduct", "flat", "ip_2d", "inner_product_param { num_output: 6 }"),
+        layer("rows", "Reshape", "data", "rows", "reshape_param { shape { dim: 0 dim: 3 dim: -1 } }"),
+        layer("ip_3d", "InnerProduct", "rows", "ip_3d", "inner_product_param { num_output: 6 }"),
+        layer("ip_4d", "InnerProduct", "data", "ip_4d",
+              "inner_product_param { num_output: 6 transpose: true }"),
+        layer("ip_a2", "InnerProduct", "data", "ip_a2", "inner_product_param { num_output: 7 axis: 2 }"),
+        layer("ip_a2_t", "InnerProduct", "data", "ip_a2_t",
+              "inner_product_param { num_output: 7 axis: 2 transpose: true }"),
+        layer("ip_last", "InnerProduct", "data", "ip_last",
+              "inner_product_param { num_output: 2 axis: -1 bias_term: false }"),
+    ]))
+
+
+def test_inner_product_over_the_batch_axis(tmp_path):
+    """Axis 0 (only at batch 1 in Caffe: the batch is part of its input size)."""
+    compare_blobs(tmp_path, input_block(3, 4, 5) + layer(
+        "ip", "InnerProduct", "data", "ip", "inner_product_param { num_output: 4 axis: 0 }"), n=1)
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ("axis: 2", "axis 2 \\(only 1\\)"), ("width_group: 2", "width_group/height_group"),
+    ("height_group: 2", "width_group/height_group")])
+def test_convolution_variants_onnx_cannot_express_are_refused(tmp_path, params, message):
+    _, weights, netdef = write(tmp_path, input_block(2, 6, 6) + layer(
+        "c", "Convolution", "data", "c", f"convolution_param {{ num_output: 2 kernel_size: 1 "
+        f"{params} }}"))
+    with pytest.raises(ModelError, match=rf"layer 'c' of type 'Convolution' cannot be converted "
+                                         rf"to ONNX: {message}$"):
+        convert(netdef, read_caffemodel(weights), outputs=["c"])
+
+
 def test_reshape_batch_axis_with_num_axes_is_refused(tmp_path):
     _, weights, netdef = write(tmp_path, input_block(3, 4, 5) + layer(
         "r", "Reshape", "data", "r", "reshape_param { shape { dim: 2 } axis: 0 num_axes: 1 }"))
@@ -368,6 +404,21 @@ def test_gradient_is_zero_where_no_window_reads(tmp_path, tail):
                      + layer("t", "Convolution", "data", "t",
                              "convolution_param { num_output: 3 kernel_size: 1 }") + tail,
                      "out", "t")
+
+
+def test_gradient_through_an_inner_product_on_three_axes(tmp_path):
+    compare_gradient(tmp_path, TWO_BRANCHES + "".join([
+        layer("rows", "Reshape", "u", "rows", "reshape_param { shape { dim: 0 dim: 4 dim: -1 } }"),
+        layer("ip", "InnerProduct", "rows", "out", "inner_product_param { num_output: 3 }")]),
+        "out", "t")
+
+
+def test_gradient_through_an_inner_product_on_a_later_axis_is_refused(tmp_path):
+    _, weights, netdef = write(tmp_path, TWO_BRANCHES + layer(
+        "ip", "InnerProduct", "u", "out", "inner_product_param { num_output: 3 axis: 2 }"))
+    with pytest.raises(ModelError, match=r"layer 'ip' of type 'InnerProduct': no gradient in "
+                                         r"the ONNX export for axis 2; use --backend caffe$"):
+        convert(netdef, read_caffemodel(weights), outputs=["out"], gradient="t")
 
 
 @pytest.mark.parametrize("kind", ["Scale", "Bias"])

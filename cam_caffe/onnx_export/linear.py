@@ -64,7 +64,7 @@ def inner_product(cv: Converter, layer: Layer, ins: list[str], tops: list[str],
         cv.node("Gemm", inputs, tops, layer.name, transB=0 if p.transpose else 1)
         return
     # Other axes: keep the leading dims, lump the rest, then a MatMul.
-    target = [0] * axis + [-1] if axis > 0 else [-1]
+    target = [0] * axis + [-1]
     flat = cv.node("Reshape", [ins[0], cv.const("shape", target, np.int64)],
                    name=layer.name + "/flatten")
     matrix = weight if p.transpose else weight.T
