@@ -209,6 +209,8 @@ SHAPES = input_block(3, 4, 5) + "".join([
     layer("r_neg", "Reshape", "data", "r_neg", "reshape_param { shape { dim: -1 } axis: -3 }"),
     layer("r_insert", "Reshape", "data", "r_insert",
           "reshape_param { shape { dim: 1 } axis: 2 num_axes: 0 }"),
+    layer("r_copy", "Reshape", "data", "r_copy",
+          "reshape_param { shape { dim: 0 dim: -1 } axis: 0 num_axes: 2 }"),    # batch copied
     layer("cat_h", "Concat", "data data", "cat_h", "concat_param { axis: 2 }"),
     layer("cat_w", "Concat", "data data", "cat_w", "concat_param { axis: -1 }"),
     layer("split", "Split", "data", "s1 s2"),
@@ -256,9 +258,13 @@ def test_convolution_variants_onnx_cannot_express_are_refused(tmp_path, params, 
         convert(netdef, read_caffemodel(weights), outputs=["c"])
 
 
-def test_reshape_batch_axis_with_num_axes_is_refused(tmp_path):
+@pytest.mark.parametrize("params", ["shape { dim: 2 } axis: 0 num_axes: 1",
+                                    "shape { dim: 1 } axis: -5 num_axes: 1"])
+def test_reshape_batch_axis_with_num_axes_is_refused(tmp_path, params):
+    """The batch axis (axis 0, or -5 counted from after the last of 4) given a size: the
+    export keeps the batch dynamic, so it cannot."""
     _, weights, netdef = write(tmp_path, input_block(3, 4, 5) + layer(
-        "r", "Reshape", "data", "r", "reshape_param { shape { dim: 2 } axis: 0 num_axes: 1 }"))
+        "r", "Reshape", "data", "r", f"reshape_param {{ {params} }}"))
     with pytest.raises(ModelError, match=r"layer 'r' of type 'Reshape' cannot be converted to "
                                          r"ONNX: reshaping the batch axis with num_axes set"):
         convert(netdef, read_caffemodel(weights), outputs=["r"])
@@ -403,6 +409,11 @@ def test_gradient_is_zero_where_no_window_reads(tmp_path, tail):
     compare_gradient(tmp_path, input_block(3, 8 if "Convolution" in tail else 7, 7)
                      + layer("t", "Convolution", "data", "t",
                              "convolution_param { num_output: 3 kernel_size: 1 }") + tail,
+                     "out", "t")
+
+
+def test_gradient_through_a_concat(tmp_path):
+    compare_gradient(tmp_path, TWO_BRANCHES + layer("cat", "Concat", "u v side", "out"),
                      "out", "t")
 
 
