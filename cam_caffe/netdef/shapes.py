@@ -195,7 +195,7 @@ def _pool_shape(p: Any, shape: Shape) -> Shape:
         if (ph, pw, sh, sw) != (0, 0, 1, 1):
             raise ValueError("a global pooling takes only pad 0 and stride 1")
         return (n, c, 1, 1)
-    if not (p.HasField("kernel_size") or p.HasField("kernel_h")) or kh <= 0 or kw <= 0:
+    if kh <= 0 or kw <= 0:                      # not set: the fields' default is 0
         raise ValueError("kernel size not set")
     if sh <= 0 or sw <= 0:
         raise ValueError(f"stride {sh}x{sw}: it must be positive")
