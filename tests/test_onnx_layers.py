@@ -270,6 +270,28 @@ def test_reshape_batch_axis_with_num_axes_is_refused(tmp_path, params):
         convert(netdef, read_caffemodel(weights), outputs=["r"])
 
 
+def test_lrn_every_region_and_beta(tmp_path):
+    compare_blobs(tmp_path, input_block(7, 5, 6) + "".join([
+        layer("across", "LRN", "data", "across", "lrn_param { local_size: 5 alpha: 0.8 beta: 0.75 }"),
+        layer("across_b", "LRN", "data", "across_b",
+              "lrn_param { local_size: 3 alpha: 0.5 beta: 0.6 k: 2 }"),
+        layer("within", "LRN", "data", "within", "lrn_param { local_size: 3 alpha: 0.6 beta: 0.75 "
+              "norm_region: WITHIN_CHANNEL }"),
+        layer("within_b", "LRN", "data", "within_b", "lrn_param { local_size: 5 alpha: 0.9 "
+              "beta: 0.5 norm_region: WITHIN_CHANNEL }"),
+    ]), scale=2.0)
+
+
+@pytest.mark.parametrize(("kind", "params", "message"), [
+    ("LRN", "lrn_param { local_size: 4 }", "local_size 4 must be odd \\(as in Caffe\\)"),
+    ("BatchNorm", "batch_norm_param { use_alpha_beta: true }", "use_alpha_beta")])
+def test_normalisations_onnx_cannot_express_are_refused(tmp_path, kind, params, message):
+    _, weights, netdef = write(tmp_path, input_block(3, 4, 5) + layer("n", kind, "data", "n", params))
+    with pytest.raises(ModelError, match=rf"layer 'n' of type '{kind}' cannot be converted to "
+                                         rf"ONNX: {message}$"):
+        convert(netdef, read_caffemodel(weights), outputs=["n"])
+
+
 def test_batchnorm_scale_factors(tmp_path):
     """Caffe divides the stored mean and variance by the stored factor, and uses 0
     for both when the factor is 0."""
@@ -410,6 +432,11 @@ def test_gradient_is_zero_where_no_window_reads(tmp_path, tail):
                      + layer("t", "Convolution", "data", "t",
                              "convolution_param { num_output: 3 kernel_size: 1 }") + tail,
                      "out", "t")
+
+
+def test_gradient_through_batchnorm_with_a_large_epsilon(tmp_path):
+    compare_gradient(tmp_path, TWO_BRANCHES + layer("bn", "BatchNorm", "u", "out",
+                                                    "batch_norm_param { eps: 0.5 }"), "out", "t")
 
 
 def test_gradient_through_a_concat(tmp_path):
