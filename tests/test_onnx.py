@@ -543,7 +543,8 @@ def test_unsupported_parameter_is_a_model_error(tmp_path):
     model = Model(tmp_path, input_block(3, 6, 6) + """
 layer { name: "sto" type: "Pooling" bottom: "data" top: "p" pooling_param { pool: STOCHASTIC kernel_size: 2 stride: 2 } }
 """ + cam_head("p"))
-    with pytest.raises(ModelError, match=r"layer 'sto' of type 'Pooling'.*MAX and AVE"):
+    with pytest.raises(ModelError, match=r"layer 'sto' of type 'Pooling' cannot be converted "
+                                         r"to ONNX: only MAX and AVE pooling$"):
         convert(model.netdef, read_caffemodel(model.weights), model.spec)
 
 

@@ -349,13 +349,15 @@ def test_pooling_without_stride_or_pad_uses_caffes_defaults(tmp_path):
 def test_max_pooling_with_a_mask_top(tmp_path):
     """A MAX pooling's second top (the argmax mask, for unpooling) is not exported; its
     first top is, and converts as without the mask."""
-    text = input_block(2, 7, 6) + layer("p", "Pooling", "data", "p mask",
-                                        "pooling_param { pool: MAX kernel_size: 3 stride: 2 }")
+    text = input_block(2, 7, 6) + "".join([
+        layer("p", "Pooling", "data", "p mask", "pooling_param { pool: MAX kernel_size: 3 stride: 2 }"),
+        layer("g", "Pooling", "data", "g g_mask", "pooling_param { pool: MAX global_pooling: true }")])
     prototxt, weights, netdef = write(tmp_path, text)
-    model = convert(netdef, read_caffemodel(weights), outputs=["p"])
+    model = convert(netdef, read_caffemodel(weights), outputs=["p", "g"])
     x = np.random.default_rng(3).normal(0, 1, (3, 2, 7, 6)).astype(np.float32)
-    ours, = session(model).run(["p"], {"data": x})
-    np.testing.assert_array_equal(ours, pycaffe_net(prototxt, weights, x).blobs["p"].data)
+    net = pycaffe_net(prototxt, weights, x)
+    for ours, name in zip(session(model).run(["p", "g"], {"data": x}), "pg", strict=True):
+        np.testing.assert_array_equal(ours, net.blobs[name].data)
 
 
 def test_pooling_kernel_past_the_padded_input(tmp_path):
@@ -437,6 +439,12 @@ def test_gradient_is_zero_where_no_window_reads(tmp_path, tail):
 def test_gradient_through_batchnorm_with_a_large_epsilon(tmp_path):
     compare_gradient(tmp_path, TWO_BRANCHES + layer("bn", "BatchNorm", "u", "out",
                                                     "batch_norm_param { eps: 0.5 }"), "out", "t")
+
+
+def test_gradient_through_max_pooling(tmp_path):
+    compare_gradient(tmp_path, TWO_BRANCHES + layer(
+        "mp", "Pooling", "u", "out", "pooling_param { pool: MAX kernel_size: 2 stride: 2 }"),
+        "out", "t")
 
 
 def test_gradient_through_a_concat(tmp_path):
