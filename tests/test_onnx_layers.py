@@ -130,6 +130,7 @@ ACTIVATIONS = input_block(4, 5, 6) + "".join([
     layer("times", "Power", "data", "a11", "power_param { scale: -2 }"),
     layer("plus", "Power", "data", "a12", "power_param { shift: 0.5 }"),
     layer("cube", "Power", "data", "a13", "power_param { power: 3 }"),
+    layer("double", "Power", "data", "a16", "power_param { scale: 2 }"),
     layer("all", "Power", "data", "a14", "power_param { power: 2 scale: 0.5 shift: 1 }"),
     layer("drop", "Dropout", "data", "a15", "dropout_param { dropout_ratio: 0.3 }"),
     # in place, three times over: each value has its own tensor, the last is the output
@@ -147,7 +148,17 @@ def test_activations_and_power_every_variant(tmp_path):
 
 def test_eltwise_every_operation(tmp_path):
     compare_blobs(tmp_path, ELTWISE + layer("ones", "Eltwise", "c1 c2", "ones",
-                                            "eltwise_param { coeff: 1 coeff: 1 }"))
+                                            "eltwise_param { coeff: 1 coeff: 1 }")
+                  + layer("twice", "Eltwise", "c1 c2", "twice", "eltwise_param { coeff: 2 coeff: 1 }"))
+
+
+def test_eltwise_with_a_coefficient_per_input_or_none(tmp_path):
+    """Caffe aborts on a coefficient count other than the inputs'; the export says so."""
+    _, weights, netdef = write(tmp_path, input_block(3, 4, 5) + layer(
+        "e", "Eltwise", "data data data", "e", "eltwise_param { coeff: 1 coeff: 2 }"))
+    with pytest.raises(ModelError, match=r"layer 'e' of type 'Eltwise' cannot be converted to "
+                                         r"ONNX: 2 coefficients for 3 inputs$"):
+        convert(netdef, read_caffemodel(weights), outputs=["e"])
 
 
 # Scale and Bias: learned factors along (axis, num_axes), and factors from a second
@@ -439,6 +450,17 @@ def test_gradient_is_zero_where_no_window_reads(tmp_path, tail):
 def test_gradient_through_batchnorm_with_a_large_epsilon(tmp_path):
     compare_gradient(tmp_path, TWO_BRANCHES + layer("bn", "BatchNorm", "u", "out",
                                                     "batch_norm_param { eps: 0.5 }"), "out", "t")
+
+
+@pytest.mark.parametrize("params", ["", "eltwise_param { coeff: 2 coeff: 1 }",
+                                    "eltwise_param { operation: MAX }"])
+def test_gradient_through_eltwise(tmp_path, params):
+    """SUM without and with coefficients; MAX of four inputs (its winner tracked past
+    the third)."""
+    w = layer("w", "Convolution", "t", "w", "convolution_param { num_output: 4 kernel_size: 1 }")
+    bottoms = "u v" if "coeff" in params or not params else "u v w side"
+    compare_gradient(tmp_path, TWO_BRANCHES + w + layer("e", "Eltwise", bottoms, "out", params),
+                     "out", "t")
 
 
 def test_gradient_through_max_pooling(tmp_path):
