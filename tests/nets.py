@@ -235,6 +235,13 @@ def input_block(c: int, h: int, w: int) -> str:
             f'input_param {{ shape {{ dim: 1 dim: {c} dim: {h} dim: {w} }} }} }}\n')
 
 
+def layer(name: str, kind: str, bottoms: str, tops: str, params: str = "") -> str:
+    """One layer's prototxt; ``bottoms`` and ``tops`` are space-separated blob names."""
+    bottom = " ".join(f'bottom: "{b}"' for b in bottoms.split())
+    top = " ".join(f'top: "{t}"' for t in tops.split())
+    return f'layer {{ name: "{name}" type: "{kind}" {bottom} {top} {params} }}\n'
+
+
 def cam_head(feature: str, classes: int = 5, softmax: bool = True) -> str:
     """feature → global AVE pooling → fc (→ prob): the CAM structure."""
     text = (f'layer {{ name: "gap" type: "Pooling" bottom: "{feature}" top: "gap" '

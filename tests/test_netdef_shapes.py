@@ -7,16 +7,10 @@ import sys
 
 import pytest
 from conftest import require_pycaffe
-from nets import input_block
+from nets import input_block, layer
 
 from cam_caffe.errors import ModelError
 from cam_caffe.netdef import conv_output_size, forward_bytes, load_netdef, param_shapes
-
-
-def layer(name: str, kind: str, bottoms: str, tops: str, params: str = "") -> str:
-    bottom = " ".join(f'bottom: "{b}"' for b in bottoms.split())
-    top = " ".join(f'top: "{t}"' for t in tops.split())
-    return f'layer {{ name: "{name}" type: "{kind}" {bottom} {top} {params} }}\n'
 
 
 def conv(name, bottom, params, kind="Convolution"):

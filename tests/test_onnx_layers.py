@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import IN_CI, require_pycaffe
-from nets import ELTWISE, input_block, nontrivial_weights
+from nets import ELTWISE, input_block, layer, nontrivial_weights
 
 if IN_CI:
     import onnx
@@ -109,12 +109,6 @@ def compare_blobs(tmp_path: Path, text: str, n: int = 3,
                                    atol=1e-5 * max(1.0, float(np.abs(expected).max())),
                                    err_msg=f"blob '{name}'")
     return ours
-
-
-def layer(name: str, kind: str, bottoms: str, tops: str, params: str = "") -> str:
-    bottom = " ".join(f'bottom: "{b}"' for b in bottoms.split())
-    top = " ".join(f'top: "{t}"' for t in tops.split())
-    return f'layer {{ name: "{name}" type: "{kind}" {bottom} {top} {params} }}\n'
 
 
 # ------------------------------------------------------------ forward, blob by blob
